@@ -1,0 +1,34 @@
+// cpu/attention.h — CPU attention kernels over the paged layout (internal).
+//
+// Contracts are those of Backend::DecodeAttention and Backend::ScoreRows (kvcache/backend.h);
+// inputs are already validated by the caller (shapes, stream counts). The reference versions
+// are plain scalar loops kept as the test oracle; the fast versions parallelise with oneTBB and
+// vectorise their inner loops.
+#ifndef KVCACHE_CPU_ATTENTION_H_
+#define KVCACHE_CPU_ATTENTION_H_
+
+#include <cstdint>
+
+#include "absl/status/status.h"
+#include "kvcache/backend.h"
+#include "kvcache/paged_view.h"
+
+namespace kvcache::cpu {
+
+absl::Status DecodeAttentionReference(const PagedKVView& kv, const DecodeParams& params,
+                                      const float* q, float* out, float* lse);
+absl::Status DecodeAttentionFast(const PagedKVView& kv, const DecodeParams& params,
+                                 const float* q, float* out, float* lse);
+
+absl::Status ScoreRowsReference(const PagedKVView& kv, const ScoreRowsParams& params,
+                                const float* queries, const int32_t* query_positions,
+                                float* token_scores, int64_t* below_threshold,
+                                int64_t* causal_entries);
+absl::Status ScoreRowsFast(const PagedKVView& kv, const ScoreRowsParams& params,
+                           const float* queries, const int32_t* query_positions,
+                           float* token_scores, int64_t* below_threshold,
+                           int64_t* causal_entries);
+
+}  // namespace kvcache::cpu
+
+#endif  // KVCACHE_CPU_ATTENTION_H_
