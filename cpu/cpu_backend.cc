@@ -2,6 +2,7 @@
 // dispatch to the reference or fast attention kernels.
 #include "cpu/cpu_backend.h"
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <vector>
@@ -49,17 +50,31 @@ void WriteOne(const PoolView& pool, const RowWrite& w) {
   const int esize = DTypeSize(pool.dtype);
   const bool same_type = w.src_dtype == pool.dtype && w.dst.key_channels == nullptr &&
                          w.dst.key_width == w.head_dim;
+  if (same_type) {
+    // Page by page: the destination rows of one page are contiguous, so the address math runs
+    // once per page and the row copies are plain strided memcpys.
+    const size_t row_bytes = static_cast<size_t>(w.head_dim) * esize;
+    const int64_t src_stride_bytes = w.src_stride * esize;
+    const auto* ksrc = static_cast<const uint8_t*>(w.keys);
+    const auto* vsrc = static_cast<const uint8_t*>(w.values);
+    int32_t t = 0;
+    while (t < w.num_tokens) {
+      const int32_t row = w.first_row + t;
+      const int32_t in_page = std::min(w.num_tokens - t, w.dst.tokens_per_page - row % w.dst.tokens_per_page);
+      uint8_t* kdst = SegmentKeyRow(pool, w.dst, row);
+      uint8_t* vdst = SegmentValueRow(pool, w.dst, row);
+      for (int32_t i = 0; i < in_page; ++i) {
+        std::memcpy(kdst + i * row_bytes, ksrc + (t + i) * src_stride_bytes, row_bytes);
+        std::memcpy(vdst + i * row_bytes, vsrc + (t + i) * src_stride_bytes, row_bytes);
+      }
+      t += in_page;
+    }
+    return;
+  }
   std::vector<float> scratch(w.head_dim);
   for (int32_t t = 0; t < w.num_tokens; ++t) {
     const int32_t row = w.first_row + t;
     const int64_t src_offset = static_cast<int64_t>(t) * w.src_stride;
-    if (same_type) {
-      const auto* ksrc = static_cast<const uint8_t*>(w.keys) + src_offset * esize;
-      const auto* vsrc = static_cast<const uint8_t*>(w.values) + src_offset * esize;
-      std::memcpy(SegmentKeyRow(pool, w.dst, row), ksrc, static_cast<size_t>(w.head_dim) * esize);
-      std::memcpy(SegmentValueRow(pool, w.dst, row), vsrc, static_cast<size_t>(w.head_dim) * esize);
-      continue;
-    }
     for (int32_t c = 0; c < w.head_dim; ++c) scratch[c] = LoadAsFloat(w.keys, w.src_dtype, src_offset + c);
     StoreKey(pool, w.dst, row, scratch.data());
     for (int32_t c = 0; c < w.head_dim; ++c) {
@@ -134,8 +149,11 @@ class CpuBackend final : public Backend {
   }
 
   absl::Status WriteRows(const PoolView& pool, std::span<const RowWrite> writes) override {
-    if (writes.size() == 1) {
-      WriteOne(pool, writes[0]);
+    int64_t rows = 0;
+    for (const RowWrite& w : writes) rows += w.num_tokens;
+    // Below a few hundred rows the task dispatch costs more than the copies.
+    if (writes.size() == 1 || rows < 512) {
+      for (const RowWrite& w : writes) WriteOne(pool, w);
     } else {
       oneapi::tbb::parallel_for(size_t{0}, writes.size(),
                                 [&](size_t i) { WriteOne(pool, writes[i]); });

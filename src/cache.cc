@@ -352,7 +352,6 @@ absl::Status Cache::Append(SequenceId seq_id, int32_t layer, const AppendRequest
       s.value_width = tail.value_width;
       s.tokens_per_page = tail.tokens_per_page;
       s.pages = tail.pages;
-      s.positions = tail.positions;  // lengths must be right for row addressing
     }
     int32_t next = w.first_new_page;
     if (w.cow_tail) {
@@ -371,7 +370,9 @@ absl::Status Cache::Append(SequenceId seq_id, int32_t layer, const AppendRequest
   const int esize = DTypeSize(req.keys.dtype);
   for (int32_t h = 0; h < heads; ++h) {
     Segment& s = staged[h];
-    const int32_t base_row = s.length();
+    // Rows continue after the committed tail's tokens (the staged copy holds only pages).
+    const int32_t base_row =
+        work[h].new_segment ? 0 : seq.streams[layer * heads + h].segments.back().length();
     SegmentView view = s.View();
     int32_t i = 0;
     while (i < m) {  // one write per run of consecutive admitted tokens
@@ -493,6 +494,20 @@ absl::Status Cache::Apply(const EvictionPlan& plan) {
     }
   }
 
+  // A stream plan that keeps every token unchanged is a no-op: leave its pages (possibly shared
+  // with a fork) alone instead of rewriting them.
+  auto is_identity = [&](const StreamPlan& sp) {
+    const int32_t len = seq.streams[sp.layer * c.num_kv_heads + sp.kv_head].length();
+    const auto all_ones = [](const std::vector<float>& w) {
+      return std::all_of(w.begin(), w.end(), [](float x) { return x == 1.0f; });
+    };
+    return static_cast<int32_t>(sp.kept.size()) == len && sp.merges.empty() &&
+           (sp.key_channels.empty() || static_cast<int32_t>(sp.key_channels.size()) == d) &&
+           all_ones(sp.kept_key_weight) && all_ones(sp.kept_value_weight);
+  };
+  std::vector<uint8_t> skip(plan.streams.size(), 0);
+  for (size_t p = 0; p < plan.streams.size(); ++p) skip[p] = is_identity(plan.streams[p]);
+
   // Lay out the new segments of every stream and allocate all their pages at once.
   struct NewSegment {
     int32_t plan_index;
@@ -504,6 +519,7 @@ absl::Status Cache::Apply(const EvictionPlan& plan) {
   int32_t total_pages = 0;
   for (size_t p = 0; p < plan.streams.size(); ++p) {
     const StreamPlan& sp = plan.streams[p];
+    if (skip[p]) continue;
     const int32_t kept = static_cast<int32_t>(sp.kept.size());
     const bool prune = !sp.key_channels.empty() && static_cast<int32_t>(sp.key_channels.size()) < d;
     const int32_t pruned_count = prune ? kept - sp.full_width_recent : 0;
@@ -616,6 +632,7 @@ absl::Status Cache::Apply(const EvictionPlan& plan) {
   std::vector<std::vector<Segment>> replacement(plan.streams.size());
   for (NewSegment& ns : fresh) replacement[ns.plan_index].push_back(std::move(ns.segment));
   for (size_t p = 0; p < plan.streams.size(); ++p) {
+    if (skip[p]) continue;
     Stream& st = seq.streams[plan.streams[p].layer * c.num_kv_heads + plan.streams[p].kv_head];
     std::vector<Segment> old = std::move(st.segments);
     st.segments = std::move(replacement[p]);

@@ -38,7 +38,7 @@ PagePool::~PagePool() { backend_->FreeArena(base_); }
 absl::Status PagePool::Allocate(int32_t count, int32_t* out) {
   if (count < 0) return absl::InvalidArgumentError(absl::StrCat("cannot allocate ", count, " pages"));
   if (count == 0) return absl::OkStatus();
-  absl::MutexLock lock(&mu_);
+  PoolLockGuard lock(&mu_);
   if (fail_countdown_ > 0 && --fail_countdown_ == 0) {
     return absl::ResourceExhaustedError(
         absl::StrCat("page pool: injected allocation failure (request of ", count, " pages)"));
@@ -59,7 +59,7 @@ absl::Status PagePool::Allocate(int32_t count, int32_t* out) {
 }
 
 void PagePool::AddRef(std::span<const int32_t> pages) {
-  absl::MutexLock lock(&mu_);
+  PoolLockGuard lock(&mu_);
   for (int32_t page : pages) {
     KVC_DCHECK(page >= 0 && page < num_pages_ && ref_counts_[page] > 0);
     ++ref_counts_[page];
@@ -67,7 +67,7 @@ void PagePool::AddRef(std::span<const int32_t> pages) {
 }
 
 void PagePool::Release(std::span<const int32_t> pages) {
-  absl::MutexLock lock(&mu_);
+  PoolLockGuard lock(&mu_);
   for (int32_t page : pages) {
     KVC_DCHECK(page >= 0 && page < num_pages_ && ref_counts_[page] > 0);
     if (--ref_counts_[page] == 0) free_list_.push_back(page);
@@ -75,23 +75,23 @@ void PagePool::Release(std::span<const int32_t> pages) {
 }
 
 int32_t PagePool::RefCount(int32_t page) const {
-  absl::MutexLock lock(&mu_);
+  PoolLockGuard lock(&mu_);
   if (page < 0 || page >= num_pages_) return -1;
   return ref_counts_[page];
 }
 
 int32_t PagePool::NumFree() const {
-  absl::MutexLock lock(&mu_);
+  PoolLockGuard lock(&mu_);
   return static_cast<int32_t>(free_list_.size());
 }
 
 void PagePool::FailAllocationAfter(int64_t n) {
-  absl::MutexLock lock(&mu_);
+  PoolLockGuard lock(&mu_);
   fail_countdown_ = n < 0 ? 0 : n;
 }
 
 absl::Status PagePool::Validate(std::span<const int32_t> expected_refs) const {
-  absl::MutexLock lock(&mu_);
+  PoolLockGuard lock(&mu_);
   std::vector<uint8_t> on_free_list(num_pages_, 0);
   for (int32_t page : free_list_) {
     if (page < 0 || page >= num_pages_) {

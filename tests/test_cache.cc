@@ -299,6 +299,20 @@ TEST_CASE("apply on a forked sequence leaves the sibling intact", "[cache][fork]
   REQUIRE(cache->Validate().ok());
   REQUIRE(kvcache::testing::SameContents(*cache->ReadStream(p, 0, 0), before));
   REQUIRE(cache->ReadStream(child, 0, 0)->positions == std::vector<int32_t>{2, 8});
+  // A plan that keeps every token unchanged is a no-op: no page is allocated or copied.
+  const int free_before = cache->pool().NumFree();
+  EvictionPlan keep_all{.sequence = child};
+  keep_all.streams.push_back({.layer = 0, .kv_head = 1, .kept = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9}});
+  REQUIRE(cache->Apply(keep_all).ok());
+  REQUIRE(cache->pool().NumFree() == free_before);
+  REQUIRE(cache->ReadStream(child, 0, 1)->length == 10);
+  // ...but the same plan with a weight is not, and writes fresh pages.
+  keep_all.streams[0].kept_value_weight.assign(10, 2.0f);
+  REQUIRE(cache->Apply(keep_all).ok());
+  REQUIRE(cache->pool().NumFree() == free_before - 3);
+  REQUIRE(cache->ReadStream(child, 0, 1)->values[0] ==
+          2.0f * cache->ReadStream(p, 0, 1)->values[0]);
+  REQUIRE(cache->Validate().ok());
 }
 
 TEST_CASE("bad input returns a clear error and leaves the cache unchanged", "[cache][errors]") {
@@ -442,11 +456,11 @@ TEST_CASE("pool exhaustion during append and apply is an error that changes noth
   REQUIRE(st.code() == absl::StatusCode::kResourceExhausted);
   REQUIRE(std::string(st.message()).find("exhausted") != std::string::npos);
   REQUIRE(SameImage(Snapshot(*cache), image));
-  // Apply needs fresh pages before it frees the old ones: keeping 8 of 8 tokens on both heads
+  // Apply needs fresh pages before it frees the old ones: keeping 7 of 8 tokens on both heads
   // needs 4 pages while 2 are free.
   EvictionPlan plan{.sequence = s};
-  plan.streams.push_back({.layer = 0, .kv_head = 0, .kept = {0, 1, 2, 3, 4, 5, 6, 7}});
-  plan.streams.push_back({.layer = 0, .kv_head = 1, .kept = {0, 1, 2, 3, 4, 5, 6, 7}});
+  plan.streams.push_back({.layer = 0, .kv_head = 0, .kept = {0, 1, 2, 3, 4, 5, 6}});
+  plan.streams.push_back({.layer = 0, .kv_head = 1, .kept = {0, 1, 2, 3, 4, 5, 6}});
   REQUIRE(cache->Apply(plan).code() == absl::StatusCode::kResourceExhausted);
   REQUIRE(SameImage(Snapshot(*cache), image));
   REQUIRE(cache->Validate().ok());

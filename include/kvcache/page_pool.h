@@ -7,7 +7,7 @@
 // - AddRef(pages): every page must be allocated (ref >= 1); each gains one reference.
 // - Release(pages): each page loses one reference; a page whose count reaches 0 returns to the
 //   free list. Releasing a free page is a programming error caught by KVC_DCHECK and Validate().
-// - Thread safety: every method may be called concurrently from any thread (one internal lock;
+// - Thread safety: every method may be called concurrently from any thread (one internal spin lock;
 //   a page's bytes are not protected — the owner of a reference coordinates its writes).
 //
 // Example:
@@ -26,11 +26,42 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
-#include "absl/synchronization/mutex.h"
+#include <atomic>
+
 #include "kvcache/backend.h"
 #include "kvcache/paged_view.h"
 
 namespace kvcache {
+
+// A test-and-test-and-set spin lock. The pool's critical sections are a few loads and stores,
+// far shorter than a futex round trip, so spinning beats absl::Mutex here (bench_store).
+class ABSL_LOCKABLE PoolSpinLock {
+ public:
+  void Lock() ABSL_EXCLUSIVE_LOCK_FUNCTION() {
+    while (locked_.exchange(true, std::memory_order_acquire)) {
+      while (locked_.load(std::memory_order_relaxed)) {
+#if defined(__x86_64__) || defined(__i386__)
+        __builtin_ia32_pause();
+#endif
+      }
+    }
+  }
+  void Unlock() ABSL_UNLOCK_FUNCTION() { locked_.store(false, std::memory_order_release); }
+
+ private:
+  std::atomic<bool> locked_{false};
+};
+
+class ABSL_SCOPED_LOCKABLE PoolLockGuard {
+ public:
+  explicit PoolLockGuard(PoolSpinLock* lock) ABSL_EXCLUSIVE_LOCK_FUNCTION(lock) : lock_(lock) {
+    lock_->Lock();
+  }
+  ~PoolLockGuard() ABSL_UNLOCK_FUNCTION() { lock_->Unlock(); }
+
+ private:
+  PoolSpinLock* lock_;
+};
 
 class PagePool {
  public:
@@ -72,7 +103,7 @@ class PagePool {
   const int32_t num_pages_;
   const DType dtype_;
 
-  mutable absl::Mutex mu_;
+  mutable PoolSpinLock mu_;
   std::vector<int32_t> free_list_ ABSL_GUARDED_BY(mu_);  // stack of free page ids
   std::vector<int32_t> ref_counts_ ABSL_GUARDED_BY(mu_);  // [num_pages]
   int64_t fail_countdown_ ABSL_GUARDED_BY(mu_) = 0;

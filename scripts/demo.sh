@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Quick start 1: install what is missing, build, and run the main demonstration.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/install_deps.sh
+cmake -S . -B build/release -DCMAKE_BUILD_TYPE=Release -DKVCACHE_BUILD_TESTS=OFF \
+  -DKVCACHE_BUILD_BENCHMARKS=OFF >/dev/null
+cmake --build build/release -j"$(nproc)" --target kvcache_demo
+build/release/examples/kvcache_demo "$@"
