@@ -29,6 +29,10 @@ absl::Status ScoreRowsFast(const PagedKVView& kv, const ScoreRowsParams& params,
                            float* token_scores, int64_t* below_threshold,
                            int64_t* causal_entries);
 
+// Testing and benchmarking hook: when true, the fast kernels use their portable (baseline x86-64 /
+// any ISA) code path even on a CPU with AVX2/FMA/F16C, so tests cover both paths on one machine.
+void ForcePortableKernels(bool force);
+
 }  // namespace kvcache::cpu
 
 #endif  // KVCACHE_CPU_ATTENTION_H_

@@ -50,8 +50,8 @@ struct AppendRequest {
   TensorRef values;                     // [num_tokens, num_kv_heads, head_dim]
   std::span<const int32_t> positions;   // [num_tokens] >= 0, strictly increasing, and greater
                                         // than every position already in the layer's streams
-  std::span<const Modality> modalities; // [num_tokens] or empty (all text)
-  std::span<const uint8_t> admit;       // [num_tokens] or empty (all admitted); 0 = not stored
+  std::span<const Modality> modalities = {};  // [num_tokens] or empty (all text)
+  std::span<const uint8_t> admit = {};        // [num_tokens] or empty (all admitted); 0 = not
                                         // in this layer (Dynamic-LLaVA admission)
 };
 
@@ -63,8 +63,8 @@ struct DecodeOptions {
 
 // Query rows for prefill-time scoring of one layer of one sequence.
 struct ScoreRequest {
-  std::span<const float> queries;        // [num_rows, num_q_heads, head_dim] f32
-  std::span<const int32_t> positions;    // [num_rows] position of each query row
+  std::span<const float> queries = {};   // [num_rows, num_q_heads, head_dim] f32
+  std::span<const int32_t> positions = {};  // [num_rows] position of each query row
   float scale = 0.0f;                    // 0 means 1/sqrt(head_dim)
   GqaAggregation aggregation = GqaAggregation::kMean;
   float sparsity_threshold = 0.01f;      // VL-Cache p

@@ -38,18 +38,18 @@ struct MergeTerm {
 struct StreamPlan {
   int32_t layer = 0;
   int32_t kv_head = 0;
-  std::vector<int32_t> kept;               // ascending stream token indices, may be empty
-  std::vector<int32_t> key_channels;       // ascending channel ids; empty = keep all channels
+  std::vector<int32_t> kept = {};          // ascending stream token indices, may be empty
+  std::vector<int32_t> key_channels = {};  // ascending channel ids; empty = keep all channels
   int32_t full_width_recent = 0;           // last kept slots that keep all channels
-  std::vector<MergeTerm> merges;           // optional
-  std::vector<float> kept_key_weight;      // [kept.size()] or empty (all 1)
-  std::vector<float> kept_value_weight;    // [kept.size()] or empty (all 1)
+  std::vector<MergeTerm> merges = {};      // optional
+  std::vector<float> kept_key_weight = {}; // [kept.size()] or empty (all 1)
+  std::vector<float> kept_value_weight = {};  // [kept.size()] or empty (all 1)
 };
 
 struct EvictionPlan {
   SequenceId sequence = 0;
-  std::vector<StreamPlan> streams;
-  std::string policy;  // free-form provenance, e.g. "snapkv window=32 budget=300"
+  std::vector<StreamPlan> streams = {};
+  std::string policy = {};  // free-form provenance, e.g. "snapkv window=32 budget=300"
 
   // Total kept tokens over all streams in the plan.
   int64_t KeptTokens() const {

@@ -1,0 +1,350 @@
+// CPU decode attention over paged K/V, with the baselines it is judged against in the same run:
+//   BM_DecodeAttention/<context>/<batch>/<dtype>/<page tokens>   the fast kernel ("cpu")
+//   BM_DecodeAttentionWithScores/...                             the same plus score accumulation
+//   BM_DecodeAttentionPortable/...                               the fast kernel without AVX2
+//   BM_DenseDecodeBaseline/<context>/<batch>/<dtype>             the same attention over one
+//       contiguous K/V array per stream, written straightforwardly (same compiler flags)
+//   BM_MemoryBandwidth/<context>/<batch>/<dtype>                 a parallel streaming read of the
+//       same number of bytes as the K/V the decode reads
+// Shape: LLaVA-7B-like, 8 kv heads x G = 4 (32 q heads), head_dim 128, one layer per iteration.
+// dtype 0 = f32, 1 = f16. bytes_per_second counts K/V bytes read; items are K/V rows (token x kv
+// head) read. f32 at batch 8 x 32k (4 GiB of K/V with its dense copy) is left out to keep the
+// benchmark within the memory of a small shared machine.
+//
+// Run: bench_cpu_attention --benchmark_min_time=0.1
+#include <benchmark/benchmark.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <numeric>
+#include <random>
+#include <vector>
+
+#include "cpu/attention.h"
+#include "kvcache/backend.h"
+#include "kvcache/dtype.h"
+#include "kvcache/paged_view.h"
+#include "oneapi/tbb/blocked_range.h"
+#include "oneapi/tbb/parallel_for.h"
+
+namespace kvcache {
+namespace {
+
+constexpr int32_t kKvHeads = 8;
+constexpr int32_t kGroup = 4;
+constexpr int32_t kHeadDim = 128;
+
+struct FreeDeleter {
+  void operator()(void* p) const { std::free(p); }
+};
+using Buffer = std::unique_ptr<uint8_t, FreeDeleter>;
+
+Buffer AllocateBytes(int64_t bytes) {
+  const int64_t rounded = (bytes + 4095) / 4096 * 4096;
+  return Buffer(static_cast<uint8_t*>(std::aligned_alloc(4096, static_cast<size_t>(rounded))));
+}
+
+// Fills a buffer with small random values of type t (a repeated random block: generating 1 GiB
+// of fresh random numbers would dominate the benchmark's setup time, and timing does not depend
+// on the values as long as they are ordinary numbers).
+void FillRandom(uint8_t* data, int64_t elements, DType t, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::uniform_real_distribution<float> uniform(-1.0f, 1.0f);
+  constexpr int64_t kBlockElements = 1 << 16;
+  std::vector<uint8_t> block(kBlockElements * DTypeSize(t));
+  for (int64_t i = 0; i < kBlockElements; ++i) StoreFromFloat(block.data(), t, i, uniform(rng));
+  const int64_t bytes = elements * DTypeSize(t);
+  for (int64_t off = 0; off < bytes; off += static_cast<int64_t>(block.size())) {
+    std::memcpy(
+        data + off, block.data(),
+        static_cast<size_t>(std::min<int64_t>(static_cast<int64_t>(block.size()), bytes - off)));
+  }
+}
+
+// num_streams = batch * kKvHeads streams of `context` full-width tokens in one segment each,
+// pages in scrambled order.
+struct PagedFixture {
+  int64_t context = 0, batch = 0, page_tokens = 0;
+  DType dtype = DType::kF16;
+  Buffer arena;
+  std::vector<int32_t> pages;      // [num_streams, pages_per_stream]
+  std::vector<int32_t> positions;  // [context] shared by all streams
+  std::vector<float> scores;       // [num_streams, context]
+  std::vector<SegmentView> segments;
+  std::vector<int32_t> offsets;
+  std::vector<float> q, out, lse;
+  PagedKVView view;
+
+  int32_t num_streams() const { return static_cast<int32_t>(batch * kKvHeads); }
+  int64_t KvBytes() const {
+    return int64_t{num_streams()} * context * 2 * kHeadDim * DTypeSize(dtype);
+  }
+};
+
+std::unique_ptr<PagedFixture>& CurrentPaged() {
+  static std::unique_ptr<PagedFixture> fixture;
+  return fixture;
+}
+
+// Built once per argument set and reused across the repeated calls Google Benchmark makes.
+PagedFixture& GetPaged(int64_t context, int64_t batch, DType dtype, int64_t page_tokens) {
+  std::unique_ptr<PagedFixture>& f = CurrentPaged();
+  if (f && f->context == context && f->batch == batch && f->dtype == dtype &&
+      f->page_tokens == page_tokens) {
+    return *f;
+  }
+  f.reset();  // free the previous arena before allocating the next
+  f = std::make_unique<PagedFixture>();
+  f->context = context;
+  f->batch = batch;
+  f->dtype = dtype;
+  f->page_tokens = page_tokens;
+  const int32_t streams = f->num_streams();
+  const int64_t page_bytes = page_tokens * 2 * kHeadDim * DTypeSize(dtype);
+  const int64_t pages_per_stream = (context + page_tokens - 1) / page_tokens;
+  const int64_t num_pages = pages_per_stream * streams;
+  f->arena = AllocateBytes(num_pages * page_bytes);
+  FillRandom(f->arena.get(), num_pages * page_bytes / DTypeSize(dtype), dtype, 1);
+  f->pages.resize(num_pages);
+  std::iota(f->pages.begin(), f->pages.end(), 0);
+  std::mt19937 rng(2);
+  std::shuffle(f->pages.begin(), f->pages.end(), rng);
+  f->positions.resize(context);
+  std::iota(f->positions.begin(), f->positions.end(), 0);
+  f->scores.assign(static_cast<size_t>(streams) * context, 0.0f);
+  for (int32_t i = 0; i < streams; ++i) {
+    SegmentView s;
+    s.pages = f->pages.data() + i * pages_per_stream;
+    s.positions = f->positions.data();
+    s.scores = f->scores.data() + int64_t{i} * context;
+    s.length = static_cast<int32_t>(context);
+    s.tokens_per_page = static_cast<int32_t>(page_tokens);
+    s.key_width = kHeadDim;
+    s.value_width = kHeadDim;
+    f->segments.push_back(s);
+    f->offsets.push_back(i);
+  }
+  f->offsets.push_back(streams);
+  f->view.pool = {f->arena.get(), page_bytes, static_cast<int32_t>(num_pages), dtype};
+  f->view.head_dim = kHeadDim;
+  f->view.num_streams = streams;
+  f->view.stream_segment_offsets = f->offsets.data();
+  f->view.segments = f->segments.data();
+  std::uniform_real_distribution<float> uniform(-1.0f, 1.0f);
+  f->q.resize(static_cast<size_t>(streams) * kGroup * kHeadDim);
+  for (float& x : f->q) x = uniform(rng);
+  f->out.resize(f->q.size());
+  f->lse.resize(static_cast<size_t>(streams) * kGroup);
+  return *f;
+}
+
+void SetCounters(benchmark::State& state, int64_t bytes, int64_t rows) {
+  state.SetBytesProcessed(state.iterations() * bytes);
+  state.SetItemsProcessed(state.iterations() * rows);
+}
+
+void RunDecode(benchmark::State& state, bool scores) {
+  const DType dtype = state.range(2) == 0 ? DType::kF32 : DType::kF16;
+  PagedFixture& f = GetPaged(state.range(0), state.range(1), dtype, state.range(3));
+  DecodeParams params;
+  params.group_size = kGroup;
+  params.accumulate_scores = scores;
+  for (auto _ : state) {
+    const absl::Status s =
+        cpu::DecodeAttentionFast(f.view, params, f.q.data(), f.out.data(), f.lse.data());
+    if (!s.ok()) state.SkipWithError(std::string(s.message()).c_str());
+    benchmark::DoNotOptimize(f.out.data());
+    benchmark::ClobberMemory();
+  }
+  SetCounters(state, f.KvBytes(), int64_t{f.num_streams()} * f.context);
+}
+
+void BM_DecodeAttention(benchmark::State& state) { RunDecode(state, false); }
+// The fast kernel forced onto its portable path (no AVX2/FMA/F16C): what the run-time dispatch
+// to the AVX2 copy buys.
+void BM_DecodeAttentionPortable(benchmark::State& state) {
+  cpu::ForcePortableKernels(true);
+  RunDecode(state, false);
+  cpu::ForcePortableKernels(false);
+}
+void BM_DecodeAttentionWithScores(benchmark::State& state) { RunDecode(state, true); }
+
+// ---- Dense baseline: K [n, D] and V [n, D] contiguous per stream ------------------------------
+
+struct DenseFixture {
+  int64_t context = 0, batch = 0;
+  DType dtype = DType::kF16;
+  Buffer keys, values;  // [num_streams, context, D] each
+  std::vector<float> q, out;
+  int32_t num_streams() const { return static_cast<int32_t>(batch * kKvHeads); }
+  int64_t KvBytes() const {
+    return int64_t{num_streams()} * context * 2 * kHeadDim * DTypeSize(dtype);
+  }
+};
+
+DenseFixture& GetDense(int64_t context, int64_t batch, DType dtype) {
+  static std::unique_ptr<DenseFixture> f;
+  if (f && f->context == context && f->batch == batch && f->dtype == dtype) return *f;
+  f.reset();
+  CurrentPaged().reset();  // keep at most one large fixture alive
+  f = std::make_unique<DenseFixture>();
+  f->context = context;
+  f->batch = batch;
+  f->dtype = dtype;
+  const int64_t elements = int64_t{f->num_streams()} * context * kHeadDim;
+  f->keys = AllocateBytes(elements * DTypeSize(dtype));
+  f->values = AllocateBytes(elements * DTypeSize(dtype));
+  FillRandom(f->keys.get(), elements, dtype, 3);
+  FillRandom(f->values.get(), elements, dtype, 4);
+  std::mt19937 rng(5);
+  std::uniform_real_distribution<float> uniform(-1.0f, 1.0f);
+  f->q.resize(static_cast<size_t>(f->num_streams()) * kGroup * kHeadDim);
+  for (float& x : f->q) x = uniform(rng);
+  f->out.resize(f->q.size());
+  return *f;
+}
+
+// The textbook loop: per (stream, q head) logits over every key, softmax, weighted sum of values,
+// parallel over streams like the paged kernel (each q head reads its stream's K/V again).
+void DenseDecode(DenseFixture& f) {
+  const float scale = 1.0f / std::sqrt(static_cast<float>(kHeadDim));
+  const int64_t n = f.context;
+  oneapi::tbb::parallel_for(0, f.num_streams(), [&](int32_t i) {
+    thread_local std::vector<float> logits;
+    logits.resize(static_cast<size_t>(n));
+    const int64_t base = int64_t{i} * n * kHeadDim;
+    for (int32_t g = 0; g < kGroup; ++g) {
+      const float* q = f.q.data() + (int64_t{i} * kGroup + g) * kHeadDim;  // [D]
+      float m = -INFINITY;
+      for (int64_t t = 0; t < n; ++t) {
+        float dot = 0.0f;
+        for (int32_t c = 0; c < kHeadDim; ++c) {
+          dot += q[c] * LoadAsFloat(f.keys.get(), f.dtype, base + t * kHeadDim + c);
+        }
+        logits[t] = dot * scale;
+        m = std::max(m, logits[t]);
+      }
+      float l = 0.0f;
+      for (int64_t t = 0; t < n; ++t) {
+        logits[t] = std::exp(logits[t] - m);
+        l += logits[t];
+      }
+      float* out = f.out.data() + (int64_t{i} * kGroup + g) * kHeadDim;  // [D]
+      std::fill(out, out + kHeadDim, 0.0f);
+      for (int64_t t = 0; t < n; ++t) {
+        const float p = logits[t] / l;
+        for (int32_t c = 0; c < kHeadDim; ++c) {
+          out[c] += p * LoadAsFloat(f.values.get(), f.dtype, base + t * kHeadDim + c);
+        }
+      }
+    }
+  });
+}
+
+void BM_DenseDecodeBaseline(benchmark::State& state) {
+  const DType dtype = state.range(2) == 0 ? DType::kF32 : DType::kF16;
+  DenseFixture& f = GetDense(state.range(0), state.range(1), dtype);
+  for (auto _ : state) {
+    DenseDecode(f);
+    benchmark::DoNotOptimize(f.out.data());
+    benchmark::ClobberMemory();
+  }
+  SetCounters(state, f.KvBytes(), int64_t{f.num_streams()} * f.context);
+}
+
+// ---- Memory bandwidth: parallel streaming read of the same byte count ---------------------------
+
+void BM_MemoryBandwidth(benchmark::State& state) {
+  const DType dtype = state.range(2) == 0 ? DType::kF32 : DType::kF16;
+  const int64_t bytes =
+      state.range(1) * kKvHeads * state.range(0) * 2 * kHeadDim * DTypeSize(dtype);
+  static Buffer buffer;
+  static int64_t buffer_bytes = 0;
+  if (buffer_bytes != bytes) {
+    buffer.reset();
+    CurrentPaged().reset();
+    buffer = AllocateBytes(bytes);
+    std::memset(buffer.get(), 1, static_cast<size_t>(bytes));  // touch every page
+    buffer_bytes = bytes;
+  }
+  const int64_t words = bytes / 8;
+  const auto* data = reinterpret_cast<const uint64_t*>(buffer.get());  // [words]
+  for (auto _ : state) {
+    // Chunks of 64 KiB so the partitioner balances threads like the decode tasks.
+    constexpr int64_t kChunk = 8192;
+    std::vector<uint64_t> partial((words + kChunk - 1) / kChunk);
+    oneapi::tbb::parallel_for(
+        oneapi::tbb::blocked_range<int64_t>(0, static_cast<int64_t>(partial.size())),
+        [&](const oneapi::tbb::blocked_range<int64_t>& r) {
+          for (int64_t c = r.begin(); c < r.end(); ++c) {
+            uint64_t lanes[8] = {};
+            const int64_t end = std::min(words, (c + 1) * kChunk);
+            for (int64_t w = c * kChunk; w + 8 <= end; w += 8) {
+              for (int j = 0; j < 8; ++j) lanes[j] += data[w + j];
+            }
+            partial[c] = std::accumulate(lanes, lanes + 8, uint64_t{0});
+          }
+        });
+    benchmark::DoNotOptimize(std::accumulate(partial.begin(), partial.end(), uint64_t{0}));
+  }
+  SetCounters(state, bytes, state.range(1) * kKvHeads * state.range(0));
+}
+
+bool TooBig(int64_t context, int64_t batch, int64_t dtype) {
+  return dtype == 0 && batch == 8 && context == 32768;
+}
+
+void DecodeArgs(benchmark::internal::Benchmark* b) {
+  for (int64_t context : {1024, 8192, 32768}) {
+    for (int64_t batch : {1, 8}) {
+      for (int64_t dtype : {0, 1}) {
+        for (int64_t page : {16, 64}) {
+          if (!TooBig(context, batch, dtype)) b->Args({context, batch, dtype, page});
+        }
+      }
+    }
+  }
+  b->ArgNames({"ctx", "batch", "f16", "page"})->UseRealTime()->Unit(benchmark::kMicrosecond);
+}
+
+void ScoreArgs(benchmark::internal::Benchmark* b) {
+  for (int64_t context : {1024, 8192, 32768}) {
+    for (int64_t batch : {1, 8}) {
+      for (int64_t dtype : {0, 1}) {
+        if (!TooBig(context, batch, dtype)) b->Args({context, batch, dtype, 16});
+      }
+    }
+  }
+  b->ArgNames({"ctx", "batch", "f16", "page"})->UseRealTime()->Unit(benchmark::kMicrosecond);
+}
+
+void BaselineArgs(benchmark::internal::Benchmark* b) {
+  for (int64_t context : {1024, 8192, 32768}) {
+    for (int64_t batch : {1, 8}) {
+      for (int64_t dtype : {0, 1}) {
+        if (!TooBig(context, batch, dtype)) b->Args({context, batch, dtype});
+      }
+    }
+  }
+  b->ArgNames({"ctx", "batch", "f16"})->UseRealTime()->Unit(benchmark::kMicrosecond);
+}
+
+BENCHMARK(BM_DecodeAttention)->Apply(DecodeArgs);
+BENCHMARK(BM_DecodeAttentionWithScores)->Apply(ScoreArgs);
+BENCHMARK(BM_DecodeAttentionPortable)
+    ->Args({8192, 1, 0, 16})
+    ->Args({8192, 1, 1, 16})
+    ->ArgNames({"ctx", "batch", "f16", "page"})
+    ->UseRealTime()
+    ->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_DenseDecodeBaseline)->Apply(BaselineArgs);
+BENCHMARK(BM_MemoryBandwidth)->Apply(BaselineArgs);
+
+}  // namespace
+}  // namespace kvcache
+
+BENCHMARK_MAIN();

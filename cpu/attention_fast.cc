@@ -1,0 +1,826 @@
+// Fast CPU attention kernels over the paged layout.
+//
+// Decode: the work is cut into tasks (stream, key split) — one stream is (sequence, kv head) —
+// so batch 1 at 32k tokens still feeds every core; oneTBB runs the tasks and their partial
+// softmax states are merged with the log-sum-exp merge of attention_math.h. Inside a task the G
+// query heads of the kv head share every K/V row: a row is read (and converted to f32 into a
+// small buffer) once, then G dot products / G accumulations run over it. Tokens are processed in
+// blocks of up to kBlock rows that are contiguous in one page: logits of the block first, one
+// rescale of the accumulators per block, a vectorised exp over the block, then the value pass.
+//
+// Score accumulation costs a second pass over the logits only (never over K/V): with
+// accumulate_scores the kernel writes the logits into a per-call scratch [G, tokens] instead of a
+// block buffer, and once every stream's global max and denominator are known, a parallel pass
+// turns them into probabilities and adds the GQA aggregate to the segment score accumulators.
+//
+// Vectorisation without -march=native (KVCACHE_NATIVE=OFF, the default): every inner loop is
+// written so GCC's auto-vectoriser handles it without -ffast-math (dot products keep kLanes
+// independent partial sums; f16 -> f32 and exp are branchless bit manipulation). On x86-64 the
+// task functions are compiled twice — baseline SSE2 and target("avx2,fma,f16c") with `flatten`
+// so the whole task body is re-generated for AVX2 — and the AVX2 copy is picked at run time when
+// the CPU has it (measured 2-3x faster for f16 and ~1.2x for f32 than the portable copy on the
+// decode benchmark, BM_DecodeAttentionPortable; see docs/BENCHMARKS.md). The AVX2 copy also swaps
+// in intrinsic block kernels (Avx2Ops: F16C row conversion, FMA dot products, value accumulators
+// held in registers across a block); PortableOps is the same arithmetic in plain loops.
+#include <algorithm>
+#include <atomic>
+#include <bit>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "cpu/attention.h"
+#include "cpu/attention_common.h"
+#include "kvcache/internal/attention_math.h"
+#include "oneapi/tbb/blocked_range.h"
+#include "oneapi/tbb/parallel_for.h"
+#include "oneapi/tbb/task_arena.h"
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define KVC_CPU_MULTIVERSION 1
+#define KVC_TARGET_AVX2 __attribute__((target("avx2,fma,f16c"), flatten))
+#define KVC_TARGET_BASE __attribute__((flatten))
+#else
+#define KVC_CPU_MULTIVERSION 0
+#define KVC_TARGET_BASE
+#endif
+
+namespace kvcache::cpu {
+namespace {
+
+constexpr int kLanes = 16;          // independent partial sums in a dot product (2 AVX2 vectors)
+constexpr int kBlock = 32;          // tokens per inner block (logits, exp, then values)
+constexpr int64_t kMinSplit = 512;  // smallest key split worth a task of its own
+
+// ---- Vectorisable scalar building blocks ------------------------------------------------------
+
+// f16 bits -> f32, branchless so a loop of it vectorises: the exponent/mantissa field shifted
+// into place and multiplied by 2^112 rebias the exponent (exact for normals and subnormals);
+// inf/NaN are patched by a select. Agrees with HalfBitsToFloat for every input.
+inline float HalfToFloat(uint16_t h) {
+  const uint32_t magnitude = static_cast<uint32_t>(h & 0x7FFFu) << 13;
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t finite = std::bit_cast<uint32_t>(std::bit_cast<float>(magnitude) * 0x1p112f);
+  // All-ones when h is inf/NaN; a mask rather than a branch so the loop stays vectorisable.
+  const uint32_t special = 0u - static_cast<uint32_t>(magnitude >= (0x7C00u << 13));
+  return std::bit_cast<float>(sign | (finite & ~special) | ((magnitude | 0x7F800000u) & special));
+}
+
+// e^x for x <= 0 (the only inputs softmax produces after subtracting the running max): Cephes
+// range reduction x = k ln2 + r, degree-6 polynomial, 2^k by exponent bits; < 2 ulp against
+// std::exp. Inputs below -87 (and -inf) give ~1e-38 — a probability of 0 for every practical
+// purpose. The clamp compares the float's bits as an unsigned integer (for negative floats a
+// larger magnitude is a larger pattern): a float compare could trap under GCC's default
+// -ftrapping-math, which stops the vectoriser from turning it into a select.
+inline float ExpNonPositive(float x) {
+  constexpr uint32_t kMinus87 = 0xC2AE0000u;  // bits of -87.0f
+  const uint32_t bits = std::bit_cast<uint32_t>(x);
+  x = std::bit_cast<float>(bits > kMinus87 ? kMinus87 : bits);
+  const float shifted = x * 1.44269504088896341f + 12582912.0f;  // round-to-nearest trick
+  const float k = shifted - 12582912.0f;
+  const int32_t ki = static_cast<int32_t>(std::bit_cast<uint32_t>(shifted)) - 0x4B400000;
+  const float r = (x - k * 0.693359375f) - k * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  return p * std::bit_cast<float>(static_cast<uint32_t>(ki + 127) << 23);
+}
+
+inline void ExpShifted(const float* x, float shift, int n, float* out) {
+  for (int i = 0; i < n; ++i) out[i] = ExpNonPositive(x[i] - shift);
+}
+
+inline float Dot(const float* a, const float* b, int n) {
+  float lanes[kLanes] = {};
+  int i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int j = 0; j < kLanes; ++j) lanes[j] += a[i + j] * b[i + j];
+  }
+  float tail = 0.0f;
+  for (; i < n; ++i) tail += a[i] * b[i];
+  for (int w = kLanes / 2; w > 0; w /= 2) {
+    for (int j = 0; j < w; ++j) lanes[j] += lanes[j + w];
+  }
+  return lanes[0] + tail;
+}
+
+inline void Axpy(float alpha, const float* x, int n, float* y) {
+  for (int i = 0; i < n; ++i) y[i] += alpha * x[i];
+}
+
+inline void Scale(float alpha, int n, float* y) {
+  for (int i = 0; i < n; ++i) y[i] *= alpha;
+}
+
+// A stored row as f32: f32 rows are used in place, f16/bf16 rows are converted into `buffer`.
+template <DType kT>
+inline const float* RowAsFloat(const uint8_t* row, int n, float* buffer) {
+  if constexpr (kT == DType::kF32) {
+    return reinterpret_cast<const float*>(row);
+  } else {
+    const auto* bits = reinterpret_cast<const uint16_t*>(row);  // [n]
+    if constexpr (kT == DType::kF16) {
+      for (int i = 0; i < n; ++i) buffer[i] = HalfToFloat(bits[i]);
+    } else {
+      for (int i = 0; i < n; ++i) {
+        buffer[i] = std::bit_cast<float>(static_cast<uint32_t>(bits[i]) << 16);
+      }
+    }
+    return buffer;
+  }
+}
+
+// ---- Block kernels: portable loops, and AVX2/F16C intrinsics selected at run time ------------
+//
+// A block is nb <= kBlock consecutive rows of one page: keys [nb, kw] and values [nb, vw] are
+// each contiguous, so a whole block converts to f32 in one loop.
+
+struct PortableOps {
+  static void HalfToFloatBlock(const uint16_t* src, int64_t n, float* dst) {
+    for (int64_t i = 0; i < n; ++i) dst[i] = HalfToFloat(src[i]);
+  }
+  // logits[g * lstride + j] = q[g] . k[j] for the G heads and nb rows of the block.
+  static void BlockLogits(const float* q, int group, const float* k, int nb, int kw, float* logits,
+                          int64_t lstride) {
+    for (int j = 0; j < nb; ++j) {
+      for (int g = 0; g < group; ++g) {
+        logits[g * lstride + j] = Dot(q + static_cast<int64_t>(g) * kw, k + int64_t{j} * kw, kw);
+      }
+    }
+  }
+  // acc[g] += sum_j probs[g * kBlock + j] * v[j] for the G heads.
+  static void BlockAccumulate(const float* probs, int group, const float* v, int nb, int vw,
+                              float* acc, int d) {
+    for (int j = 0; j < nb; ++j) {
+      for (int g = 0; g < group; ++g) {
+        Axpy(probs[g * kBlock + j], v + int64_t{j} * vw, vw, acc + int64_t{g} * d);
+      }
+    }
+  }
+};
+
+#if KVC_CPU_MULTIVERSION
+#define KVC_AVX2_INLINE __attribute__((target("avx2,fma,f16c"))) static inline
+
+struct Avx2Ops {
+  KVC_AVX2_INLINE void HalfToFloatBlock(const uint16_t* src, int64_t n, float* dst) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+      const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
+      _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(h));
+    }
+    for (; i < n; ++i) dst[i] = HalfToFloat(src[i]);
+  }
+  KVC_AVX2_INLINE float HorizontalSum(__m256 v) {
+    __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+    x = _mm_add_ss(x, _mm_movehdup_ps(x));
+    return _mm_cvtss_f32(x);
+  }
+  KVC_AVX2_INLINE float Dot(const float* a, const float* b, int n) {
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+    int i = 0;
+    for (; i + 16 <= n; i += 16) {
+      s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+      s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
+    }
+    for (; i + 8 <= n; i += 8) {
+      s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+    }
+    float tail = 0.0f;
+    for (; i < n; ++i) tail += a[i] * b[i];
+    return HorizontalSum(_mm256_add_ps(s0, s1)) + tail;
+  }
+  KVC_AVX2_INLINE void BlockLogits(const float* q, int group, const float* k, int nb, int kw,
+                                   float* logits, int64_t lstride) {
+    for (int j = 0; j < nb; ++j) {
+      for (int g = 0; g < group; ++g) {
+        logits[g * lstride + j] = Dot(q + static_cast<int64_t>(g) * kw, k + int64_t{j} * kw, kw);
+      }
+    }
+  }
+  // Channel chunks of 32 stay in 4 registers across the block's rows, so the accumulators are
+  // loaded and stored once per block instead of once per row.
+  KVC_AVX2_INLINE void BlockAccumulate(const float* probs, int group, const float* v, int nb,
+                                       int vw, float* acc, int d) {
+    for (int g = 0; g < group; ++g) {
+      const float* pg = probs + g * kBlock;
+      float* ag = acc + int64_t{g} * d;
+      int c = 0;
+      for (; c + 32 <= vw; c += 32) {
+        __m256 a0 = _mm256_loadu_ps(ag + c), a1 = _mm256_loadu_ps(ag + c + 8);
+        __m256 a2 = _mm256_loadu_ps(ag + c + 16), a3 = _mm256_loadu_ps(ag + c + 24);
+        for (int j = 0; j < nb; ++j) {
+          const __m256 p = _mm256_set1_ps(pg[j]);
+          const float* vj = v + int64_t{j} * vw + c;
+          a0 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vj), a0);
+          a1 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vj + 8), a1);
+          a2 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vj + 16), a2);
+          a3 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vj + 24), a3);
+        }
+        _mm256_storeu_ps(ag + c, a0);
+        _mm256_storeu_ps(ag + c + 8, a1);
+        _mm256_storeu_ps(ag + c + 16, a2);
+        _mm256_storeu_ps(ag + c + 24, a3);
+      }
+      for (; c < vw; ++c) {
+        float a = ag[c];
+        for (int j = 0; j < nb; ++j) a += pg[j] * v[int64_t{j} * vw + c];
+        ag[c] = a;
+      }
+    }
+  }
+};
+#endif
+
+// nb contiguous rows of `width` elements as f32: f32 rows are used in place, f16/bf16 rows are
+// converted into `buffer` [nb * width].
+template <DType kT, typename Ops>
+inline const float* BlockAsFloat(const uint8_t* rows, int64_t elements, float* buffer) {
+  if constexpr (kT == DType::kF32) {
+    return reinterpret_cast<const float*>(rows);
+  } else if constexpr (kT == DType::kF16) {
+    Ops::HalfToFloatBlock(reinterpret_cast<const uint16_t*>(rows), elements, buffer);
+    return buffer;
+  } else {
+    const auto* bits = reinterpret_cast<const uint16_t*>(rows);
+    for (int64_t i = 0; i < elements; ++i) {
+      buffer[i] = std::bit_cast<float>(static_cast<uint32_t>(bits[i]) << 16);
+    }
+    return buffer;
+  }
+}
+
+// ---- Decode ------------------------------------------------------------------------------------
+
+struct DecodeTask {
+  int32_t stream = 0;
+  int64_t begin = 0;  // token range [begin, end) in the stream's concatenated token order
+  int64_t end = 0;
+};
+
+struct DecodeContext {
+  const PagedKVView* kv = nullptr;
+  const float* q = nullptr;  // [num_streams, G, head_dim]
+  int32_t group = 1;
+  int32_t head_dim = 0;
+  float scale = 1.0f;
+  // Per task: [G] SoftmaxState then [G, head_dim] accumulators, at task * PartialFloats().
+  float* partial = nullptr;
+  // With score accumulation: logits [G, n_i] of stream i start at logits + G * stream_offset[i].
+  float* logits = nullptr;
+  const int64_t* stream_offset = nullptr;  // [num_streams + 1] prefix sum of stream lengths
+  int64_t PartialFloats() const { return 2 * group + int64_t{group} * head_dim; }
+};
+
+// Scratch a worker thread reuses across tasks and calls (grows, never shrinks).
+struct TaskScratch {
+  std::vector<float> q;       // [G, key_width] scaled queries gathered to the stored channels
+  std::vector<float> row;     // [max(key_width, value_width)] one converted row
+  std::vector<float> logits;  // [G, kBlock] logits of a block (when scores are not kept)
+  std::vector<float> probs;   // [G, kBlock]
+  std::vector<float> keys;    // [kBlock, key_width] a converted key block
+  std::vector<float> values;  // [kBlock, value_width] a converted value block
+};
+
+TaskScratch& ThreadScratch() {
+  thread_local TaskScratch scratch;
+  return scratch;
+}
+
+template <DType kT, typename Ops>
+inline void RunDecodeTask(const DecodeContext& ctx, const DecodeTask& task, int64_t task_index) {
+  const PagedKVView& kv = *ctx.kv;
+  const int32_t group = ctx.group;
+  const int32_t d = ctx.head_dim;
+  const int64_t esize = DTypeSize(kT);
+  float* partial = ctx.partial + task_index * ctx.PartialFloats();
+  auto* states = reinterpret_cast<SoftmaxState*>(partial);  // [G]
+  float* acc = partial + 2 * group;                         // [G, head_dim]
+  for (int32_t g = 0; g < group; ++g) states[g] = SoftmaxState{};
+  std::fill(acc, acc + int64_t{group} * d, 0.0f);
+
+  TaskScratch& scratch = ThreadScratch();
+  scratch.logits.resize(static_cast<size_t>(group) * kBlock);
+  scratch.probs.resize(static_cast<size_t>(group) * kBlock);
+  const int64_t n = ctx.stream_offset[task.stream + 1] - ctx.stream_offset[task.stream];
+  float* const stream_logits =
+      ctx.logits != nullptr ? ctx.logits + group * ctx.stream_offset[task.stream] : nullptr;
+  const float* q_stream = ctx.q + int64_t{task.stream} * group * d;  // [G, head_dim]
+
+  int64_t segment_start = 0;  // stream index of the current segment's first token
+  for (int32_t sidx = kv.stream_segment_offsets[task.stream];
+       sidx < kv.stream_segment_offsets[task.stream + 1] && segment_start < task.end;
+       segment_start += kv.segments[sidx].length, ++sidx) {
+    const SegmentView& s = kv.segments[sidx];
+    const int64_t lo = std::max(task.begin, segment_start) - segment_start;
+    const int64_t hi = std::min(task.end, segment_start + s.length) - segment_start;
+    if (lo >= hi) continue;
+    const int kw = s.key_width, vw = s.value_width;
+    scratch.keys.resize(static_cast<size_t>(kBlock) * kw);
+    scratch.values.resize(static_cast<size_t>(kBlock) * vw);
+    // Queries gathered to the stored channels and pre-scaled, so a logit is one dense dot.
+    scratch.q.resize(static_cast<size_t>(group) * kw);
+    for (int32_t g = 0; g < group; ++g) {
+      for (int i = 0; i < kw; ++i) {
+        const int channel = s.key_channels != nullptr ? s.key_channels[i] : i;
+        scratch.q[static_cast<size_t>(g) * kw + i] = ctx.scale * q_stream[int64_t{g} * d + channel];
+      }
+    }
+    const float* qs = scratch.q.data();
+    const int64_t values_offset = int64_t{s.tokens_per_page} * kw * esize;
+
+    for (int64_t t = lo; t < hi;) {
+      const int32_t page = s.pages[t / s.tokens_per_page];
+      const int32_t row = static_cast<int32_t>(t % s.tokens_per_page);
+      const int nb = static_cast<int>(std::min<int64_t>({kBlock, s.tokens_per_page - row, hi - t}));
+      const uint8_t* page_base = kv.pool.base + int64_t{page} * kv.pool.page_bytes;
+      const uint8_t* keys = page_base + int64_t{row} * kw * esize;                    // [nb, kw]
+      const uint8_t* values = page_base + values_offset + int64_t{row} * vw * esize;  // [nb, vw]
+
+      // Logits of the block: [G, nb] with head stride `lstride`.
+      float* logits;
+      int64_t lstride;
+      if (stream_logits != nullptr) {
+        logits = stream_logits + segment_start + t;
+        lstride = n;
+      } else {
+        logits = scratch.logits.data();
+        lstride = kBlock;
+      }
+      const float* k = BlockAsFloat<kT, Ops>(keys, int64_t{nb} * kw, scratch.keys.data());
+      Ops::BlockLogits(qs, group, k, nb, kw, logits, lstride);
+      // One rescale per head per block, then the block's weights.
+      for (int32_t g = 0; g < group; ++g) {
+        const float* lg = logits + g * lstride;
+        float block_max = lg[0];
+        for (int j = 1; j < nb; ++j) block_max = lg[j] > block_max ? lg[j] : block_max;
+        SoftmaxState& st = states[g];
+        float* pg = scratch.probs.data() + g * kBlock;
+        if (block_max > st.m) {
+          const float factor = RescaleFactor(st.m, block_max);
+          st.l *= factor;
+          Scale(factor, d, acc + int64_t{g} * d);
+          st.m = block_max;
+        }
+        if (st.m == -INFINITY) {  // only -inf logits so far: no mass
+          std::fill(pg, pg + nb, 0.0f);
+          continue;
+        }
+        ExpShifted(lg, st.m, nb, pg);
+        float sum = 0.0f;
+        for (int j = 0; j < nb; ++j) sum += pg[j];
+        st.l += sum;
+      }
+      const float* v = BlockAsFloat<kT, Ops>(values, int64_t{nb} * vw, scratch.values.data());
+      Ops::BlockAccumulate(scratch.probs.data(), group, v, nb, vw, acc, d);
+      t += nb;
+    }
+  }
+}
+
+// Second pass of score accumulation over one task's tokens: probability of each key under the
+// stream's final softmax state, aggregated over the G heads, added to the segment's scores.
+inline void RunScoreTask(const DecodeContext& ctx, const DecodeTask& task,
+                         const SoftmaxState* final_states, GqaAggregation aggregation) {
+  const PagedKVView& kv = *ctx.kv;
+  const int32_t group = ctx.group;
+  const int64_t n = ctx.stream_offset[task.stream + 1] - ctx.stream_offset[task.stream];
+  const float* logits = ctx.logits + group * ctx.stream_offset[task.stream];  // [G, n]
+  const SoftmaxState* st = final_states + int64_t{task.stream} * group;       // [G]
+  TaskScratch& scratch = ThreadScratch();
+  scratch.probs.resize(static_cast<size_t>(group) * kBlock);
+  float* probs = scratch.probs.data();  // [G, kBlock]
+  int64_t segment_start = 0;
+  for (int32_t sidx = kv.stream_segment_offsets[task.stream];
+       sidx < kv.stream_segment_offsets[task.stream + 1] && segment_start < task.end;
+       segment_start += kv.segments[sidx].length, ++sidx) {
+    const SegmentView& s = kv.segments[sidx];
+    const int64_t lo = std::max(task.begin, segment_start);
+    const int64_t hi = std::min(task.end, segment_start + s.length);
+    if (lo >= hi || s.scores == nullptr) continue;
+    for (int64_t t = lo; t < hi; t += kBlock) {
+      const int nb = static_cast<int>(std::min<int64_t>(kBlock, hi - t));
+      for (int32_t g = 0; g < group; ++g) {
+        float* pg = probs + g * kBlock;
+        const float inv = SoftmaxInverseDenominator(st[g]);
+        if (inv == 0.0f) {
+          std::fill(pg, pg + nb, 0.0f);
+          continue;
+        }
+        ExpShifted(logits + g * n + t, st[g].m, nb, pg);
+        for (int j = 0; j < nb; ++j) pg[j] *= inv;
+      }
+      float* scores = s.scores + (t - segment_start);  // [nb]
+      if (aggregation == GqaAggregation::kMax) {
+        for (int j = 0; j < nb; ++j)
+          scores[j] += AggregateGqa(probs + j, kBlock, group, aggregation);
+      } else {
+        const float mean = aggregation == GqaAggregation::kMean ? 1.0f / group : 1.0f;
+        float sum[kBlock];
+        std::copy(probs, probs + nb, sum);
+        for (int32_t g = 1; g < group; ++g) {
+          for (int j = 0; j < nb; ++j) sum[j] += probs[g * kBlock + j];
+        }
+        // Mean is sum / G exactly as the reference computes it (not sum * (1/G)).
+        if (aggregation == GqaAggregation::kMean) {
+          for (int j = 0; j < nb; ++j) scores[j] += sum[j] / static_cast<float>(group);
+        } else {
+          for (int j = 0; j < nb; ++j) scores[j] += sum[j] * mean;
+        }
+      }
+    }
+  }
+}
+
+using DecodeTaskFn = void (*)(const DecodeContext&, const DecodeTask&, int64_t);
+
+KVC_TARGET_BASE void DecodeTaskBaseF32(const DecodeContext& c, const DecodeTask& t, int64_t i) {
+  RunDecodeTask<DType::kF32, PortableOps>(c, t, i);
+}
+KVC_TARGET_BASE void DecodeTaskBaseF16(const DecodeContext& c, const DecodeTask& t, int64_t i) {
+  RunDecodeTask<DType::kF16, PortableOps>(c, t, i);
+}
+KVC_TARGET_BASE void DecodeTaskBaseBF16(const DecodeContext& c, const DecodeTask& t, int64_t i) {
+  RunDecodeTask<DType::kBF16, PortableOps>(c, t, i);
+}
+KVC_TARGET_BASE void ScoreTaskBase(const DecodeContext& c, const DecodeTask& t,
+                                   const SoftmaxState* s, GqaAggregation a) {
+  RunScoreTask(c, t, s, a);
+}
+#if KVC_CPU_MULTIVERSION
+KVC_TARGET_AVX2 void DecodeTaskAvx2F32(const DecodeContext& c, const DecodeTask& t, int64_t i) {
+  RunDecodeTask<DType::kF32, Avx2Ops>(c, t, i);
+}
+KVC_TARGET_AVX2 void DecodeTaskAvx2F16(const DecodeContext& c, const DecodeTask& t, int64_t i) {
+  RunDecodeTask<DType::kF16, Avx2Ops>(c, t, i);
+}
+KVC_TARGET_AVX2 void DecodeTaskAvx2BF16(const DecodeContext& c, const DecodeTask& t, int64_t i) {
+  RunDecodeTask<DType::kBF16, Avx2Ops>(c, t, i);
+}
+KVC_TARGET_AVX2 void ScoreTaskAvx2(const DecodeContext& c, const DecodeTask& t,
+                                   const SoftmaxState* s, GqaAggregation a) {
+  RunScoreTask(c, t, s, a);
+}
+#endif
+
+std::atomic<bool> force_portable{false};
+
+bool UseAvx2() {
+#if KVC_CPU_MULTIVERSION
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                          __builtin_cpu_supports("f16c");
+  return has && !force_portable.load(std::memory_order_relaxed);
+#else
+  return false;
+#endif
+}
+
+DecodeTaskFn SelectDecodeTask(DType t) {
+#if KVC_CPU_MULTIVERSION
+  if (UseAvx2()) {
+    return t == DType::kF32   ? DecodeTaskAvx2F32
+           : t == DType::kF16 ? DecodeTaskAvx2F16
+                              : DecodeTaskAvx2BF16;
+  }
+#endif
+  return t == DType::kF32   ? DecodeTaskBaseF32
+         : t == DType::kF16 ? DecodeTaskBaseF16
+                            : DecodeTaskBaseBF16;
+}
+
+// Buffers of one call, reused by later calls from the same thread (no allocation in steady state).
+struct CallScratch {
+  std::vector<int64_t> stream_offset;
+  std::vector<DecodeTask> tasks;
+  std::vector<int64_t> stream_first_task;
+  std::vector<float> partial;
+  std::vector<float> logits;
+  std::vector<SoftmaxState> final_states;
+};
+
+// Splits every stream into key ranges so there are about 4 tasks per thread (none shorter than
+// kMinSplit tokens unless the stream itself is).
+void PlanTasks(const PagedKVView& kv, CallScratch& c) {
+  c.stream_offset.assign(static_cast<size_t>(kv.num_streams) + 1, 0);
+  for (int32_t i = 0; i < kv.num_streams; ++i) {
+    c.stream_offset[i + 1] = c.stream_offset[i] + StreamLength(kv, i);
+  }
+  const int64_t total = c.stream_offset[kv.num_streams];
+  const int64_t target_tasks = 4 * int64_t{oneapi::tbb::this_task_arena::max_concurrency()};
+  const int64_t split = std::max(kMinSplit, (total + target_tasks - 1) / target_tasks);
+  c.tasks.clear();
+  c.stream_first_task.assign(static_cast<size_t>(kv.num_streams) + 1, 0);
+  for (int32_t i = 0; i < kv.num_streams; ++i) {
+    c.stream_first_task[i] = static_cast<int64_t>(c.tasks.size());
+    const int64_t n = c.stream_offset[i + 1] - c.stream_offset[i];
+    const int64_t pieces = (n + split - 1) / split;
+    for (int64_t p = 0; p < pieces; ++p) {
+      // Even pieces, so the last one is not a sliver.
+      c.tasks.push_back({i, n * p / pieces, n * (p + 1) / pieces});
+    }
+  }
+  c.stream_first_task[kv.num_streams] = static_cast<int64_t>(c.tasks.size());
+}
+
+template <typename Fn>
+void ParallelOver(int64_t count, const Fn& fn) {
+  if (count == 1) {
+    fn(0);
+    return;
+  }
+  oneapi::tbb::parallel_for(oneapi::tbb::blocked_range<int64_t>(0, count, 1),
+                            [&](const oneapi::tbb::blocked_range<int64_t>& r) {
+                              for (int64_t i = r.begin(); i < r.end(); ++i) fn(i);
+                            });
+}
+
+}  // namespace
+
+void ForcePortableKernels(bool force) { force_portable.store(force); }
+
+absl::Status DecodeAttentionFast(const PagedKVView& kv, const DecodeParams& params, const float* q,
+                                 float* out, float* lse) {
+  // A reference, not the thread_local itself: the lambdas below run on TBB workers, where the
+  // name of a thread_local would denote the worker's own (empty) instance.
+  thread_local CallScratch call_scratch;
+  CallScratch& c = call_scratch;
+  PlanTasks(kv, c);
+  DecodeContext ctx;
+  ctx.kv = &kv;
+  ctx.q = q;
+  ctx.group = params.group_size;
+  ctx.head_dim = kv.head_dim;
+  ctx.scale = ResolveScale(params.scale, kv.head_dim);
+  ctx.stream_offset = c.stream_offset.data();
+  const int64_t num_tasks = static_cast<int64_t>(c.tasks.size());
+  c.partial.resize(static_cast<size_t>(num_tasks * ctx.PartialFloats()));
+  ctx.partial = c.partial.data();
+  if (params.accumulate_scores) {
+    c.logits.resize(static_cast<size_t>(c.stream_offset[kv.num_streams] * ctx.group));
+    ctx.logits = c.logits.data();
+  }
+  const DecodeTaskFn task_fn = SelectDecodeTask(kv.pool.dtype);
+  ParallelOver(num_tasks, [&](int64_t i) { task_fn(ctx, c.tasks[i], i); });
+
+  // Merge the splits of each stream (few per stream; serial and cheap next to the tasks).
+  const int32_t group = ctx.group, d = ctx.head_dim;
+  c.final_states.resize(static_cast<size_t>(kv.num_streams) * group);
+  for (int32_t i = 0; i < kv.num_streams; ++i) {
+    for (int32_t g = 0; g < group; ++g) {
+      SoftmaxState state;
+      float* og = out + (int64_t{i} * group + g) * d;  // [head_dim], accumulates unnormalised
+      std::fill(og, og + d, 0.0f);
+      for (int64_t task = c.stream_first_task[i]; task < c.stream_first_task[i + 1]; ++task) {
+        const float* partial = c.partial.data() + task * ctx.PartialFloats();
+        const auto* states = reinterpret_cast<const SoftmaxState*>(partial);
+        MergeSoftmaxStates(state, og, states[g], partial + 2 * group + int64_t{g} * d, d);
+      }
+      FinalizeSoftmax(state, og, og, d);
+      if (lse != nullptr) lse[int64_t{i} * group + g] = SoftmaxLse(state);
+      c.final_states[int64_t{i} * group + g] = state;
+    }
+  }
+  if (params.accumulate_scores) {
+    const bool avx2 = UseAvx2();
+    ParallelOver(num_tasks, [&](int64_t i) {
+#if KVC_CPU_MULTIVERSION
+      if (avx2) {
+        ScoreTaskAvx2(ctx, c.tasks[i], c.final_states.data(), params.aggregation);
+        return;
+      }
+#endif
+      (void)avx2;
+      ScoreTaskBase(ctx, c.tasks[i], c.final_states.data(), params.aggregation);
+    });
+  }
+  return absl::OkStatus();
+}
+
+// ---- Row scoring -------------------------------------------------------------------------------
+
+namespace {
+
+struct ScoreContext {
+  const PagedKVView* kv = nullptr;
+  const ScoreRowsParams* params = nullptr;
+  const float* queries = nullptr;            // [num_rows, num_streams * G, head_dim]
+  const int32_t* query_positions = nullptr;  // [num_rows]
+  float scale = 1.0f;
+  const int64_t* stream_offset = nullptr;  // [num_streams + 1]
+};
+
+struct RowTask {
+  int32_t stream = 0;
+  int32_t row_begin = 0;
+  int32_t row_end = 0;
+  float* scores = nullptr;    // [stream length] this task's share of the token scores
+  int64_t* below = nullptr;   // [G]
+  int64_t* causal = nullptr;  // [G]
+};
+
+struct RowScratch {
+  std::vector<float> q;            // [rows, G, key_width]
+  std::vector<float> row;          // [key_width]
+  std::vector<float> logits;       // [rows, G, n]
+  std::vector<uint8_t> visible;    // [n]
+  std::vector<int32_t> positions;  // [n]
+};
+
+template <DType kT>
+inline void RunRowTask(const ScoreContext& ctx, const RowTask& task) {
+  const PagedKVView& kv = *ctx.kv;
+  const ScoreRowsParams& params = *ctx.params;
+  const int32_t group = params.group_size;
+  const int32_t d = kv.head_dim;
+  const int64_t q_heads = int64_t{kv.num_streams} * group;
+  const int64_t n = ctx.stream_offset[task.stream + 1] - ctx.stream_offset[task.stream];
+  const int32_t rows = task.row_end - task.row_begin;
+  const int64_t heads = int64_t{rows} * group;  // (row, g) pairs of this task
+  thread_local RowScratch scratch;
+  scratch.row.resize(static_cast<size_t>(d));
+  scratch.logits.resize(static_cast<size_t>(heads * n));
+  scratch.visible.resize(static_cast<size_t>(n));
+  scratch.positions.resize(static_cast<size_t>(n));
+  float* logits = scratch.logits.data();  // [rows * G, n]
+
+  // Pass 1: every (row, head) logit; K rows are read once per task, shared by rows * G heads.
+  int64_t segment_start = 0;
+  for (int32_t sidx = kv.stream_segment_offsets[task.stream];
+       sidx < kv.stream_segment_offsets[task.stream + 1];
+       segment_start += kv.segments[sidx].length, ++sidx) {
+    const SegmentView& s = kv.segments[sidx];
+    const int kw = s.key_width;
+    scratch.row.resize(std::max(scratch.row.size(), static_cast<size_t>(kw)));
+    std::copy(s.positions, s.positions + s.length, scratch.positions.data() + segment_start);
+    scratch.q.resize(static_cast<size_t>(heads) * kw);
+    for (int64_t h = 0; h < heads; ++h) {
+      const int32_t r = task.row_begin + static_cast<int32_t>(h / group);
+      const int32_t g = static_cast<int32_t>(h % group);
+      const float* qh = ctx.queries + (r * q_heads + int64_t{task.stream} * group + g) * d;
+      for (int i = 0; i < kw; ++i) {
+        scratch.q[h * kw + i] = ctx.scale * qh[s.key_channels != nullptr ? s.key_channels[i] : i];
+      }
+    }
+    for (int32_t t = 0; t < s.length; ++t) {
+      const float* k = RowAsFloat<kT>(SegmentKeyRow(kv.pool, s, t), kw, scratch.row.data());
+      for (int64_t h = 0; h < heads; ++h) {
+        logits[h * n + segment_start + t] = Dot(scratch.q.data() + h * kw, k, kw);
+      }
+    }
+  }
+
+  // Pass 2: per row, softmax over the visible keys, counts, and the aggregated token scores.
+  float* probs = logits;  // overwritten in place, row by row
+  for (int32_t r = 0; r < rows; ++r) {
+    const int32_t position = ctx.query_positions[task.row_begin + r];
+    int64_t num_visible = 0;
+    for (int64_t t = 0; t < n; ++t) {
+      scratch.visible[t] = scratch.positions[t] <= position;
+      num_visible += scratch.visible[t];
+    }
+    if (num_visible == 0) continue;
+    for (int32_t g = 0; g < group; ++g) {
+      float* lg = logits + (int64_t{r} * group + g) * n;
+      float m = -INFINITY;
+      for (int64_t t = 0; t < n; ++t) {
+        if (scratch.visible[t]) m = std::fmax(m, lg[t]);
+      }
+      float l = 0.0f;
+      for (int64_t t = 0; t < n; ++t) {
+        const float e = scratch.visible[t] ? ExpNonPositive(lg[t] - m) : 0.0f;
+        l += e;
+        lg[t] = e;
+      }
+      const float inv = 1.0f / l;
+      float row_max = 0.0f;
+      for (int64_t t = 0; t < n; ++t) {
+        lg[t] *= inv;
+        row_max = std::fmax(row_max, lg[t]);
+      }
+      const float threshold = params.sparsity_threshold * row_max;
+      int64_t below = 0;
+      for (int64_t t = 0; t < n; ++t) below += scratch.visible[t] && lg[t] < threshold;
+      task.below[g] += below;
+      task.causal[g] += num_visible;
+    }
+    const float* pr = probs + int64_t{r} * group * n;  // [G, n]
+    for (int64_t t = 0; t < n; ++t) {
+      if (scratch.visible[t]) task.scores[t] += AggregateGqa(pr + t, n, group, params.aggregation);
+    }
+  }
+}
+
+using RowTaskFn = void (*)(const ScoreContext&, const RowTask&);
+
+KVC_TARGET_BASE void RowTaskBaseF32(const ScoreContext& c, const RowTask& t) {
+  RunRowTask<DType::kF32>(c, t);
+}
+KVC_TARGET_BASE void RowTaskBaseF16(const ScoreContext& c, const RowTask& t) {
+  RunRowTask<DType::kF16>(c, t);
+}
+KVC_TARGET_BASE void RowTaskBaseBF16(const ScoreContext& c, const RowTask& t) {
+  RunRowTask<DType::kBF16>(c, t);
+}
+#if KVC_CPU_MULTIVERSION
+KVC_TARGET_AVX2 void RowTaskAvx2F32(const ScoreContext& c, const RowTask& t) {
+  RunRowTask<DType::kF32>(c, t);
+}
+KVC_TARGET_AVX2 void RowTaskAvx2F16(const ScoreContext& c, const RowTask& t) {
+  RunRowTask<DType::kF16>(c, t);
+}
+KVC_TARGET_AVX2 void RowTaskAvx2BF16(const ScoreContext& c, const RowTask& t) {
+  RunRowTask<DType::kBF16>(c, t);
+}
+#endif
+
+RowTaskFn SelectRowTask(DType t) {
+#if KVC_CPU_MULTIVERSION
+  if (UseAvx2()) {
+    return t == DType::kF32 ? RowTaskAvx2F32 : t == DType::kF16 ? RowTaskAvx2F16 : RowTaskAvx2BF16;
+  }
+#endif
+  return t == DType::kF32 ? RowTaskBaseF32 : t == DType::kF16 ? RowTaskBaseF16 : RowTaskBaseBF16;
+}
+
+constexpr int64_t kRowTaskLogitBudget = int64_t{1} << 20;  // floats of logits per task (4 MiB)
+
+}  // namespace
+
+absl::Status ScoreRowsFast(const PagedKVView& kv, const ScoreRowsParams& params,
+                           const float* queries, const int32_t* query_positions,
+                           float* token_scores, int64_t* below_threshold, int64_t* causal_entries) {
+  const int32_t group = params.group_size;
+  std::vector<int64_t> stream_offset(static_cast<size_t>(kv.num_streams) + 1, 0);
+  for (int32_t i = 0; i < kv.num_streams; ++i) {
+    stream_offset[i + 1] = stream_offset[i] + StreamLength(kv, i);
+  }
+  // Row blocks: enough tasks for the threads, and logits [rows, G, n] within the budget.
+  const int64_t threads = oneapi::tbb::this_task_arena::max_concurrency();
+  const int64_t blocks_wanted =
+      std::max<int64_t>(1, (4 * threads + kv.num_streams - 1) / std::max(kv.num_streams, 1));
+  std::vector<RowTask> tasks;
+  int64_t score_floats = 0;
+  for (int32_t i = 0; i < kv.num_streams; ++i) {
+    const int64_t n = stream_offset[i + 1] - stream_offset[i];
+    if (n == 0 || params.num_rows == 0) continue;
+    int64_t rows_per_task = (params.num_rows + blocks_wanted - 1) / blocks_wanted;
+    rows_per_task = std::max<int64_t>(
+        1, std::min(rows_per_task, kRowTaskLogitBudget / std::max<int64_t>(1, group * n)));
+    for (int64_t r = 0; r < params.num_rows; r += rows_per_task) {
+      RowTask t;
+      t.stream = i;
+      t.row_begin = static_cast<int32_t>(r);
+      t.row_end = static_cast<int32_t>(std::min<int64_t>(params.num_rows, r + rows_per_task));
+      tasks.push_back(t);
+      score_floats += n;
+    }
+  }
+  // Each task owns its score and count slots; they are summed in task order afterwards so the
+  // result does not depend on scheduling.
+  std::vector<float> task_scores(static_cast<size_t>(score_floats), 0.0f);
+  std::vector<int64_t> task_counts(tasks.size() * 2 * group, 0);
+  int64_t cursor = 0;
+  for (size_t k = 0; k < tasks.size(); ++k) {
+    tasks[k].scores = task_scores.data() + cursor;
+    tasks[k].below = task_counts.data() + k * 2 * group;
+    tasks[k].causal = tasks[k].below + group;
+    cursor += stream_offset[tasks[k].stream + 1] - stream_offset[tasks[k].stream];
+  }
+  ScoreContext ctx;
+  ctx.kv = &kv;
+  ctx.params = &params;
+  ctx.queries = queries;
+  ctx.query_positions = query_positions;
+  ctx.scale = ResolveScale(params.scale, kv.head_dim);
+  ctx.stream_offset = stream_offset.data();
+  const RowTaskFn fn = SelectRowTask(kv.pool.dtype);
+  ParallelOver(static_cast<int64_t>(tasks.size()), [&](int64_t k) { fn(ctx, tasks[k]); });
+
+  std::fill(token_scores, token_scores + stream_offset[kv.num_streams], 0.0f);
+  std::vector<int64_t> below(static_cast<size_t>(kv.num_streams) * group, 0);
+  std::vector<int64_t> causal(static_cast<size_t>(kv.num_streams) * group, 0);
+  for (const RowTask& t : tasks) {
+    float* dst = token_scores + stream_offset[t.stream];
+    const int64_t n = stream_offset[t.stream + 1] - stream_offset[t.stream];
+    for (int64_t j = 0; j < n; ++j) dst[j] += t.scores[j];
+    for (int32_t g = 0; g < group; ++g) {
+      below[int64_t{t.stream} * group + g] += t.below[g];
+      causal[int64_t{t.stream} * group + g] += t.causal[g];
+    }
+  }
+  if (below_threshold != nullptr) std::copy(below.begin(), below.end(), below_threshold);
+  if (causal_entries != nullptr) std::copy(causal.begin(), causal.end(), causal_entries);
+  return absl::OkStatus();
+}
+
+}  // namespace kvcache::cpu

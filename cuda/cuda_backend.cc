@@ -1,0 +1,807 @@
+// The CUDA backend: device arena, mirroring of the host-side view arrays into a reusable device
+// buffer, the kernels of cuda/kernels.cuh, and cudaError_t -> absl::Status mapping.
+//
+// Every operation follows one pattern: validate on the host (the kernels trust their input),
+// pack everything the kernels read into one host staging blob (page ids, key channel maps,
+// positions, SegmentView structs rewritten to device addresses, query vectors, source rows),
+// copy it with one cudaMemcpyAsync into `inputs_`, carve outputs and scratch out of `work_`,
+// launch, copy the results back and synchronise. Both device buffers only grow, so steady-state
+// decode allocates nothing.
+#include "cuda/cuda_backend.h"
+
+#include <cuda_runtime_api.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/string_view.h"
+#include "absl/synchronization/mutex.h"
+#include "cuda/kernels.cuh"
+
+namespace kvcache::cuda {
+namespace {
+
+static_assert(static_cast<int>(GqaAggregation::kMean) == static_cast<int>(Aggregation::kMean) &&
+                  static_cast<int>(GqaAggregation::kSum) == static_cast<int>(Aggregation::kSum) &&
+                  static_cast<int>(GqaAggregation::kMax) == static_cast<int>(Aggregation::kMax),
+              "kernels.cuh Aggregation must mirror GqaAggregation");
+static_assert(sizeof(GatherTerm) == sizeof(GatherTermDevice) &&
+                  offsetof(GatherTerm, src_segment) == offsetof(GatherTermDevice, src_segment) &&
+                  offsetof(GatherTerm, src_row) == offsetof(GatherTermDevice, src_row) &&
+                  offsetof(GatherTerm, key_weight) == offsetof(GatherTermDevice, key_weight) &&
+                  offsetof(GatherTerm, value_weight) == offsetof(GatherTermDevice, value_weight),
+              "GatherTerm is copied to the device byte for byte");
+static_assert(sizeof(unsigned long long) == sizeof(int64_t), "counts are copied byte for byte");
+
+constexpr int64_t kAlign = 256;
+
+int64_t AlignUp(int64_t x, int64_t a) { return (x + a - 1) / a * a; }
+
+absl::Status CudaError(cudaError_t e, absl::string_view what) {
+  const std::string message = absl::StrCat("cuda backend: ", what, ": ", cudaGetErrorName(e), " (",
+                                           cudaGetErrorString(e), ")");
+  switch (e) {
+    case cudaErrorMemoryAllocation:
+      return absl::ResourceExhaustedError(message);
+    case cudaErrorNotSupported:
+      return absl::UnimplementedError(message);
+    case cudaErrorInvalidValue:
+      return absl::InvalidArgumentError(message);
+    case cudaErrorNoDevice:
+    case cudaErrorInsufficientDriver:
+    case cudaErrorInitializationError:
+    case cudaErrorDevicesUnavailable:
+      return absl::UnavailableError(message);
+    default:
+      return absl::InternalError(message);
+  }
+}
+
+// Host bytes packed for one host -> device copy. Offsets stay valid as the blob grows; pointers
+// from At() do not, so callers patch pointers only after the last Append.
+class StagingBlob {
+ public:
+  void Clear() { bytes_.clear(); }
+  int64_t Reserve(int64_t n) {
+    const int64_t offset = AlignUp(static_cast<int64_t>(bytes_.size()), 16);
+    bytes_.resize(static_cast<size_t>(offset + n));
+    return offset;
+  }
+  int64_t Append(const void* data, int64_t n) {
+    const int64_t offset = Reserve(n);
+    if (n > 0) std::memcpy(bytes_.data() + offset, data, static_cast<size_t>(n));
+    return offset;
+  }
+  template <typename T>
+  T* At(int64_t offset) {
+    return reinterpret_cast<T*>(bytes_.data() + offset);
+  }
+  const uint8_t* data() const { return bytes_.data(); }
+  int64_t size() const { return static_cast<int64_t>(bytes_.size()); }
+
+ private:
+  std::vector<uint8_t> bytes_;
+};
+
+// A device buffer that only grows (by at least 1.5x, so a slowly growing context reallocates
+// O(log n) times).
+class DeviceBuffer {
+ public:
+  DeviceBuffer() = default;
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+  ~DeviceBuffer() {
+    if (data_ != nullptr) cudaFree(data_);
+  }
+  absl::Status Reserve(int64_t bytes, absl::string_view what) {
+    if (bytes <= capacity_) return absl::OkStatus();
+    const int64_t grown = std::max<int64_t>({bytes, capacity_ + capacity_ / 2, int64_t{1} << 20});
+    if (data_ != nullptr) {
+      cudaFree(data_);
+      data_ = nullptr;
+      capacity_ = 0;
+    }
+    if (cudaError_t e = cudaMalloc(&data_, static_cast<size_t>(grown)); e != cudaSuccess) {
+      data_ = nullptr;
+      return CudaError(e, absl::StrCat(what, ": scratch of ", grown, " bytes"));
+    }
+    capacity_ = grown;
+    return absl::OkStatus();
+  }
+  uint8_t* data() const { return static_cast<uint8_t*>(data_); }
+
+ private:
+  void* data_ = nullptr;
+  int64_t capacity_ = 0;
+};
+
+// Offsets of device regions carved out of one buffer, each 256-byte aligned.
+class Carver {
+ public:
+  int64_t Take(int64_t bytes) {
+    const int64_t offset = AlignUp(size_, kAlign);
+    size_ = offset + std::max<int64_t>(bytes, 0);
+    return offset;
+  }
+  int64_t size() const { return size_; }
+
+ private:
+  int64_t size_ = 0;
+};
+
+// Where a segment's arrays landed in the staging blob (-1: not mirrored).
+struct SegmentArrays {
+  int64_t pages = -1;
+  int64_t key_channels = -1;
+  int64_t positions = -1;
+};
+
+// Copies the arrays of `s` a kernel reads: the ids of the pages covering `rows` rows, the key
+// channel map, and the positions when `with_positions`.
+SegmentArrays StageSegment(StagingBlob& blob, const SegmentView& s, int64_t rows,
+                           bool with_positions) {
+  SegmentArrays a;
+  const int64_t pages = s.tokens_per_page > 0 ? CeilDiv(rows, s.tokens_per_page) : 0;
+  if (pages > 0) a.pages = blob.Append(s.pages, pages * static_cast<int64_t>(sizeof(int32_t)));
+  if (s.key_channels != nullptr) {
+    a.key_channels = blob.Append(s.key_channels, int64_t{s.key_width} * sizeof(int32_t));
+  }
+  if (with_positions && s.length > 0) {
+    a.positions = blob.Append(s.positions, int64_t{s.length} * sizeof(int32_t));
+  }
+  return a;
+}
+
+// The view with its pointers moved to the device copy (modalities and scores are never read by
+// a kernel: scores are accumulated on the host from the per-token probabilities).
+SegmentView DeviceSegment(const SegmentView& s, const SegmentArrays& a, uint8_t* device_base) {
+  SegmentView v = s;
+  v.pages = a.pages >= 0 ? reinterpret_cast<const int32_t*>(device_base + a.pages) : nullptr;
+  v.key_channels = a.key_channels >= 0
+                       ? reinterpret_cast<const int32_t*>(device_base + a.key_channels)
+                       : nullptr;
+  v.positions =
+      a.positions >= 0 ? reinterpret_cast<const int32_t*>(device_base + a.positions) : nullptr;
+  v.modalities = nullptr;
+  v.scores = nullptr;
+  return v;
+}
+
+absl::Status CheckSegment(const SegmentView& s, int32_t head_dim, absl::string_view what) {
+  if (s.length < 0 || (s.length > 0 && (s.pages == nullptr || s.tokens_per_page <= 0))) {
+    return absl::InvalidArgumentError(absl::StrCat(what, ": segment of length ", s.length,
+                                                   " with tokens_per_page ", s.tokens_per_page));
+  }
+  if (s.value_width != head_dim) {
+    return absl::UnimplementedError(absl::StrCat(what, ": value_width ", s.value_width,
+                                                 " != head_dim ", head_dim,
+                                                 " is not supported by the cuda backend"));
+  }
+  if (s.key_channels == nullptr ? s.key_width != head_dim
+                                : (s.key_width <= 0 || s.key_width > head_dim)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(what, ": key_width ", s.key_width, " does not fit head_dim ", head_dim));
+  }
+  return absl::OkStatus();
+}
+
+float ResolveScale(float scale, int32_t head_dim) {
+  return scale != 0.0f ? scale : 1.0f / std::sqrt(static_cast<float>(head_dim));
+}
+
+class CudaBackend final : public Backend {
+ public:
+  CudaBackend(int device, int num_sms, cudaStream_t stream)
+      : device_(device), num_sms_(num_sms), stream_(stream) {}
+  ~CudaBackend() override {
+    cudaSetDevice(device_);
+    cudaStreamDestroy(stream_);
+  }
+
+  std::string_view Name() const override { return "cuda"; }
+  bool HostAccessible() const override { return false; }
+
+  absl::StatusOr<void*> AllocateArena(int64_t bytes) override {
+    if (bytes <= 0) return absl::InvalidArgumentError(absl::StrCat("arena of ", bytes, " bytes"));
+    absl::MutexLock lock(&mu_);
+    if (cudaError_t e = cudaSetDevice(device_); e != cudaSuccess) return CudaError(e, "set device");
+    void* p = nullptr;
+    // cudaMalloc returns 256-byte aligned memory, as the Backend contract requires.
+    if (cudaError_t e = cudaMalloc(&p, static_cast<size_t>(bytes)); e != cudaSuccess) {
+      return CudaError(e, absl::StrCat("arena of ", bytes, " bytes"));
+    }
+    return p;
+  }
+
+  void FreeArena(void* arena) override {
+    if (arena == nullptr) return;
+    absl::MutexLock lock(&mu_);
+    cudaSetDevice(device_);
+    cudaFree(arena);
+  }
+
+  absl::Status CopyPages(const PoolView& pool, std::span<const PageCopy> copies) override {
+    for (const PageCopy& c : copies) {
+      if (c.src < 0 || c.src >= pool.num_pages || c.dst < 0 || c.dst >= pool.num_pages) {
+        return absl::OutOfRangeError(absl::StrCat("CopyPages: page ", c.src, " -> ", c.dst,
+                                                  " outside [0, ", pool.num_pages, ")"));
+      }
+    }
+    absl::MutexLock lock(&mu_);
+    if (absl::Status s = Begin(); !s.ok()) return s;
+    for (const PageCopy& c : copies) {
+      if (cudaError_t e = cudaMemcpyAsync(pool.base + int64_t{c.dst} * pool.page_bytes,
+                                          pool.base + int64_t{c.src} * pool.page_bytes,
+                                          static_cast<size_t>(pool.page_bytes),
+                                          cudaMemcpyDeviceToDevice, stream_);
+          e != cudaSuccess) {
+        return CudaError(e, "CopyPages");
+      }
+    }
+    return Finish("CopyPages");
+  }
+
+  absl::Status WriteRows(const PoolView& pool, std::span<const RowWrite> writes) override {
+    if (writes.empty()) return absl::OkStatus();
+    const int32_t head_dim = writes[0].head_dim;
+    int64_t total_rows = 0;
+    for (const RowWrite& w : writes) {
+      if (w.head_dim != head_dim || head_dim <= 0 || w.num_tokens < 0 || w.first_row < 0 ||
+          (w.num_tokens > 0 && (w.keys == nullptr || w.values == nullptr ||
+                                w.dst.tokens_per_page <= 0 || w.dst.pages == nullptr))) {
+        return absl::InvalidArgumentError(absl::StrCat("WriteRows: bad write (head_dim ",
+                                                       w.head_dim, ", first_row ", w.first_row,
+                                                       ", num_tokens ", w.num_tokens, ")"));
+      }
+      if (w.dst.key_width > head_dim || w.dst.value_width > head_dim ||
+          (w.dst.key_channels == nullptr && w.dst.key_width != head_dim)) {
+        return absl::InvalidArgumentError(absl::StrCat("WriteRows: row format ", w.dst.key_width,
+                                                       "/", w.dst.value_width,
+                                                       " does not fit head_dim ", head_dim));
+      }
+      if (w.src_dtype != writes[0].src_dtype) {
+        return absl::UnimplementedError("WriteRows: writes of one call must share src_dtype");
+      }
+      total_rows += w.num_tokens;
+    }
+    if (total_rows == 0) return absl::OkStatus();
+    if (total_rows > INT32_MAX) return absl::InvalidArgumentError("WriteRows: too many rows");
+    const DType src_dtype = writes[0].src_dtype;
+    const int64_t row_bytes = int64_t{head_dim} * DTypeSize(src_dtype);
+
+    absl::MutexLock lock(&mu_);
+    if (absl::Status s = Begin(); !s.ok()) return s;
+    staging_.Clear();
+    // Source rows, packed densely: the engine's buffers are strided and live in host memory.
+    const int64_t keys_at = staging_.Reserve(total_rows * row_bytes);
+    const int64_t values_at = staging_.Reserve(total_rows * row_bytes);
+    std::vector<SegmentArrays> arrays(writes.size());
+    std::vector<int2> rows;
+    rows.reserve(static_cast<size_t>(total_rows));
+    {
+      int64_t r = 0;
+      for (size_t j = 0; j < writes.size(); ++j) {
+        const RowWrite& w = writes[j];
+        const int64_t stride_bytes = w.src_stride * DTypeSize(src_dtype);
+        for (int32_t t = 0; t < w.num_tokens; ++t, ++r) {
+          std::memcpy(staging_.At<uint8_t>(keys_at) + r * row_bytes,
+                      static_cast<const uint8_t*>(w.keys) + t * stride_bytes,
+                      static_cast<size_t>(row_bytes));
+          std::memcpy(staging_.At<uint8_t>(values_at) + r * row_bytes,
+                      static_cast<const uint8_t*>(w.values) + t * stride_bytes,
+                      static_cast<size_t>(row_bytes));
+          rows.push_back(int2{static_cast<int>(j), w.first_row + t});
+        }
+      }
+    }
+    for (size_t j = 0; j < writes.size(); ++j) {
+      const RowWrite& w = writes[j];
+      const int64_t covered = std::max<int64_t>(w.dst.length, int64_t{w.first_row} + w.num_tokens);
+      arrays[j] = StageSegment(staging_, w.dst, covered, /*with_positions=*/false);
+    }
+    const int64_t rows_at = staging_.Append(rows.data(), total_rows * sizeof(int2));
+    const int64_t jobs_at =
+        staging_.Reserve(static_cast<int64_t>(writes.size()) * sizeof(WriteJob));
+    if (absl::Status s = inputs_.Reserve(staging_.size(), "WriteRows"); !s.ok()) return s;
+    uint8_t* dev = inputs_.data();
+    for (size_t j = 0; j < writes.size(); ++j) {
+      staging_.At<WriteJob>(jobs_at)[j].dst = DeviceSegment(writes[j].dst, arrays[j], dev);
+    }
+    if (absl::Status s = Upload("WriteRows"); !s.ok()) return s;
+    WriteRowsArgs args;
+    args.pool = pool;
+    args.head_dim = head_dim;
+    args.src_dtype = src_dtype;
+    args.jobs = reinterpret_cast<const WriteJob*>(dev + jobs_at);
+    args.rows = reinterpret_cast<const int2*>(dev + rows_at);
+    args.num_rows = static_cast<int32_t>(total_rows);
+    args.keys = dev + keys_at;
+    args.values = dev + values_at;
+    if (cudaError_t e = LaunchWriteRows(args, stream_); e != cudaSuccess) {
+      return CudaError(e, "WriteRows");
+    }
+    return Finish("WriteRows");
+  }
+
+  absl::Status GatherRows(const PoolView& pool, std::span<const RowGather> gathers) override {
+    int64_t total_rows = 0;
+    for (size_t j = 0; j < gathers.size(); ++j) {
+      const RowGather& g = gathers[j];
+      const std::string what = absl::StrCat("GatherRows[", j, "]");
+      if (absl::Status s = CheckSegment(g.dst, g.head_dim, what); !s.ok()) return s;
+      if (g.term_offsets.size() != static_cast<size_t>(g.dst.length) + 1 ||
+          g.term_offsets[0] != 0 ||
+          static_cast<size_t>(g.term_offsets[g.dst.length]) != g.terms.size()) {
+        return absl::InvalidArgumentError(absl::StrCat(what, ": term_offsets do not match ",
+                                                       g.dst.length, " rows and ", g.terms.size(),
+                                                       " terms"));
+      }
+      for (int32_t r = 0; r < g.dst.length; ++r) {
+        if (g.term_offsets[r + 1] < g.term_offsets[r]) {
+          return absl::InvalidArgumentError(absl::StrCat(what, ": term_offsets decrease at ", r));
+        }
+      }
+      for (const SegmentView& s : g.sources) {
+        if (absl::Status st = CheckSegment(s, g.head_dim, what); !st.ok()) return st;
+      }
+      for (const GatherTerm& t : g.terms) {
+        if (t.src_segment < 0 || static_cast<size_t>(t.src_segment) >= g.sources.size() ||
+            t.src_row < 0 || t.src_row >= g.sources[t.src_segment].length) {
+          return absl::OutOfRangeError(absl::StrCat(what, ": term (segment ", t.src_segment,
+                                                    ", row ", t.src_row, ") is out of range"));
+        }
+      }
+      total_rows += g.dst.length;
+    }
+    if (total_rows == 0) return absl::OkStatus();
+    if (total_rows > INT32_MAX) return absl::InvalidArgumentError("GatherRows: too many rows");
+
+    absl::MutexLock lock(&mu_);
+    if (absl::Status s = Begin(); !s.ok()) return s;
+    staging_.Clear();
+    struct Staged {
+      SegmentArrays dst;
+      std::vector<SegmentArrays> sources;
+      int64_t sources_at = 0;
+      int64_t term_offsets_at = 0;
+      int64_t terms_at = 0;
+    };
+    std::vector<Staged> staged(gathers.size());
+    std::vector<int2> rows;
+    rows.reserve(static_cast<size_t>(total_rows));
+    for (size_t j = 0; j < gathers.size(); ++j) {
+      const RowGather& g = gathers[j];
+      Staged& st = staged[j];
+      st.dst = StageSegment(staging_, g.dst, g.dst.length, false);
+      for (const SegmentView& s : g.sources) {
+        st.sources.push_back(StageSegment(staging_, s, s.length, false));
+      }
+      st.sources_at =
+          staging_.Reserve(static_cast<int64_t>(g.sources.size()) * sizeof(SegmentView));
+      st.term_offsets_at =
+          staging_.Append(g.term_offsets.data(), static_cast<int64_t>(g.term_offsets.size_bytes()));
+      st.terms_at = staging_.Append(g.terms.data(), static_cast<int64_t>(g.terms.size_bytes()));
+      for (int32_t r = 0; r < g.dst.length; ++r) rows.push_back(int2{static_cast<int>(j), r});
+    }
+    const int64_t rows_at = staging_.Append(rows.data(), total_rows * sizeof(int2));
+    const int64_t jobs_at =
+        staging_.Reserve(static_cast<int64_t>(gathers.size()) * sizeof(GatherJob));
+    if (absl::Status s = inputs_.Reserve(staging_.size(), "GatherRows"); !s.ok()) return s;
+    uint8_t* dev = inputs_.data();
+    for (size_t j = 0; j < gathers.size(); ++j) {
+      const RowGather& g = gathers[j];
+      const Staged& st = staged[j];
+      for (size_t k = 0; k < g.sources.size(); ++k) {
+        staging_.At<SegmentView>(st.sources_at)[k] =
+            DeviceSegment(g.sources[k], st.sources[k], dev);
+      }
+      GatherJob& job = staging_.At<GatherJob>(jobs_at)[j];
+      job.dst = DeviceSegment(g.dst, st.dst, dev);
+      job.sources = reinterpret_cast<const SegmentView*>(dev + st.sources_at);
+      job.term_offsets = reinterpret_cast<const int32_t*>(dev + st.term_offsets_at);
+      job.terms = reinterpret_cast<const GatherTermDevice*>(dev + st.terms_at);
+    }
+    if (absl::Status s = Upload("GatherRows"); !s.ok()) return s;
+    GatherRowsArgs args;
+    args.pool = pool;
+    args.head_dim = gathers[0].head_dim;
+    args.jobs = reinterpret_cast<const GatherJob*>(dev + jobs_at);
+    args.rows = reinterpret_cast<const int2*>(dev + rows_at);
+    args.num_rows = static_cast<int32_t>(total_rows);
+    if (cudaError_t e = LaunchGatherRows(args, stream_); e != cudaSuccess) {
+      return CudaError(e, "GatherRows");
+    }
+    return Finish("GatherRows");
+  }
+
+  absl::Status ReadRows(const PoolView& pool, const SegmentView& segment, int32_t head_dim,
+                        int32_t first_row, int32_t count, float* keys, float* values) override {
+    if (head_dim <= 0 || first_row < 0 || count < 0 ||
+        int64_t{first_row} + count > std::max(segment.length, 0) ||
+        (count > 0 && (segment.pages == nullptr || segment.tokens_per_page <= 0))) {
+      return absl::OutOfRangeError(absl::StrCat("ReadRows: rows [", first_row, ", ",
+                                                int64_t{first_row} + count,
+                                                ") of a segment of length ", segment.length));
+    }
+    if (segment.key_width > head_dim || segment.value_width > head_dim) {
+      return absl::InvalidArgumentError(absl::StrCat("ReadRows: row format ", segment.key_width,
+                                                     "/", segment.value_width,
+                                                     " does not fit head_dim ", head_dim));
+    }
+    if (count == 0 || (keys == nullptr && values == nullptr)) return absl::OkStatus();
+    absl::MutexLock lock(&mu_);
+    if (absl::Status s = Begin(); !s.ok()) return s;
+    staging_.Clear();
+    const SegmentArrays arrays =
+        StageSegment(staging_, segment, int64_t{first_row} + count, /*with_positions=*/false);
+    if (absl::Status s = inputs_.Reserve(staging_.size(), "ReadRows"); !s.ok()) return s;
+    const int64_t elements = int64_t{count} * head_dim;
+    Carver carve;
+    const int64_t keys_at = carve.Take(keys != nullptr ? elements * 4 : 0);
+    const int64_t values_at = carve.Take(values != nullptr ? elements * 4 : 0);
+    if (absl::Status s = work_.Reserve(carve.size(), "ReadRows"); !s.ok()) return s;
+    if (absl::Status s = Upload("ReadRows"); !s.ok()) return s;
+    ReadRowsArgs args;
+    args.pool = pool;
+    args.segment = DeviceSegment(segment, arrays, inputs_.data());
+    args.head_dim = head_dim;
+    args.first_row = first_row;
+    args.count = count;
+    args.keys = keys != nullptr ? reinterpret_cast<float*>(work_.data() + keys_at) : nullptr;
+    args.values = values != nullptr ? reinterpret_cast<float*>(work_.data() + values_at) : nullptr;
+    if (cudaError_t e = LaunchReadRows(args, stream_); e != cudaSuccess) {
+      return CudaError(e, "ReadRows");
+    }
+    if (absl::Status s = Download(keys, args.keys, elements * 4, "ReadRows"); !s.ok()) return s;
+    if (absl::Status s = Download(values, args.values, elements * 4, "ReadRows"); !s.ok()) return s;
+    return Finish("ReadRows");
+  }
+
+  absl::Status DecodeAttention(const PagedKVView& kv, const DecodeParams& params, const float* q,
+                               float* out, float* lse) override {
+    StreamLayout layout;
+    if (absl::Status s = CheckView(kv, params.group_size, "DecodeAttention", layout); !s.ok()) {
+      return s;
+    }
+    if (kv.num_streams == 0) return absl::OkStatus();
+    const int32_t group = params.group_size;
+    const int32_t d = kv.head_dim;
+    const int64_t heads = int64_t{kv.num_streams} * group;
+    const bool accumulate = params.accumulate_scores;
+
+    absl::MutexLock lock(&mu_);
+    if (absl::Status s = Begin(); !s.ok()) return s;
+    staging_.Clear();
+    const StagedView view = StageView(kv, layout, /*with_positions=*/false);
+    const int64_t q_at = staging_.Append(q, heads * d * sizeof(float));
+    if (absl::Status s = inputs_.Reserve(staging_.size(), "DecodeAttention"); !s.ok()) return s;
+
+    const DecodeSplit split = PlanDecodeSplit(kv.num_streams, group, layout.max_length, num_sms_);
+    Carver carve;
+    const int64_t out_at = carve.Take(heads * d * 4);
+    const int64_t lse_at = carve.Take(heads * 4);
+    const int64_t m_at = carve.Take(accumulate ? heads * 4 : 0);
+    const int64_t l_at = carve.Take(accumulate ? heads * 4 : 0);
+    const int64_t logits_at = carve.Take(accumulate ? layout.total_tokens * group * 4 : 0);
+    const int64_t probs_at = carve.Take(accumulate ? layout.total_tokens * 4 : 0);
+    const int64_t workspace_at =
+        carve.Take(DecodeWorkspaceFloats(split, kv.num_streams, group, d) * 4);
+    if (absl::Status s = work_.Reserve(carve.size(), "DecodeAttention"); !s.ok()) return s;
+
+    uint8_t* dev = inputs_.data();
+    uint8_t* work = work_.data();
+    AttentionArgs args = DeviceArgs(kv, view, layout, dev);
+    args.num_queries = kv.num_streams;
+    args.group_size = group;
+    args.scale = ResolveScale(params.scale, d);
+    args.q = reinterpret_cast<const float*>(dev + q_at);
+    args.out = reinterpret_cast<float*>(work + out_at);
+    args.lse = reinterpret_cast<float*>(work + lse_at);
+    if (accumulate) {
+      args.state_m = reinterpret_cast<float*>(work + m_at);
+      args.state_l = reinterpret_cast<float*>(work + l_at);
+      args.logits = reinterpret_cast<float*>(work + logits_at);
+      args.token_probs = reinterpret_cast<float*>(work + probs_at);
+      args.aggregation = static_cast<Aggregation>(params.aggregation);
+    }
+    if (absl::Status s = Upload("DecodeAttention"); !s.ok()) return s;
+    if (cudaError_t e = LaunchDecodeAttention(
+            args, split, reinterpret_cast<float*>(work + workspace_at), stream_);
+        e != cudaSuccess) {
+      return CudaError(e, "DecodeAttention");
+    }
+    if (absl::Status s = Download(out, args.out, heads * d * 4, "DecodeAttention"); !s.ok()) {
+      return s;
+    }
+    if (lse != nullptr) {
+      if (absl::Status s = Download(lse, args.lse, heads * 4, "DecodeAttention"); !s.ok()) {
+        return s;
+      }
+    }
+    std::vector<float> probs;
+    if (accumulate) {
+      probs.resize(static_cast<size_t>(layout.total_tokens));
+      if (absl::Status s =
+              Download(probs.data(), args.token_probs, layout.total_tokens * 4, "DecodeAttention");
+          !s.ok()) {
+        return s;
+      }
+    }
+    if (absl::Status s = Finish("DecodeAttention"); !s.ok()) return s;
+    if (accumulate) {
+      // Score accumulators live on the host (SegmentView::scores); add in token order.
+      int64_t t = 0;
+      for (int32_t i = 0; i < kv.num_streams; ++i) {
+        for (int32_t sidx = kv.stream_segment_offsets[i]; sidx < kv.stream_segment_offsets[i + 1];
+             ++sidx) {
+          const SegmentView& s = kv.segments[sidx];
+          for (int32_t j = 0; j < s.length; ++j, ++t) {
+            if (s.scores != nullptr) s.scores[j] += probs[static_cast<size_t>(t)];
+          }
+        }
+      }
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status ScoreRows(const PagedKVView& kv, const ScoreRowsParams& params, const float* queries,
+                         const int32_t* query_positions, float* token_scores,
+                         int64_t* below_threshold, int64_t* causal_entries) override {
+    StreamLayout layout;
+    if (absl::Status s = CheckView(kv, params.group_size, "ScoreRows", layout); !s.ok()) return s;
+    if (params.num_rows <= 0) {
+      return absl::InvalidArgumentError(absl::StrCat("ScoreRows: num_rows ", params.num_rows));
+    }
+    const int64_t num_queries = int64_t{params.num_rows} * kv.num_streams;
+    if (num_queries > INT32_MAX) {
+      return absl::InvalidArgumentError("ScoreRows: num_rows * num_streams exceeds int32");
+    }
+    const int32_t group = params.group_size;
+    const int32_t d = kv.head_dim;
+    const int64_t heads = int64_t{kv.num_streams} * group;
+
+    // Causal entries need no kernel: row r sees the keys of stream i at positions <= its own.
+    if (causal_entries != nullptr) {
+      std::vector<int32_t> positions;
+      for (int32_t i = 0; i < kv.num_streams; ++i) {
+        positions.clear();
+        for (int32_t sidx = kv.stream_segment_offsets[i]; sidx < kv.stream_segment_offsets[i + 1];
+             ++sidx) {
+          const SegmentView& s = kv.segments[sidx];
+          positions.insert(positions.end(), s.positions, s.positions + s.length);
+        }
+        std::sort(positions.begin(), positions.end());
+        int64_t visible = 0;
+        for (int32_t r = 0; r < params.num_rows; ++r) {
+          visible += std::upper_bound(positions.begin(), positions.end(), query_positions[r]) -
+                     positions.begin();
+        }
+        for (int32_t g = 0; g < group; ++g) causal_entries[int64_t{i} * group + g] = visible;
+      }
+    }
+    if (kv.num_streams == 0) return absl::OkStatus();
+
+    absl::MutexLock lock(&mu_);
+    if (absl::Status s = Begin(); !s.ok()) return s;
+    staging_.Clear();
+    const StagedView view = StageView(kv, layout, /*with_positions=*/true);
+    const int64_t q_at = staging_.Append(queries, num_queries * group * d * sizeof(float));
+    const int64_t positions_at =
+        staging_.Append(query_positions, int64_t{params.num_rows} * sizeof(int32_t));
+    if (absl::Status s = inputs_.Reserve(staging_.size(), "ScoreRows"); !s.ok()) return s;
+
+    const DecodeSplit split =
+        PlanDecodeSplit(static_cast<int32_t>(num_queries), group, layout.max_length, num_sms_);
+    Carver carve;
+    const int64_t m_at = carve.Take(num_queries * group * 4);
+    const int64_t l_at = carve.Take(num_queries * group * 4);
+    const int64_t scores_at = carve.Take(layout.total_tokens * 4);
+    const int64_t below_at = carve.Take(heads * 8);
+    const int64_t workspace_at =
+        carve.Take(DecodeWorkspaceFloats(split, static_cast<int32_t>(num_queries), group, d) * 4);
+    if (absl::Status s = work_.Reserve(carve.size(), "ScoreRows"); !s.ok()) return s;
+
+    uint8_t* dev = inputs_.data();
+    uint8_t* work = work_.data();
+    ScoreRowsArgs sargs;
+    AttentionArgs& args = sargs.attention;
+    args = DeviceArgs(kv, view, layout, dev);
+    args.num_queries = static_cast<int32_t>(num_queries);
+    args.group_size = group;
+    args.scale = ResolveScale(params.scale, d);
+    args.q = reinterpret_cast<const float*>(dev + q_at);
+    args.query_positions = reinterpret_cast<const int32_t*>(dev + positions_at);
+    args.state_m = reinterpret_cast<float*>(work + m_at);
+    args.state_l = reinterpret_cast<float*>(work + l_at);
+    args.aggregation = static_cast<Aggregation>(params.aggregation);
+    sargs.num_rows = params.num_rows;
+    sargs.sparsity_threshold = params.sparsity_threshold;
+    sargs.token_scores = reinterpret_cast<float*>(work + scores_at);
+    sargs.below_threshold = reinterpret_cast<unsigned long long*>(work + below_at);
+    if (absl::Status s = Upload("ScoreRows"); !s.ok()) return s;
+    if (cudaError_t e = cudaMemsetAsync(sargs.below_threshold, 0, heads * 8, stream_);
+        e != cudaSuccess) {
+      return CudaError(e, "ScoreRows");
+    }
+    // Pass 1: the final softmax state (m, l) of every (row, head) over its visible keys.
+    if (cudaError_t e = LaunchDecodeAttention(
+            args, split, reinterpret_cast<float*>(work + workspace_at), stream_);
+        e != cudaSuccess) {
+      return CudaError(e, "ScoreRows (softmax states)");
+    }
+    // Pass 2: probabilities, token sums and below-threshold counts.
+    if (cudaError_t e = LaunchScoreRowsAggregate(sargs, stream_); e != cudaSuccess) {
+      return CudaError(e, "ScoreRows (aggregation)");
+    }
+    if (absl::Status s =
+            Download(token_scores, sargs.token_scores, layout.total_tokens * 4, "ScoreRows");
+        !s.ok()) {
+      return s;
+    }
+    if (below_threshold != nullptr) {
+      if (absl::Status s = Download(below_threshold, sargs.below_threshold, heads * 8, "ScoreRows");
+          !s.ok()) {
+        return s;
+      }
+    }
+    return Finish("ScoreRows");
+  }
+
+ private:
+  struct StreamLayout {
+    std::vector<int64_t> token_offsets;  // [num_streams + 1]
+    int64_t total_tokens = 0;
+    int32_t max_length = 0;
+  };
+  struct StagedView {
+    std::vector<SegmentArrays> arrays;  // [num segments]
+    int64_t segments_at = 0;
+    int64_t segment_offsets_at = 0;
+    int64_t token_offsets_at = 0;
+  };
+
+  absl::Status CheckView(const PagedKVView& kv, int32_t group, absl::string_view what,
+                         StreamLayout& layout) const {
+    if (kv.num_streams < 0 || kv.head_dim <= 0 || group <= 0 ||
+        (kv.num_streams > 0 && (kv.stream_segment_offsets == nullptr))) {
+      return absl::InvalidArgumentError(absl::StrCat(what, ": num_streams ", kv.num_streams,
+                                                     ", head_dim ", kv.head_dim, ", group_size ",
+                                                     group));
+    }
+    if (kv.head_dim > kMaxHeadDim) {
+      return absl::UnimplementedError(absl::StrCat(
+          what, ": head_dim ", kv.head_dim, " exceeds the cuda backend's maximum ", kMaxHeadDim));
+    }
+    layout.token_offsets.assign(static_cast<size_t>(kv.num_streams) + 1, 0);
+    for (int32_t i = 0; i < kv.num_streams; ++i) {
+      int64_t n = 0;
+      for (int32_t sidx = kv.stream_segment_offsets[i]; sidx < kv.stream_segment_offsets[i + 1];
+           ++sidx) {
+        if (absl::Status s = CheckSegment(kv.segments[sidx], kv.head_dim, what); !s.ok()) return s;
+        n += kv.segments[sidx].length;
+      }
+      if (n > INT32_MAX) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(what, ": stream ", i, " has ", n, " tokens"));
+      }
+      layout.max_length = std::max(layout.max_length, static_cast<int32_t>(n));
+      layout.token_offsets[i + 1] = layout.token_offsets[i] + n;
+    }
+    layout.total_tokens = layout.token_offsets.back();
+    return absl::OkStatus();
+  }
+
+  // Stages the view's arrays; the SegmentView structs are written by DeviceArgs once the device
+  // buffer (and so every device address) is known.
+  StagedView StageView(const PagedKVView& kv, const StreamLayout& layout, bool with_positions) {
+    StagedView v;
+    const int32_t num_segments = kv.stream_segment_offsets[kv.num_streams];
+    v.arrays.reserve(static_cast<size_t>(num_segments));
+    for (int32_t s = 0; s < num_segments; ++s) {
+      v.arrays.push_back(
+          StageSegment(staging_, kv.segments[s], kv.segments[s].length, with_positions));
+    }
+    v.segments_at = staging_.Reserve(int64_t{num_segments} * sizeof(SegmentView));
+    v.segment_offsets_at =
+        staging_.Append(kv.stream_segment_offsets, (int64_t{kv.num_streams} + 1) * sizeof(int32_t));
+    v.token_offsets_at = staging_.Append(layout.token_offsets.data(),
+                                         static_cast<int64_t>(layout.token_offsets.size()) * 8);
+    return v;
+  }
+
+  AttentionArgs DeviceArgs(const PagedKVView& kv, const StagedView& v, const StreamLayout& layout,
+                           uint8_t* dev) {
+    const int32_t num_segments = kv.stream_segment_offsets[kv.num_streams];
+    for (int32_t s = 0; s < num_segments; ++s) {
+      staging_.At<SegmentView>(v.segments_at)[s] = DeviceSegment(kv.segments[s], v.arrays[s], dev);
+    }
+    AttentionArgs args;
+    args.pool = kv.pool;
+    args.head_dim = kv.head_dim;
+    args.num_streams = kv.num_streams;
+    args.stream_segment_offsets = reinterpret_cast<const int32_t*>(dev + v.segment_offsets_at);
+    args.segments = reinterpret_cast<const SegmentView*>(dev + v.segments_at);
+    args.stream_token_offsets = reinterpret_cast<const int64_t*>(dev + v.token_offsets_at);
+    args.max_stream_length = layout.max_length;
+    return args;
+  }
+
+  // Start of every device operation: the calling thread may have another device current, and a
+  // previous asynchronous failure must not be blamed on this call.
+  absl::Status Begin() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (cudaError_t e = cudaSetDevice(device_); e != cudaSuccess) return CudaError(e, "set device");
+    return absl::OkStatus();
+  }
+  absl::Status Upload(absl::string_view what) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (staging_.size() == 0) return absl::OkStatus();
+    if (cudaError_t e =
+            cudaMemcpyAsync(inputs_.data(), staging_.data(), static_cast<size_t>(staging_.size()),
+                            cudaMemcpyHostToDevice, stream_);
+        e != cudaSuccess) {
+      return CudaError(e, what);
+    }
+    return absl::OkStatus();
+  }
+  absl::Status Download(void* host, const void* device, int64_t bytes, absl::string_view what)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (host == nullptr || bytes == 0) return absl::OkStatus();
+    if (cudaError_t e = cudaMemcpyAsync(host, device, static_cast<size_t>(bytes),
+                                        cudaMemcpyDeviceToHost, stream_);
+        e != cudaSuccess) {
+      return CudaError(e, what);
+    }
+    return absl::OkStatus();
+  }
+  // Waits for the stream: results are on the host and the staging blob may be reused.
+  absl::Status Finish(absl::string_view what) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (cudaError_t e = cudaStreamSynchronize(stream_); e != cudaSuccess) {
+      return CudaError(e, what);
+    }
+    return absl::OkStatus();
+  }
+
+  const int device_;
+  const int num_sms_;
+  cudaStream_t stream_;
+  absl::Mutex mu_;
+  StagingBlob staging_ ABSL_GUARDED_BY(mu_);
+  DeviceBuffer inputs_ ABSL_GUARDED_BY(mu_);  // mirrored host arrays and source rows
+  DeviceBuffer work_ ABSL_GUARDED_BY(mu_);    // outputs and scratch
+};
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<Backend>> CreateCudaBackend() {
+  int count = 0;
+  if (cudaError_t e = cudaGetDeviceCount(&count); e != cudaSuccess) {
+    cudaGetLastError();  // clear it so that later, unrelated runtime calls do not report it
+    return absl::UnavailableError(
+        absl::StrCat("cuda backend: no usable CUDA device: ", cudaGetErrorName(e), " (",
+                     cudaGetErrorString(e), ")"));
+  }
+  if (count == 0) return absl::UnavailableError("cuda backend: no CUDA device is present");
+  int device = 0;
+  if (cudaError_t e = cudaGetDevice(&device); e != cudaSuccess) {
+    return CudaError(e, "cudaGetDevice");
+  }
+  if (cudaError_t e = cudaSetDevice(device); e != cudaSuccess) return CudaError(e, "set device");
+  int num_sms = 0;
+  if (cudaError_t e = cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device);
+      e != cudaSuccess) {
+    return CudaError(e, "multiprocessor count");
+  }
+  cudaStream_t stream = nullptr;
+  if (cudaError_t e = cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking); e != cudaSuccess) {
+    return CudaError(e, "stream creation");
+  }
+  return std::unique_ptr<Backend>(new CudaBackend(device, num_sms, stream));
+}
+
+}  // namespace kvcache::cuda

@@ -1,0 +1,30 @@
+// cuda/cuda_backend.h — the CUDA backend (internal): a cudaMalloc'd pool arena and the kernels of
+// cuda/kernels.cuh behind the kvcache::Backend interface. Registered as "cuda" by the backend
+// registry when the library is built with CUDA.
+//
+// The views the Cache hands a backend keep their small arrays (page ids, key channel maps,
+// positions, score accumulators) in host memory; each call mirrors what its kernels need into a
+// reusable device buffer, runs on the backend's own stream and waits for it, so every call is
+// synchronous and the host arrays may change as soon as it returns. Calls are serialised by one
+// lock (the Cache may call from several threads).
+//
+// Example:
+//   absl::StatusOr<std::unique_ptr<kvcache::Backend>> b = kvcache::cuda::CreateCudaBackend();
+//   if (!b.ok()) return b.status();   // Unavailable when there is no CUDA device
+#ifndef KVCACHE_CUDA_CUDA_BACKEND_H_
+#define KVCACHE_CUDA_CUDA_BACKEND_H_
+
+#include <memory>
+
+#include "absl/status/statusor.h"
+#include "kvcache/backend.h"
+
+namespace kvcache::cuda {
+
+// The backend on the calling thread's current CUDA device. Unavailable (naming the CUDA error)
+// when no device or driver can be used.
+[[nodiscard]] absl::StatusOr<std::unique_ptr<Backend>> CreateCudaBackend();
+
+}  // namespace kvcache::cuda
+
+#endif  // KVCACHE_CUDA_CUDA_BACKEND_H_

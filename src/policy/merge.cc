@@ -1,0 +1,71 @@
+// LOOK-M-style merge of evicted tokens into their most similar kept key.
+#include "kvcache/policy/merge.h"
+
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+
+namespace kvcache::policy {
+
+absl::Status AddLookMMerges(const StreamSnapshot& stream, int32_t head_dim, MergeMode mode,
+                            StreamPlan& plan) {
+  if (mode == MergeMode::kNone) return absl::OkStatus();
+  const int32_t n = stream.length();
+  const size_t d = static_cast<size_t>(head_dim);
+  if (stream.keys.size() != static_cast<size_t>(n) * d) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "LOOK-M merge of stream (layer ", plan.layer, ", kv_head ", plan.kv_head,
+        ") needs its keys; collect the snapshot with keys"));
+  }
+  const int32_t kept = static_cast<int32_t>(plan.kept.size());
+  if (kept == 0 || kept == n) return absl::OkStatus();
+  // Unit keys, so a dot product is the cosine similarity (a zero key stays zero: similarity 0).
+  std::vector<float> unit(stream.keys.begin(), stream.keys.end());
+  for (int32_t j = 0; j < n; ++j) {
+    double sq = 0.0;
+    for (size_t c = 0; c < d; ++c) sq += double{unit[j * d + c]} * unit[j * d + c];
+    const float inv = sq > 0.0 ? static_cast<float>(1.0 / std::sqrt(sq)) : 0.0f;
+    for (size_t c = 0; c < d; ++c) unit[j * d + c] *= inv;
+  }
+  std::vector<uint8_t> is_kept(n, 0);
+  for (int32_t j : plan.kept) is_kept[j] = 1;
+  std::vector<int32_t> target(n, -1), count(kept, 0);
+  for (int32_t e = 0; e < n; ++e) {
+    if (is_kept[e]) continue;
+    int32_t best = 0;
+    float best_sim = -INFINITY;
+    for (int32_t s = 0; s < kept; ++s) {
+      const float* a = &unit[e * d];
+      const float* b = &unit[static_cast<size_t>(plan.kept[s]) * d];
+      float dot = 0.0f;
+      for (size_t c = 0; c < d; ++c) dot += a[c] * b[c];
+      if (dot > best_sim) {  // strict: ties keep the earlier slot; NaN never wins
+        best_sim = dot;
+        best = s;
+      }
+    }
+    target[e] = best;
+    ++count[best];
+  }
+  plan.kept_key_weight.assign(kept, 1.0f);
+  plan.kept_value_weight.assign(kept, 1.0f);
+  for (int32_t s = 0; s < kept; ++s) {
+    if (count[s] == 0) continue;
+    const float w = mode == MergeMode::kPivot ? 0.5f : 1.0f / static_cast<float>(count[s] + 1);
+    plan.kept_key_weight[s] = w;
+    plan.kept_value_weight[s] = w;
+  }
+  for (int32_t e = 0; e < n; ++e) {
+    if (target[e] < 0) continue;
+    const int32_t m = count[target[e]];
+    const float w = mode == MergeMode::kPivot ? 0.5f / static_cast<float>(m)
+                                              : 1.0f / static_cast<float>(m + 1);
+    plan.merges.push_back({.kept_slot = target[e], .source = e, .key_weight = w, .value_weight = w});
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace kvcache::policy
