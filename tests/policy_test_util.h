@@ -6,6 +6,11 @@
 #include <numeric>
 #include <vector>
 
+#include <catch2/catch.hpp>
+
+#include <string_view>
+
+#include "kvcache/policy/registry.h"
 #include "kvcache/policy/snapshot.h"
 
 namespace kvcache::policy::testing {
@@ -22,6 +27,16 @@ inline SequenceSnapshot Uniform(int32_t layers, int32_t kv_heads, int32_t q_head
     st.accumulated.assign(n, 0.0f);
   }
   return s;
+}
+
+// Builds the policy `spec` and plans `s`; fails the running test on any error.
+inline EvictionPlan MustPlan(std::string_view spec, const SequenceSnapshot& s) {
+  auto p = CreatePolicy(spec);
+  REQUIRE(p.ok());
+  auto plan = (*p)->Plan(s);
+  INFO(plan.status().message());
+  REQUIRE(plan.ok());
+  return *plan;
 }
 
 }  // namespace kvcache::policy::testing

@@ -16,14 +16,7 @@ using kp::testing::Uniform;
 
 namespace {
 
-kvcache::EvictionPlan MustPlan(std::string_view spec, const kp::SequenceSnapshot& s) {
-  auto p = kp::CreatePolicy(spec);
-  REQUIRE(p.ok());
-  auto plan = (*p)->Plan(s);
-  INFO(plan.status().message());
-  REQUIRE(plan.ok());
-  return *plan;
-}
+using kp::testing::MustPlan;
 
 std::string PlanError(std::string_view spec, const kp::SequenceSnapshot& s) {
   auto p = kp::CreatePolicy(spec);

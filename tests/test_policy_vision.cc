@@ -19,14 +19,7 @@ using V = std::vector<int32_t>;
 
 namespace {
 
-kvcache::EvictionPlan MustPlan(std::string_view spec, const kp::SequenceSnapshot& s) {
-  auto p = kp::CreatePolicy(spec);
-  REQUIRE(p.ok());
-  auto plan = (*p)->Plan(s);
-  INFO(plan.status().message());
-  REQUIRE(plan.ok());
-  return *plan;
-}
+using kp::testing::MustPlan;
 
 // Independent numpy-style percentile for the IQR oracle.
 double NumpyPercentile(std::vector<float> v, double q) {
