@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install_deps.sh
-cmake -S . -B build/release -DCMAKE_BUILD_TYPE=Release -DKVCACHE_BUILD_TESTS=OFF \
+cmake -S . -B build/demo -DCMAKE_BUILD_TYPE=Release -DKVCACHE_BUILD_TESTS=OFF \
   -DKVCACHE_BUILD_BENCHMARKS=OFF -DKVCACHE_WITH_CUDA=OFF >/dev/null
-cmake --build build/release -j"$(nproc)" --target kvcache_demo
-build/release/examples/kvcache_demo "$@"
+cmake --build build/demo -j"$(nproc)" --target kvcache_demo
+build/demo/examples/kvcache_demo "$@"
