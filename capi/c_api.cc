@@ -859,6 +859,22 @@ kvc_status kvc_stream_read(const kvc_cache* cache, kvc_seq seq, int32_t layer, i
   });
 }
 
+kvc_status kvc_stream_add_scores(kvc_cache* cache, kvc_seq seq, int32_t layer, int32_t kv_head,
+                                 const float* delta, int32_t num_tokens) {
+  static constexpr const char* fn = "kvc_stream_add_scores";
+  return Guard(fn, [&]() -> kvc_status {
+    kvc_status status = KVC_OK;
+    auto h = LookupCache(fn, cache, &status);
+    if (h == nullptr) return status;
+    if (num_tokens < 0) {
+      return Fail(KVC_INVALID_ARGUMENT, fn, absl::StrCat("num_tokens is ", num_tokens));
+    }
+    if (num_tokens > 0 && delta == nullptr) return NullArg(fn, "delta");
+    return FromStatus(fn, h->cache->AddScores(seq, layer, kv_head,
+                                              std::span<const float>(delta, num_tokens)));
+  });
+}
+
 kvc_status kvc_cache_stats(const kvc_cache* cache, kvc_stats* out) {
   static constexpr const char* fn = "kvc_cache_stats";
   return Guard(fn, [&]() -> kvc_status {

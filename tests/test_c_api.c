@@ -240,6 +240,19 @@ static void TestLifecycle(void) {
       for (t = 0; t < kPrompt; ++t) CHECK(Near(scores[t], token_scores[h * kPrompt + t], 1e-6f));
     }
     for (i = 0; i < kQHeads; ++i) CHECK(causal[i] == 8 + 9 + 10); /* causal entries of 3 rows */
+    /* Engine-supplied scores add to the same accumulators. */
+    {
+      float delta[kPrompt], again[kPrompt];
+      for (t = 0; t < kPrompt; ++t) delta[t] = (float)t;
+      EXPECT_OK(kvc_stream_read(cache, a, 0, 1, kPrompt, &len, NULL, NULL, scores, NULL, NULL));
+      EXPECT_OK(kvc_stream_add_scores(cache, a, 0, 1, delta, kPrompt));
+      EXPECT_OK(kvc_stream_read(cache, a, 0, 1, kPrompt, &len, NULL, NULL, again, NULL, NULL));
+      for (t = 0; t < kPrompt; ++t) CHECK(Near(again[t], scores[t] + (float)t, 1e-6f));
+      EXPECT_STATUS(kvc_stream_add_scores(cache, a, 0, 1, delta, kPrompt - 1),
+                    KVC_INVALID_ARGUMENT);
+      EXPECT_ERROR_MENTIONS("9 entries");
+      EXPECT_STATUS(kvc_stream_add_scores(cache, a, 0, 1, NULL, kPrompt), KVC_INVALID_ARGUMENT);
+    }
     EXPECT_STATUS(kvc_score_rows(cache, a, 0, 3, q, rows, 0.0f, 9, 0.01f, 0, NULL, 0, NULL, NULL,
                                  NULL),
                   KVC_INVALID_ARGUMENT);

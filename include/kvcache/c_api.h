@@ -228,6 +228,13 @@ KVC_API kvc_status kvc_stream_read(const kvc_cache* cache, kvc_seq seq, int32_t 
                                    int32_t* positions, uint8_t* modalities, float* scores,
                                    float* keys, float* values);
 
+/* Adds delta[t] to the score accumulator of token t of a stream: for engines that run their
+ * own attention kernels and still want accumulated-score (H2O-style) policies.
+ *   delta: [num_tokens] f32, num_tokens must equal the stream length. */
+KVC_API kvc_status kvc_stream_add_scores(kvc_cache* cache, kvc_seq seq, int32_t layer,
+                                         int32_t kv_head, const float* delta,
+                                         int32_t num_tokens);
+
 typedef struct kvc_stats {
   int32_t num_sequences;
   int32_t pages_total;
