@@ -245,6 +245,11 @@ kvc_status ConvertObservations(const char* fn, const kvcache::CacheConfig& c,
   const int64_t row_elems = int64_t{c.num_q_heads} * c.head_dim;
   for (int32_t l = 0; l < in->num_layers; ++l) {
     const kvc_layer_observation& o = in->layers[l];
+    if (o.reserved != 0) {
+      return Fail(KVC_INVALID_ARGUMENT, fn,
+                  absl::StrCat("observations->layers[", l, "].reserved is ", o.reserved,
+                               ", must be 0"));
+    }
     if (o.num_rows < 0) {
       return Fail(KVC_INVALID_ARGUMENT, fn,
                   absl::StrCat("observations->layers[", l, "].num_rows is ", o.num_rows));

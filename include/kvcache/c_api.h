@@ -107,8 +107,10 @@ KVC_API void kvc_config_init(kvc_config* config);
 /* backend: "cpu", "cpu-reference", or "cuda" when built with CUDA. */
 KVC_API kvc_status kvc_cache_create(const kvc_config* config, const char* backend,
                                     kvc_cache** out);
-/* Frees the cache, every sequence and every plan made from it becomes unusable. Calls running
- * concurrently on other threads finish first (they hold a reference). */
+/* Frees the cache and every sequence in it. Plans made from it stay readable plain data (still
+ * to be destroyed with kvc_plan_destroy) but can no longer be applied. Calls running
+ * concurrently on other threads finish normally (they hold a reference); later calls with this
+ * handle fail with KVC_INVALID_ARGUMENT. */
 KVC_API kvc_status kvc_cache_destroy(kvc_cache* cache);
 KVC_API kvc_status kvc_cache_get_config(const kvc_cache* cache, kvc_config* out);
 
