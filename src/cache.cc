@@ -857,6 +857,24 @@ absl::StatusOr<StreamContents> Cache::ReadStream(SequenceId seq_id, int32_t laye
   return out;
 }
 
+absl::StatusOr<std::vector<SegmentLayout>> Cache::StreamPages(SequenceId seq_id, int32_t layer,
+                                                              int32_t kv_head) const {
+  if (absl::Status s = CheckStreamIndex(config_, layer, kv_head); !s.ok()) return s;
+  absl::StatusOr<std::shared_ptr<Sequence>> found = Find(seq_id);
+  if (!found.ok()) return found.status();
+  Sequence& seq = **found;
+  absl::MutexLock lock(&seq.mu);
+  if (seq.freed) return absl::NotFoundError(absl::StrCat("unknown sequence ", seq_id));
+  const Stream& st = seq.streams[layer * config_.num_kv_heads + kv_head];
+  std::vector<SegmentLayout> out;
+  out.reserve(st.segments.size());
+  for (const Segment& s : st.segments) {
+    out.push_back({.length = s.length(), .tokens_per_page = s.tokens_per_page,
+                   .key_width = s.key_width, .value_width = s.value_width, .pages = s.pages});
+  }
+  return out;
+}
+
 absl::Status Cache::AddScores(SequenceId seq_id, int32_t layer, int32_t kv_head,
                               std::span<const float> delta) {
   if (absl::Status s = CheckStreamIndex(config_, layer, kv_head); !s.ok()) return s;

@@ -91,6 +91,17 @@ struct StreamContents {
   int32_t num_segments = 0;
 };
 
+// The page layout of one stream, for engines that address the pool with their own kernels
+// (C API page-table export). Valid until the next mutating call on the sequence (Append, Apply,
+// Free): those may move the stream to new pages.
+struct SegmentLayout {
+  int32_t length = 0;           // tokens stored
+  int32_t tokens_per_page = 0;  // rows per page for this segment's row format
+  int32_t key_width = 0;        // stored key channels (< head_dim after ThinK pruning)
+  int32_t value_width = 0;
+  std::vector<int32_t> pages;   // [ceil(length / tokens_per_page)] pool page ids, in token order
+};
+
 struct CacheStats {
   int32_t num_sequences = 0;
   int32_t pages_total = 0;
@@ -138,6 +149,10 @@ class Cache {
   [[nodiscard]] absl::StatusOr<StreamContents> ReadStream(SequenceId seq, int32_t layer,
                                                           int32_t kv_head,
                                                           bool with_kv = true) const;
+  // Segments of a stream in order, with their page ids (see SegmentLayout).
+  [[nodiscard]] absl::StatusOr<std::vector<SegmentLayout>> StreamPages(SequenceId seq,
+                                                                       int32_t layer,
+                                                                       int32_t kv_head) const;
   // Adds `delta[t]` to the score accumulator of token t of a stream ([length] values).
   [[nodiscard]] absl::Status AddScores(SequenceId seq, int32_t layer, int32_t kv_head,
                                        std::span<const float> delta);
