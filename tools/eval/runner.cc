@@ -234,17 +234,22 @@ void ScoreFidelity(const Workload& w, const RunResult& full, RunResult& r) {
     for (int32_t l = 0; l < L; ++l) {
       const size_t off = (static_cast<size_t>(t) * L + l) * qsize;
       const Fidelity f = Compare(&full.outputs[off], &r.outputs[off], qsize);
-      r.layer_cosine[l] += f.cosine / w.decode_steps;
-      r.layer_rel_l2[l] += f.rel_l2 / w.decode_steps;
+      r.layer_cosine[l] += f.cosine;
+      r.layer_rel_l2[l] += f.rel_l2;
       r.min_cosine = std::min(r.min_cosine, f.cosine);
     }
   }
   r.cosine = 0;
   r.rel_l2 = 0;
+  // Sums first, one division each: identical outputs then give exactly 1 and 0.
   for (int32_t l = 0; l < L; ++l) {
-    r.cosine += r.layer_cosine[l] / L;
-    r.rel_l2 += r.layer_rel_l2[l] / L;
+    r.layer_cosine[l] /= w.decode_steps;
+    r.layer_rel_l2[l] /= w.decode_steps;
+    r.cosine += r.layer_cosine[l];
+    r.rel_l2 += r.layer_rel_l2[l];
   }
+  r.cosine /= L;
+  r.rel_l2 /= L;
 }
 
 }  // namespace
