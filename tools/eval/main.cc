@@ -57,6 +57,7 @@ Workload (synthetic, LLaVA-1.6-7B-shaped; docs/EVAL.md)
   --question-tokens N  question tokens = observation rows (default 64)
   --steps N            decode steps (default 32)
   --trace DIR          read a recorded trace instead (docs/EVAL.md, tools/capture_trace.py)
+  --write-trace DIR    also save the workload used as a trace in DIR (the trace format)
 Cache
   --dtype f16|bf16|f32 cache element type (default f16)
   --page-tokens N      tokens per page (default 16)
@@ -75,7 +76,7 @@ struct Args {
   std::vector<double> keeps;
   bool list = false, quiet = false, help = false;
   ke::SyntheticSpec spec;
-  std::string trace, json, report, report_policy;
+  std::string trace, write_trace, json, report, report_policy;
   kvcache::DType dtype = kvcache::DType::kF16;
   int32_t page_tokens = 16;
   int32_t threads = 0;
@@ -132,7 +133,7 @@ absl::StatusOr<Args> Parse(int argc, char** argv) {
     if (flag == "--list-policies") { a.list = true; continue; }
     if (flag == "--quiet") { a.quiet = true; continue; }
     const bool known = ints.count(flag) > 0 || flag == "--policy" || flag == "--keep" ||
-                       flag == "--seed" || flag == "--trace" || flag == "--json" ||
+                       flag == "--seed" || flag == "--trace" || flag == "--write-trace" || flag == "--json" ||
                        flag == "--report" || flag == "--report-policy" || flag == "--dtype";
     if (!known) return absl::InvalidArgumentError(absl::StrCat("unknown flag '", flag, "' (see --help)"));
     if (!has_value) {
@@ -151,6 +152,8 @@ absl::StatusOr<Args> Parse(int argc, char** argv) {
       }
     } else if (flag == "--trace") {
       a.trace = value;
+    } else if (flag == "--write-trace") {
+      a.write_trace = value;
     } else if (flag == "--json") {
       a.json = value;
     } else if (flag == "--report") {
@@ -223,11 +226,26 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "kvcache-eval: %s\n", std::string(runs.status().message()).c_str());
     return kUsageError;
   }
+  if (!args->report_policy.empty()) {
+    bool found = false;
+    for (const ke::RunSpec& r : *runs) found = found || r.spec.substr(0, r.spec.find(':')) == args->report_policy;
+    if (!found) {
+      std::fprintf(stderr, "kvcache-eval: --report-policy '%s' is not among the policies run\n",
+                   args->report_policy.c_str());
+      return kUsageError;
+    }
+  }
   absl::StatusOr<ke::Workload> workload =
       args->trace.empty() ? ke::GenerateWorkload(args->spec) : ke::LoadTrace(args->trace);
   if (!workload.ok()) {
     std::fprintf(stderr, "kvcache-eval: %s\n", std::string(workload.status().message()).c_str());
     return args->trace.empty() ? kUsageError : 1;
+  }
+  if (!args->write_trace.empty()) {
+    if (absl::Status s = ke::WriteTrace(*workload, args->write_trace); !s.ok()) {
+      std::fprintf(stderr, "kvcache-eval: %s\n", std::string(s.message()).c_str());
+      return 1;
+    }
   }
   std::unique_ptr<oneapi::tbb::global_control> threads;
   if (args->threads > 0) {
