@@ -17,6 +17,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 
 MODALITY_COLORS = {"text": "#4C72B0", "image": "#DD8452", "video": "#55A868", "audio": "#C44E52"}
@@ -65,9 +66,10 @@ def kept_by_layer_plot(res, policy, path):
         keep = run["keep"]
         ax.set_title(f"{run['spec']}" if keep is None else f"{policy}, keep {keep:g}", fontsize=9)
         ax.set_xlabel("layer")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("tokens kept (mean over kv heads)")
         ax.grid(alpha=0.3, axis="y")
-    axes[0][0].legend(fontsize=8)
+    axes[0][0].legend(fontsize=8, loc="lower left", framealpha=0.9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
