@@ -4,7 +4,8 @@
 // a second request forks the prompt (shared pages, copy-on-write), each layer keeps a different
 // share of its image tokens (per-layer budgets free real pages), one layer keeps only half of its
 // key channels (ThinK-style narrower rows), and decode attention runs over the compacted cache.
-// Until the evaluation tool lands, this is the project's main demonstration.
+// The project's main demonstration is kvcache-eval (tools/eval, docs/EVAL.md); this example
+// shows the store's mechanics.
 #include <algorithm>
 #include <cmath>
 #include <cstdio>

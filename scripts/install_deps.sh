@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
 # Installs the Debian 12 packages kvcache needs, only those that are missing.
-# Usage: scripts/install_deps.sh [--bench] [--extra PKG...]
 set -euo pipefail
-packages=(cmake g++ make pkg-config libabsl-dev libtbb-dev catch2 libbenchmark-dev)
+# Usage: scripts/install_deps.sh [--plots] [--extra PKG...]
+#   --plots  also python3-numpy and python3-matplotlib (kvcache-eval --report plots; the
+#            tool's end-to-end test checks the plots when they are installed)
+# nlohmann-json3-dev is kvcache-eval's JSON library; python3 runs its end-to-end test.
+packages=(cmake g++ make pkg-config libabsl-dev libtbb-dev catch2 libbenchmark-dev
+          nlohmann-json3-dev python3)
 while [ $# -gt 0 ]; do
   case "$1" in
+    --plots) packages+=(python3-numpy python3-matplotlib); shift ;;
     --extra) shift; while [ $# -gt 0 ]; do packages+=("$1"); shift; done ;;
     *) echo "install_deps.sh: unknown argument $1" >&2; exit 2 ;;
   esac

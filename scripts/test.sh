@@ -3,7 +3,7 @@
 # whole test suite with CTest. Set KVCACHE_SANITIZE=address,undefined for a sanitizer build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/install_deps.sh
+scripts/install_deps.sh --plots
 jobs=$(nproc)
 if [ -n "${KVCACHE_SANITIZE:-}" ]; then
   dir=build/sanitize

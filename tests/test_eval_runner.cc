@@ -1,0 +1,167 @@
+// kvcache-eval runner: the full-cache reference has fidelity exactly 1, a policy keeping
+// everything equals the full cache, tighter keep ratios never keep more bytes, and the run
+// expansion maps --keep onto each policy's budget knob.
+#include <catch2/catch.hpp>
+
+#include <string>
+#include <vector>
+
+#include "tools/eval/report.h"
+#include "tools/eval/runner.h"
+#include "tools/eval/workload.h"
+
+namespace ke = kvcache::eval;
+
+namespace {
+
+ke::Workload Small(uint64_t seed = 3) {
+  ke::SyntheticSpec s;
+  s.seed = seed;
+  s.num_layers = 4;
+  s.num_kv_heads = 2;
+  s.num_q_heads = 4;
+  s.head_dim = 32;
+  s.system_tokens = 16;
+  s.image_tokens = 240;
+  s.image_tiles = 3;
+  s.question_tokens = 40;
+  s.decode_steps = 6;
+  auto w = ke::GenerateWorkload(s);
+  REQUIRE(w.ok());
+  return *w;
+}
+
+}  // namespace
+
+TEST_CASE("ExpandRuns maps keep ratios onto each policy's knob", "[eval][runner]") {
+  auto runs = ke::ExpandRuns({"snapkv:window=8", "h2o", "fastv", "prumerge", "tova:keep=0.3"},
+                             {0.1, 0.5});
+  REQUIRE(runs.ok());
+  std::vector<std::string> specs;
+  for (const auto& r : *runs) specs.push_back(r.spec);
+  CHECK(specs == std::vector<std::string>{"snapkv:window=8,keep=0.1", "snapkv:window=8,keep=0.5",
+                                          "h2o:heavy=0.05,recent=0.05",
+                                          "h2o:heavy=0.25,recent=0.25", "fastv:ratio=0.9",
+                                          "fastv:ratio=0.5", "prumerge", "tova:keep=0.3"});
+  CHECK((*runs)[0].keep == 0.1);
+  CHECK((*runs)[6].keep < 0);  // prumerge has no keep knob
+  CHECK((*runs)[7].keep < 0);  // the spec set its own budget
+
+  auto bad = ke::ExpandRuns({"nosuch"}, {0.1});
+  REQUIRE_FALSE(bad.ok());
+  CHECK(std::string(bad.status().message()).find("nosuch") != std::string::npos);
+  auto bad_keep = ke::ExpandRuns({"snapkv"}, {1.5});
+  REQUIRE_FALSE(bad_keep.ok());
+  CHECK(std::string(bad_keep.status().message()).find("1.5") != std::string::npos);
+  auto bad_param = ke::ExpandRuns({"snapkv:window=abc"}, {0.1});
+  REQUIRE_FALSE(bad_param.ok());
+  CHECK(std::string(bad_param.status().message()).find("abc") != std::string::npos);
+}
+
+TEST_CASE("Full cache has fidelity exactly 1; keep-all equals full; tighter keep keeps less",
+          "[eval][runner]") {
+  const ke::Workload w = Small();
+  auto runs = ke::ExpandRuns({"full", "snapkv:window=8", "streamingllm", "h2o"},
+                             {1.0, 0.6, 0.3, 0.15});
+  REQUIRE(runs.ok());
+  int64_t progress_calls = 0;
+  ke::EvalOptions o;
+  o.progress = [&](int64_t done, int64_t total, const std::string&) {
+    ++progress_calls;
+    CHECK(done <= total);
+  };
+  auto res = ke::RunEval(w, *runs, o);
+  INFO(res.status().message());
+  REQUIRE(res.ok());
+  CHECK(progress_calls == int64_t{w.decode_steps} * (static_cast<int64_t>(runs->size()) + 1));
+
+  // The reference against itself.
+  CHECK(res->full.cosine == 1.0);
+  CHECK(res->full.rel_l2 == 0.0);
+  CHECK(res->full.min_cosine == 1.0);
+  CHECK(res->full.tokens_kept == res->full.tokens_total);
+  REQUIRE(res->full.layer_cosine.size() == static_cast<size_t>(w.num_layers));
+
+  const auto find = [&](const std::string& spec) -> const ke::RunResult& {
+    for (const auto& r : res->runs) {
+      if (r.spec == spec) return r;
+    }
+    FAIL("no run " << spec);
+    return res->runs.front();
+  };
+  // "full" as a policy and "keep everything" policies reproduce the reference exactly.
+  for (const char* spec : {"full", "snapkv:window=8,keep=1", "streamingllm:keep=1"}) {
+    INFO(spec);
+    const ke::RunResult& r = find(spec);
+    CHECK(r.cosine == 1.0);
+    CHECK(r.rel_l2 == 0.0);
+    CHECK(r.kv_bytes == res->full.kv_bytes);
+    CHECK(r.tokens_kept == r.tokens_total);
+  }
+  // Tightening keep never increases kept bytes or tokens; evicting loses fidelity.
+  for (const char* base : {"snapkv:window=8,keep=", "streamingllm:keep="}) {
+    int64_t prev_bytes = res->full.kv_bytes, prev_tokens = res->full.tokens_kept;
+    for (const char* k : {"1", "0.6", "0.3", "0.15"}) {
+      const ke::RunResult& r = find(std::string(base) + k);
+      INFO(r.spec << " bytes " << r.kv_bytes << " tokens " << r.tokens_kept);
+      CHECK(r.kv_bytes <= prev_bytes);
+      CHECK(r.tokens_kept <= prev_tokens);
+      prev_bytes = r.kv_bytes;
+      prev_tokens = r.tokens_kept;
+    }
+    const ke::RunResult& tight = find(std::string(base) + "0.15");
+    CHECK(tight.kv_bytes < res->full.kv_bytes);
+    CHECK(tight.cosine < 1.0);
+    CHECK(tight.rel_l2 > 0.0);
+    CHECK(tight.kv_bytes_end > tight.kv_bytes - 1);  // decode only adds tokens
+  }
+  const ke::RunResult& h_tight = find("h2o:heavy=0.075,recent=0.075");
+  const ke::RunResult& h_loose = find("h2o:heavy=0.3,recent=0.3");
+  CHECK(h_tight.kv_bytes <= h_loose.kv_bytes);
+  // Kept-per-modality counts add up, and the kept map is a share.
+  for (const auto& r : res->runs) {
+    int64_t sum = 0;
+    for (int64_t x : r.kept_by_modality) sum += x;
+    CHECK(sum == r.tokens_kept);
+    for (const auto& row : r.kept_map) {
+      for (float x : row) {
+        CHECK(x >= 0.0f);
+        CHECK(x <= 1.0f);
+      }
+    }
+  }
+  // Output text mentions every run.
+  const std::string table = ke::FormatTable(*res);
+  for (const auto& r : res->runs) CHECK(table.find(r.spec) != std::string::npos);
+  const std::string json = ke::ToJson(*res);
+  CHECK(json.find("\"kvcache-eval-results\"") != std::string::npos);
+}
+
+TEST_CASE("Runs are reproducible: same workload, same fidelity", "[eval][runner]") {
+  const ke::Workload w = Small(5);
+  auto runs = ke::ExpandRuns({"snapkv:window=8"}, {0.3});
+  REQUIRE(runs.ok());
+  auto a = ke::RunEval(w, *runs, {});
+  auto b = ke::RunEval(w, *runs, {});
+  REQUIRE(a.ok());
+  REQUIRE(b.ok());
+  CHECK(a->runs[0].cosine == b->runs[0].cosine);
+  CHECK(a->runs[0].kv_bytes == b->runs[0].kv_bytes);
+  CHECK(a->runs[0].kept_by_layer == b->runs[0].kept_by_layer);
+}
+
+TEST_CASE("Compare: identical vectors are exactly (1, 0); scaled vectors keep cosine 1",
+          "[eval][runner]") {
+  const float a[] = {1.0f, -2.0f, 3.0f};
+  const float b[] = {2.0f, -4.0f, 6.0f};
+  const float z[] = {0.0f, 0.0f, 0.0f};
+  ke::Fidelity same = ke::Compare(a, a, 3);
+  CHECK(same.cosine == 1.0);
+  CHECK(same.rel_l2 == 0.0);
+  ke::Fidelity scaled = ke::Compare(a, b, 3);
+  CHECK(scaled.cosine == Approx(1.0));
+  CHECK(scaled.rel_l2 == Approx(1.0));
+  ke::Fidelity zero = ke::Compare(a, z, 3);
+  CHECK(zero.cosine == 0.0);
+  CHECK(zero.rel_l2 == Approx(1.0));
+}
