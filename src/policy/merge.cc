@@ -7,6 +7,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "src/policy/similarity.h"
 
 namespace kvcache::policy {
 
@@ -23,13 +24,7 @@ absl::Status AddLookMMerges(const StreamSnapshot& stream, int32_t head_dim, Merg
   const int32_t kept = static_cast<int32_t>(plan.kept.size());
   if (kept == 0 || kept == n) return absl::OkStatus();
   // Unit keys, so a dot product is the cosine similarity (a zero key stays zero: similarity 0).
-  std::vector<float> unit(stream.keys.begin(), stream.keys.end());
-  for (int32_t j = 0; j < n; ++j) {
-    double sq = 0.0;
-    for (size_t c = 0; c < d; ++c) sq += double{unit[j * d + c]} * unit[j * d + c];
-    const float inv = sq > 0.0 ? static_cast<float>(1.0 / std::sqrt(sq)) : 0.0f;
-    for (size_t c = 0; c < d; ++c) unit[j * d + c] *= inv;
-  }
+  const std::vector<float> unit = UnitRows(stream.keys, d);
   std::vector<uint8_t> is_kept(n, 0);
   for (int32_t j : plan.kept) is_kept[j] = 1;
   std::vector<int32_t> target(n, -1), count(kept, 0);
@@ -40,8 +35,7 @@ absl::Status AddLookMMerges(const StreamSnapshot& stream, int32_t head_dim, Merg
     for (int32_t s = 0; s < kept; ++s) {
       const float* a = &unit[e * d];
       const float* b = &unit[static_cast<size_t>(plan.kept[s]) * d];
-      float dot = 0.0f;
-      for (size_t c = 0; c < d; ++c) dot += a[c] * b[c];
+      const float dot = DotProduct(a, b, d);
       if (dot > best_sim) {  // strict: ties keep the earlier slot; NaN never wins
         best_sim = dot;
         best = s;

@@ -10,6 +10,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "kvcache/policy/select.h"
+#include "src/policy/similarity.h"
 
 namespace kvcache::policy {
 
@@ -62,13 +63,7 @@ absl::StatusOr<PruMergeSelection> PruMergeSelect(std::span<const float> scores,
   sel.merges.resize(sel.kept.size());
   if (!o.merge || o.knn == 0) return sel;
   const size_t d = static_cast<size_t>(key_dim);
-  std::vector<float> unit(keys.begin(), keys.end());
-  for (int32_t j = 0; j < n; ++j) {
-    double sq = 0.0;
-    for (size_t c = 0; c < d; ++c) sq += double{unit[j * d + c]} * unit[j * d + c];
-    const float inv = sq > 0.0 ? static_cast<float>(1.0 / std::sqrt(sq)) : 0.0f;
-    for (size_t c = 0; c < d; ++c) unit[j * d + c] *= inv;
-  }
+  const std::vector<float> unit = UnitRows(keys, d);
   std::vector<float> sim(n);
   std::vector<int32_t> index(n);
   std::iota(index.begin(), index.end(), 0);
@@ -78,9 +73,7 @@ absl::StatusOr<PruMergeSelection> PruMergeSelect(std::span<const float> scores,
     for (int32_t j = 0; j < n; ++j) {
       // A neighbour with a non-finite score would poison the merged row: it is not merged.
       if (j == i || !std::isfinite(scores[j])) continue;
-      float dot = 0.0f;
-      for (size_t c = 0; c < d; ++c) dot += unit[i * d + c] * unit[j * d + c];
-      sim[j] = dot;
+      sim[j] = DotProduct(&unit[i * d], &unit[j * d], d);
       others.push_back(j);
     }
     for (int32_t j : TopK(sim, index, others, o.knn)) {

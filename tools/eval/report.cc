@@ -101,18 +101,18 @@ std::string FormatTable(const EvalResults& res) {
   size_t width = 6;
   for (const RunResult& r : res.runs) width = std::max(width, r.spec.size());
   const std::string header = absl::StrFormat(
-      "%-*s %5s %9s %6s %9s %6s %8s %8s %8s %7s %6s %6s", static_cast<int>(width), "policy",
-      "keep", "KV MiB", "saved", "attn ms", "x full", "plan ms", "cos", "min cos", "rel L2",
+      "%-*s %5s %9s %6s %9s %6s %8s %8s %8s %8s %7s %6s %6s", static_cast<int>(width),
+      "policy", "keep", "KV MiB", "saved", "attn ms", "x full", "score ms", "plan ms", "cos", "min cos", "rel L2",
       "text%", "image%");
   os << header << "\n" << std::string(header.size(), '-') << "\n";
   auto row = [&](const RunResult& r, const std::string& name) {
     const RunResult& f = res.full;
     os << absl::StrFormat(
-        "%-*s %5s %9.2f %5.1f%% %9.3f %6.2f %8.1f %8.4f %8.4f %7.4f %5.1f%% %5.1f%%\n",
+        "%-*s %5s %9.2f %5.1f%% %9.3f %6.2f %8.1f %8.1f %8.4f %8.4f %7.4f %5.1f%% %5.1f%%\n",
         static_cast<int>(width), name, KeepText(r.keep), r.kv_bytes / kMiB,
         100.0 * (1.0 - Share(r.kv_bytes, f.kv_bytes)), r.decode_ms_per_step,
         f.decode_ms_per_step > 0 ? r.decode_ms_per_step / f.decode_ms_per_step : 0.0,
-        r.plan_ms + r.apply_ms, r.cosine, r.min_cosine, r.rel_l2,
+        r.collect_ms, r.plan_ms + r.apply_ms, r.cosine, r.min_cosine, r.rel_l2,
         100.0 * Share(r.kept_by_modality[static_cast<int>(Modality::kText)],
                       r.total_by_modality[static_cast<int>(Modality::kText)]),
         100.0 * Share(r.kept_by_modality[static_cast<int>(Modality::kImage)],
@@ -232,18 +232,20 @@ absl::StatusOr<std::string> WriteReport(const EvalResults& res, const std::strin
         "with the full cache's: cosine similarity and relative L2 error, averaged over steps "
         "and layers; `min cos` is the worst (layer, step). Times are wall-clock on this "
         "machine: `attn ms` is Cache::DecodeAttention over all layers per decode step, "
-        "`plan ms` is Plan + Apply. See docs/EVAL.md.\n\n";
-  md << "| policy | keep | KV MiB | saved | attn ms/step | x full | plan+apply ms | cos | min cos "
-        "| rel L2 | text kept | image kept |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n";
+        "`score ms` is collecting what the policy reads (scoring the observation rows, reading "
+        "keys), `plan ms` is Plan + Apply. See docs/EVAL.md.\n\n";
+  md << "| policy | keep | KV MiB | saved | attn ms/step | x full | score ms | plan+apply ms | cos "
+        "| min cos | rel L2 | text kept | image kept |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n";
   auto row = [&](const RunResult& r, const std::string& name) {
     const RunResult& f = res.full;
     md << absl::StrFormat(
-        "| `%s` | %s | %.2f | %.1f%% | %.3f | %.2f | %.1f | %.4f | %.4f | %.4f | %.1f%% | "
+        "| `%s` | %s | %.2f | %.1f%% | %.3f | %.2f | %.1f | %.1f | %.4f | %.4f | %.4f | %.1f%% | "
         "%.1f%% |\n",
         name, KeepText(r.keep), r.kv_bytes / kMiB, 100.0 * (1.0 - Share(r.kv_bytes, f.kv_bytes)),
         r.decode_ms_per_step,
         f.decode_ms_per_step > 0 ? r.decode_ms_per_step / f.decode_ms_per_step : 0.0,
-        r.plan_ms + r.apply_ms, r.cosine, r.min_cosine, r.rel_l2,
+        r.collect_ms, r.plan_ms + r.apply_ms, r.cosine, r.min_cosine, r.rel_l2,
         100.0 * Share(r.kept_by_modality[0], r.total_by_modality[0]),
         100.0 * Share(r.kept_by_modality[1], r.total_by_modality[1]));
   };
