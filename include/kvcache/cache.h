@@ -59,6 +59,9 @@ struct DecodeOptions {
   float scale = 0.0f;  // 0 means 1/sqrt(head_dim)
   bool accumulate_scores = false;
   GqaAggregation aggregation = GqaAggregation::kMean;
+  // Which keys to read (read_policy.h); dense by default. Non-dense policies need a backend with
+  // SparseDecodeAttention (cpu, cpu-reference) and, for Quest, CacheConfig::page_summaries.
+  ReadPolicy read_policy;
 };
 
 // Query rows for prefill-time scoring of one layer of one sequence.
@@ -155,6 +158,10 @@ class Cache {
   Cache(const CacheConfig& config, std::unique_ptr<Backend> backend,
         std::unique_ptr<PagePool> pool);
   absl::StatusOr<std::shared_ptr<Sequence>> Find(SequenceId seq) const;
+  // Retrieval decode: the stream's key index, (re)built when missing or stale. Caller holds
+  // the sequence lock.
+  absl::StatusOr<const KeyIndex*> EnsureKeyIndex(Sequence& seq, int32_t layer, int32_t kv_head,
+                                                 const ReadPolicy& policy);
 
   const CacheConfig config_;
   std::unique_ptr<Backend> backend_;
