@@ -1078,6 +1078,35 @@ absl::StatusOr<StreamContents> Cache::ReadStream(SequenceId seq_id, int32_t laye
   return out;
 }
 
+absl::StatusOr<std::vector<PageSummary>> Cache::ReadPageSummaries(SequenceId seq_id,
+                                                                 int32_t layer,
+                                                                 int32_t kv_head) const {
+  if (absl::Status s = CheckStreamIndex(config_, layer, kv_head); !s.ok()) return s;
+  if (!config_.page_summaries) {
+    return absl::FailedPreconditionError("ReadPageSummaries: CacheConfig::page_summaries is off");
+  }
+  absl::StatusOr<std::shared_ptr<Sequence>> found = Find(seq_id);
+  if (!found.ok()) return found.status();
+  Sequence& seq = **found;
+  absl::MutexLock lock(&seq.mu);
+  if (seq.freed) return absl::NotFoundError(absl::StrCat("unknown sequence ", seq_id));
+  std::vector<PageSummary> out;
+  int32_t start = 0;
+  for (const Segment& s : seq.streams[layer * config_.num_kv_heads + kv_head].segments) {
+    for (size_t p = 0; p < s.pages.size(); ++p) {
+      PageSummary ps;
+      ps.first_token = start + static_cast<int32_t>(p) * s.tokens_per_page;
+      ps.num_tokens = std::min(s.tokens_per_page, s.length() - static_cast<int32_t>(p) * s.tokens_per_page);
+      ps.key_channels = s.key_channels;
+      ps.key_min.assign(s.key_min.begin() + p * s.key_width, s.key_min.begin() + (p + 1) * s.key_width);
+      ps.key_max.assign(s.key_max.begin() + p * s.key_width, s.key_max.begin() + (p + 1) * s.key_width);
+      out.push_back(std::move(ps));
+    }
+    start += s.length();
+  }
+  return out;
+}
+
 absl::Status Cache::AddScores(SequenceId seq_id, int32_t layer, int32_t kv_head,
                               std::span<const float> delta) {
   if (absl::Status s = CheckStreamIndex(config_, layer, kv_head); !s.ok()) return s;

@@ -94,6 +94,15 @@ struct StreamContents {
   int32_t num_segments = 0;
 };
 
+// Quest page summary of one page of a stream (Cache::ReadPageSummaries).
+struct PageSummary {
+  int32_t first_token = 0;            // stream index of the page's first token
+  int32_t num_tokens = 0;             // tokens in the page
+  std::vector<int32_t> key_channels;  // [key width] channels stored (ascending), empty = all
+  std::vector<float> key_min;         // [key width] min of the stored keys per stored channel
+  std::vector<float> key_max;         // [key width] max of the stored keys per stored channel
+};
+
 struct CacheStats {
   int32_t num_sequences = 0;
   int32_t pages_total = 0;
@@ -141,6 +150,11 @@ class Cache {
   [[nodiscard]] absl::StatusOr<StreamContents> ReadStream(SequenceId seq, int32_t layer,
                                                           int32_t kv_head,
                                                           bool with_kv = true) const;
+  // The page summaries of a stream, page by page in token order (FailedPrecondition unless
+  // CacheConfig::page_summaries).
+  [[nodiscard]] absl::StatusOr<std::vector<PageSummary>> ReadPageSummaries(SequenceId seq,
+                                                                          int32_t layer,
+                                                                          int32_t kv_head) const;
   // Adds `delta[t]` to the score accumulator of token t of a stream ([length] values).
   [[nodiscard]] absl::Status AddScores(SequenceId seq, int32_t layer, int32_t kv_head,
                                        std::span<const float> delta);
