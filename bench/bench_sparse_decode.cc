@@ -1,12 +1,13 @@
 // Query-aware sparse decode on the CPU against full paged decode, through Cache::DecodeAttention
 // (the real entry point: locking, view building, selection and kernels all timed):
 //   BM_DenseDecode/<context>                       full paged decode (the baseline)
-//   BM_QuestDecode/<context>/<budget divisor>      Quest, token_budget = context / divisor
-//   BM_RetrievalDecode/<context>/<top_k>/<ef>      IceFormer retrieval through the hnswlib index
-//   BM_RetrievalExactDecode/<context>/<top_k>      retrieval with the exact blocked scan
+//   BM_QuestDecode/<context>/<budget divisor>/<sharpness>  Quest, token_budget = context / divisor
+//   BM_RetrievalDecode/<context>/<top_k>/<ef>/<sharpness>  IceFormer retrieval, hnswlib index
+//   BM_RetrievalExactDecode/<context>/<top_k>/<sharpness>  retrieval with the exact blocked scan
 //   BM_IndexBuild/<context>                        building one stream's index (ns per token)
 //   BM_AppendWithIndex/<context>, BM_AppendNoIndex/<context>   one decode token appended to a
 //       layer whose streams have (or do not have) an index: the per-token index update cost
+//   sharpness (last Arg of Quest / retrieval): 0 = queries as generated, 1 = the same queries x3
 // Shape: batch 1, 2 kv heads x G = 4 (8 query heads), head_dim 128, f16, 16-token pages, page
 // summaries on. Counters: cosine = mean over 8 queries of the cosine similarity of the output
 // (all query heads concatenated) with the dense output; cosine_min = the worst query;
@@ -48,10 +49,14 @@ struct Workload {
   std::unique_ptr<Cache> cache;
   SequenceId seq = 0;
   int32_t context = 0;
-  std::vector<std::vector<float>> queries;       // [kQueries][q_heads * head_dim]
-  std::vector<std::vector<float>> dense_out;     // [kQueries][q_heads * head_dim]
-  std::vector<float> first_keys;                 // [min(context, 4096), head_dim] head 0 keys
+  // [sharpness][kQueries][q_heads * head_dim]: queries at temperature 1 / sharpness
+  std::vector<std::vector<std::vector<float>>> queries;
+  std::vector<std::vector<std::vector<float>>> dense_out;  // same shape
 };
+
+// Query scales: 1 = the workload as described; 3 = the same queries x3 (a sharper, lower
+// temperature attention, as many real heads have).
+constexpr float kSharpness[] = {1.0f, 3.0f};
 
 std::vector<float> Normal(std::mt19937& rng, size_t n, float sd) {
   std::normal_distribution<float> dist(0.0f, sd);
@@ -118,6 +123,8 @@ std::unique_ptr<Workload> BuildWorkload(int32_t context) {
   // Queries: a topic present in the context (the topic of a random token), plus the sink
   // direction and noise.
   std::uniform_int_distribution<int32_t> token(4, context - 1);
+  w->queries.resize(2);
+  w->dense_out.resize(2);
   for (int32_t qi = 0; qi < kQueries; ++qi) {
     std::vector<float> q(static_cast<size_t>(kKvHeads) * kGroup * kHeadDim);
     const int32_t tp = topic[token(rng)];
@@ -129,13 +136,15 @@ std::unique_ptr<Workload> BuildWorkload(int32_t context) {
         }
       }
     }
-    w->queries.push_back(std::move(q));
-  }
-  for (const auto& q : w->queries) {
-    std::vector<float> out(q.size());
-    const SequenceId batch[] = {w->seq};
-    if (!w->cache->DecodeAttention(batch, 0, q, out).ok()) return nullptr;
-    w->dense_out.push_back(std::move(out));
+    for (int sharp = 0; sharp < 2; ++sharp) {
+      std::vector<float> scaled = q;
+      for (float& x : scaled) x *= kSharpness[sharp];
+      std::vector<float> out(q.size());
+      const SequenceId batch[] = {w->seq};
+      if (!w->cache->DecodeAttention(batch, 0, scaled, out).ok()) return nullptr;
+      w->queries[sharp].push_back(std::move(scaled));
+      w->dense_out[sharp].push_back(std::move(out));
+    }
   }
   return w;
 }
@@ -158,28 +167,29 @@ double Cosine(const std::vector<float>& a, const std::vector<float>& b) {
 }
 
 // Times DecodeAttention with `options` cycling over the queries; reports the cosine counters.
-void RunDecode(benchmark::State& state, const DecodeOptions& options) {
+void RunDecode(benchmark::State& state, const DecodeOptions& options, int sharp) {
   Workload* w = GetWorkload(static_cast<int32_t>(state.range(0)));
   if (w == nullptr) {
     state.SkipWithError("workload setup failed");
     return;
   }
   const SequenceId batch[] = {w->seq};
-  std::vector<float> out(w->queries[0].size());
+  const auto& queries = w->queries[sharp];
+  std::vector<float> out(queries[0].size());
   double cosine_sum = 0, cosine_min = 1;
   for (int32_t qi = 0; qi < kQueries; ++qi) {  // also builds a retrieval index (untimed)
-    if (!w->cache->DecodeAttention(batch, 0, w->queries[qi], out, {}, options).ok()) {
+    if (!w->cache->DecodeAttention(batch, 0, queries[qi], out, {}, options).ok()) {
       state.SkipWithError("decode failed");
       return;
     }
-    const double c = Cosine(out, w->dense_out[qi]);
+    const double c = Cosine(out, w->dense_out[sharp][qi]);
     cosine_sum += c;
     cosine_min = std::min(cosine_min, c);
   }
   int32_t qi = 0;
   for (auto _ : state) {
     benchmark::DoNotOptimize(
-        w->cache->DecodeAttention(batch, 0, w->queries[qi], out, {}, options).ok());
+        w->cache->DecodeAttention(batch, 0, queries[qi], out, {}, options).ok());
     benchmark::ClobberMemory();
     qi = (qi + 1) % kQueries;
   }
@@ -189,7 +199,7 @@ void RunDecode(benchmark::State& state, const DecodeOptions& options) {
       static_cast<double>(w->context) * kKvHeads, benchmark::Counter::kIsIterationInvariantRate);
 }
 
-void BM_DenseDecode(benchmark::State& state) { RunDecode(state, DecodeOptions{}); }
+void BM_DenseDecode(benchmark::State& state) { RunDecode(state, DecodeOptions{}, 0); }
 
 void BM_QuestDecode(benchmark::State& state) {
   DecodeOptions o;
@@ -200,7 +210,7 @@ void BM_QuestDecode(benchmark::State& state) {
       std::max<int64_t>(3, (o.read_policy.token_budget + kPageTokens - 1) / kPageTokens) + 1);
   state.counters["read_fraction"] =
       std::min(1.0, static_cast<double>(pages) * kPageTokens / static_cast<double>(state.range(0)));
-  RunDecode(state, o);
+  RunDecode(state, o, static_cast<int>(state.range(2)));
 }
 
 void BM_RetrievalDecode(benchmark::State& state) {
@@ -209,7 +219,7 @@ void BM_RetrievalDecode(benchmark::State& state) {
   o.read_policy.dense_first_layers = 0;
   o.read_policy.top_k = static_cast<int32_t>(state.range(1));
   o.read_policy.ef_search = static_cast<int32_t>(state.range(2));
-  RunDecode(state, o);
+  RunDecode(state, o, static_cast<int>(state.range(3)));
 }
 
 void BM_RetrievalExactDecode(benchmark::State& state) {
@@ -218,7 +228,7 @@ void BM_RetrievalExactDecode(benchmark::State& state) {
   o.read_policy.dense_first_layers = 0;
   o.read_policy.top_k = static_cast<int32_t>(state.range(1));
   o.read_policy.exact_search = true;
-  RunDecode(state, o);
+  RunDecode(state, o, static_cast<int>(state.range(2)));
 }
 
 // One stream's index built from its stored keys (what the first retrieval decode of a stream
@@ -271,8 +281,8 @@ void RunAppend(benchmark::State& state, bool with_index) {
     o.read_policy.kind = ReadPolicy::Kind::kRetrieval;
     o.read_policy.dense_first_layers = 0;
     const SequenceId batch[] = {seq};
-    std::vector<float> out(w->queries[0].size());
-    if (!w->cache->DecodeAttention(batch, 0, w->queries[0], out, {}, o).ok()) {
+    std::vector<float> out(w->queries[0][0].size());
+    if (!w->cache->DecodeAttention(batch, 0, w->queries[0][0], out, {}, o).ok()) {
       state.SkipWithError("decode failed");
       return;
     }
@@ -300,15 +310,22 @@ void BM_AppendWithIndex(benchmark::State& state) { RunAppend(state, true); }
 void BM_AppendNoIndex(benchmark::State& state) { RunAppend(state, false); }
 
 BENCHMARK(BM_DenseDecode)->Arg(32768)->Arg(131072)->Unit(benchmark::kMicrosecond)->UseRealTime();
+// Args: context, budget divisor, sharpness index (0: x1, 1: x3).
 BENCHMARK(BM_QuestDecode)
-    ->Args({32768, 8})->Args({32768, 16})->Args({32768, 32})
-    ->Args({131072, 16})->Args({131072, 32})->Args({131072, 64})
+    ->Args({32768, 8, 0})->Args({32768, 16, 0})->Args({32768, 32, 0})->Args({32768, 16, 1})
+    ->Args({131072, 16, 0})->Args({131072, 32, 0})->Args({131072, 64, 0})->Args({131072, 32, 1})
     ->Unit(benchmark::kMicrosecond)->UseRealTime();
+// Args: context, top_k, ef, sharpness index.
 BENCHMARK(BM_RetrievalDecode)
-    ->Args({32768, 64, 128})->Args({32768, 256, 256})->Args({32768, 1024, 1024})
-    ->Args({131072, 64, 128})->Args({131072, 256, 256})->Args({131072, 1024, 1024})
+    ->Args({32768, 64, 128, 0})->Args({32768, 256, 256, 0})->Args({32768, 1024, 1024, 0})
+    ->Args({32768, 64, 128, 1})->Args({32768, 256, 256, 1})
+    ->Args({131072, 64, 128, 0})->Args({131072, 256, 256, 0})->Args({131072, 1024, 1024, 0})
+    ->Args({131072, 64, 128, 1})->Args({131072, 256, 256, 1})
     ->Unit(benchmark::kMicrosecond)->UseRealTime();
-BENCHMARK(BM_RetrievalExactDecode)->Args({32768, 64})->Args({131072, 64})
+// Args: context, top_k, sharpness index.
+BENCHMARK(BM_RetrievalExactDecode)
+    ->Args({32768, 64, 0})->Args({32768, 256, 0})->Args({32768, 64, 1})->Args({131072, 64, 0})
+    ->Args({131072, 64, 1})
     ->Unit(benchmark::kMicrosecond)->UseRealTime();
 BENCHMARK(BM_IndexBuild)->Arg(32768)->Iterations(1)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(BM_AppendWithIndex)->Arg(32768)->Iterations(200)->Unit(benchmark::kMicrosecond)->UseRealTime();

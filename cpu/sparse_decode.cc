@@ -245,6 +245,73 @@ inline float KeyLogit(const PoolView& pool, const SegmentView& s, int32_t row, c
   return dot;
 }
 
+// Exact scan of rows [row_begin, row_end) of segment s: logits[g * lstride + r - row_begin] =
+// qs_g . key(r) for the G heads; qs [G, key_width] gathered to the stored channels.
+template <DType kT>
+inline void ScanRows(const PoolView& pool, const SegmentView& s, int32_t row_begin,
+                     int32_t row_end, const float* qs, int32_t group, float* logits,
+                     int64_t lstride, float* row) {
+  const int kw = s.key_width;
+  for (int32_t r = row_begin; r < row_end; ++r) {
+    const uint8_t* k = SegmentKeyRow(pool, s, r);
+    const float* kf;
+    if constexpr (kT == DType::kF32) {
+      kf = reinterpret_cast<const float*>(k);
+    } else {
+      const auto* bits = reinterpret_cast<const uint16_t*>(k);
+      for (int i = 0; i < kw; ++i) {
+        if constexpr (kT == DType::kF16) {
+          row[i] = HalfBitsToFloat(bits[i]);
+        } else {
+          row[i] = BF16BitsToFloat(bits[i]);
+        }
+      }
+      kf = row;
+    }
+    for (int32_t g = 0; g < group; ++g) {
+      const float* qg = qs + static_cast<int64_t>(g) * kw;
+      float lanes[kLanes] = {};
+      int i = 0;
+      for (; i + kLanes <= kw; i += kLanes) {
+        for (int j = 0; j < kLanes; ++j) lanes[j] += qg[i + j] * kf[i + j];
+      }
+      float tail = 0.0f;
+      for (; i < kw; ++i) tail += qg[i] * kf[i];
+      for (int w = kLanes / 2; w > 0; w /= 2) {
+        for (int j = 0; j < w; ++j) lanes[j] += lanes[j + w];
+      }
+      logits[g * lstride + (r - row_begin)] = lanes[0] + tail;
+    }
+  }
+}
+
+using ScanFn = void (*)(const PoolView&, const SegmentView&, int32_t, int32_t, const float*,
+                        int32_t, float*, int64_t, float*);
+
+#define KVC_SCAN_VARIANT(name, attrs, type)                                                   \
+  attrs void name(const PoolView& p, const SegmentView& s, int32_t b, int32_t e,             \
+                  const float* qs, int32_t g, float* l, int64_t ls, float* row) {             \
+    ScanRows<type>(p, s, b, e, qs, g, l, ls, row);                                            \
+  }
+KVC_SCAN_VARIANT(ScanBaseF32, __attribute__((flatten)), DType::kF32)
+KVC_SCAN_VARIANT(ScanBaseF16, __attribute__((flatten)), DType::kF16)
+KVC_SCAN_VARIANT(ScanBaseBF16, __attribute__((flatten)), DType::kBF16)
+#if KVC_SPARSE_MULTIVERSION
+KVC_SCAN_VARIANT(ScanAvx2F32, __attribute__((target("avx2,fma,f16c"), flatten)), DType::kF32)
+KVC_SCAN_VARIANT(ScanAvx2F16, __attribute__((target("avx2,fma,f16c"), flatten)), DType::kF16)
+KVC_SCAN_VARIANT(ScanAvx2BF16, __attribute__((target("avx2,fma,f16c"), flatten)), DType::kBF16)
+#endif
+#undef KVC_SCAN_VARIANT
+
+ScanFn SelectScan(DType t) {
+#if KVC_SPARSE_MULTIVERSION
+  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                           __builtin_cpu_supports("f16c");
+  if (avx2) return t == DType::kF32 ? ScanAvx2F32 : t == DType::kF16 ? ScanAvx2F16 : ScanAvx2BF16;
+#endif
+  return t == DType::kF32 ? ScanBaseF32 : t == DType::kF16 ? ScanBaseF16 : ScanBaseBF16;
+}
+
 absl::Status RetrievalDecode(const PagedKVView& kv, const DecodeParams& params, const float* q,
                              float* out, float* lse) {
   const ReadPolicy& rp = params.read_policy;
@@ -285,6 +352,7 @@ absl::Status RetrievalDecode(const PagedKVView& kv, const DecodeParams& params, 
         }
       }
     }
+    const ScanFn scan = SelectScan(kv.pool.dtype);
     oneapi::tbb::parallel_for(size_t{0}, chunks.size(), [&](size_t c) {
       const Chunk& ch = chunks[c];
       const SegmentView& s = kv.segments[ch.segment];
@@ -292,16 +360,8 @@ absl::Status RetrievalDecode(const PagedKVView& kv, const DecodeParams& params, 
       GatherQuery(s, q + static_cast<int64_t>(ch.stream) * group * d, group, d, qs);
       const int64_t n = maps[ch.stream].length;
       float* logits = all_logits.data() + stream_offset[ch.stream] * group;  // [G, n]
-      for (int32_t r = ch.row_begin; r < ch.row_end; ++r) {
-        LoadRow(SegmentKeyRow(kv.pool, s, r), kv.pool.dtype, s.key_width, row.data());
-        const int64_t t = ch.token_begin + (r - ch.row_begin);
-        for (int32_t g = 0; g < group; ++g) {
-          const float* qg = qs.data() + static_cast<size_t>(g) * s.key_width;
-          float dot = 0.0f;
-          for (int i = 0; i < s.key_width; ++i) dot += qg[i] * row[i];
-          logits[g * n + t] = dot;
-        }
-      }
+      scan(kv.pool, s, ch.row_begin, ch.row_end, qs.data(), group, logits + ch.token_begin, n,
+           row.data());
     });
   }
   // Per (stream, head): retrieve, then exact softmax over the retrieved keys.

@@ -2,7 +2,7 @@
 # Installs the Debian 12 packages kvcache needs, only those that are missing.
 # Usage: scripts/install_deps.sh [--bench] [--extra PKG...]
 set -euo pipefail
-packages=(cmake g++ make pkg-config libabsl-dev libtbb-dev catch2 libbenchmark-dev)
+packages=(cmake g++ make pkg-config libabsl-dev libtbb-dev catch2 libbenchmark-dev libhnswlib-dev)
 while [ $# -gt 0 ]; do
   case "$1" in
     --extra) shift; while [ $# -gt 0 ]; do packages+=("$1"); shift; done ;;
