@@ -3,6 +3,8 @@
 //   BM_DenseDecode/<context>                       full paged decode (the baseline)
 //   BM_QuestDecode/<context>/<budget divisor>/<sharpness>  Quest, token_budget = context / divisor
 //   BM_RetrievalDecode/<context>/<top_k>/<ef>/<sharpness>  IceFormer retrieval, hnswlib index
+//   BM_RetrievalSinksDecode/<context>/<top_k>/<ef>/<sharpness>  the same plus 4 sink tokens and a
+//       64-token recent window always read (documented variant)
 //   BM_RetrievalExactDecode/<context>/<top_k>/<sharpness>  retrieval with the exact blocked scan
 //   BM_IndexBuild/<context>                        building one stream's index (ns per token)
 //   BM_AppendWithIndex/<context>, BM_AppendNoIndex/<context>   one decode token appended to a
@@ -222,6 +224,18 @@ void BM_RetrievalDecode(benchmark::State& state) {
   RunDecode(state, o, static_cast<int>(state.range(3)));
 }
 
+// The documented variant: retrieval plus 4 always-read sink tokens and a 64-token recent window.
+void BM_RetrievalSinksDecode(benchmark::State& state) {
+  DecodeOptions o;
+  o.read_policy.kind = ReadPolicy::Kind::kRetrieval;
+  o.read_policy.dense_first_layers = 0;
+  o.read_policy.top_k = static_cast<int32_t>(state.range(1));
+  o.read_policy.ef_search = static_cast<int32_t>(state.range(2));
+  o.read_policy.sink_tokens = 4;
+  o.read_policy.recent_tokens = 64;
+  RunDecode(state, o, static_cast<int>(state.range(3)));
+}
+
 void BM_RetrievalExactDecode(benchmark::State& state) {
   DecodeOptions o;
   o.read_policy.kind = ReadPolicy::Kind::kRetrieval;
@@ -320,6 +334,12 @@ BENCHMARK(BM_RetrievalDecode)
     ->Args({32768, 64, 128, 0})->Args({32768, 256, 256, 0})->Args({32768, 1024, 1024, 0})
     ->Args({32768, 64, 128, 1})->Args({32768, 256, 256, 1})
     ->Args({131072, 64, 128, 0})->Args({131072, 256, 256, 0})->Args({131072, 1024, 1024, 0})
+    ->Args({131072, 64, 128, 1})->Args({131072, 256, 256, 1})
+    ->Unit(benchmark::kMicrosecond)->UseRealTime();
+BENCHMARK(BM_RetrievalSinksDecode)
+    ->Args({32768, 64, 128, 0})->Args({32768, 256, 256, 0})
+    ->Args({32768, 64, 128, 1})->Args({32768, 256, 256, 1})
+    ->Args({131072, 64, 128, 0})->Args({131072, 256, 256, 0})
     ->Args({131072, 64, 128, 1})->Args({131072, 256, 256, 1})
     ->Unit(benchmark::kMicrosecond)->UseRealTime();
 // Args: context, top_k, sharpness index.

@@ -365,7 +365,14 @@ absl::Status RetrievalDecode(const PagedKVView& kv, const DecodeParams& params, 
     });
   }
   // Per (stream, head): retrieve, then exact softmax over the retrieved keys.
-  const int32_t k_max = rp.top_k;
+  int32_t longest = 0;
+  for (const StreamMap& m : maps) longest = std::max(longest, m.length);
+  // Slots per head: top_k retrieved plus the always-read sinks and recent window, bounded by
+  // what exists.
+  const int32_t k_max = std::max(
+      1, static_cast<int32_t>(std::min<int64_t>(
+             int64_t{rp.top_k} + std::max(0, rp.sink_tokens) + std::max(0, rp.recent_tokens),
+             longest)));
   std::vector<int32_t> retrieved(static_cast<size_t>(kv.num_streams) * group * k_max);
   std::vector<float> retrieved_prob(retrieved.size());
   std::vector<int32_t> retrieved_count(static_cast<size_t>(kv.num_streams) * group, 0);
@@ -377,22 +384,38 @@ absl::Status RetrievalDecode(const PagedKVView& kv, const DecodeParams& params, 
     float* og = out + (static_cast<int64_t>(i) * group + g) * d;      // [head_dim]
     int32_t* ids = retrieved.data() + static_cast<size_t>(task) * k_max;
     float* probs = retrieved_prob.data() + static_cast<size_t>(task) * k_max;
-    const int32_t k = std::min(k_max, n);
+    const int32_t k = std::min(rp.top_k, n);
     int32_t count = 0;
-    std::vector<float> logit(k);
+    const float* lg = rp.exact_search ? all_logits.data() + stream_offset[i] * group +
+                                            static_cast<int64_t>(g) * n
+                                      : nullptr;  // [n] this head's exact logits (unscaled)
     if (rp.exact_search) {
-      const float* lg = all_logits.data() + stream_offset[i] * group + static_cast<int64_t>(g) * n;
       std::vector<int32_t> order(n);
       std::iota(order.begin(), order.end(), 0);
       auto before = [&](int32_t a, int32_t b) { return RanksBefore(lg[a], a, lg[b], b); };
       if (k < n) std::nth_element(order.begin(), order.begin() + k, order.end(), before);
       std::copy(order.begin(), order.begin() + k, ids);
       count = k;
-      std::sort(ids, ids + count);
-      for (int32_t j = 0; j < count; ++j) logit[j] = scale * lg[ids[j]];
     } else {
       count = params.key_indexes[i]->Search(qg, k, ids);
-      std::sort(ids, ids + count);
+    }
+    // Optional always-read sinks and recent window (0 by default: the retrieved set only).
+    std::sort(ids, ids + count);
+    const int32_t sinks = std::min(std::max(0, rp.sink_tokens), n);
+    const int32_t recent_begin = std::max(sinks, n - std::max(0, rp.recent_tokens));
+    if (sinks > 0 || recent_begin < n) {
+      std::vector<int32_t> merged(ids, ids + count);
+      for (int32_t t = 0; t < sinks; ++t) merged.push_back(t);
+      for (int32_t t = recent_begin; t < n; ++t) merged.push_back(t);
+      std::sort(merged.begin(), merged.end());
+      merged.erase(std::unique(merged.begin(), merged.end()), merged.end());
+      count = static_cast<int32_t>(merged.size());  // <= k_max by construction
+      std::copy(merged.begin(), merged.end(), ids);
+    }
+    std::vector<float> logit(count);
+    if (rp.exact_search) {
+      for (int32_t j = 0; j < count; ++j) logit[j] = scale * lg[ids[j]];
+    } else {
       std::vector<float> buffer(d);
       for (int32_t j = 0; j < count; ++j) {
         const auto [seg, row] = map.Locate(ids[j]);

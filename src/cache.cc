@@ -760,6 +760,11 @@ absl::Status CheckReadPolicy(const ReadPolicy& rp) {
       return absl::InvalidArgumentError(absl::StrCat("DecodeAttention: read_policy.top_k = ", rp.top_k,
                                                      " must be > 0 for retrieval"));
     }
+    if (rp.sink_tokens < 0 || rp.recent_tokens < 0) {
+      return absl::InvalidArgumentError(absl::StrCat("DecodeAttention: read_policy.sink_tokens = ",
+                                                     rp.sink_tokens, " and recent_tokens = ",
+                                                     rp.recent_tokens, " must be >= 0"));
+    }
     if (rp.ef_search < 0) {
       return absl::InvalidArgumentError(
           absl::StrCat("DecodeAttention: read_policy.ef_search = ", rp.ef_search, " is negative"));

@@ -403,13 +403,18 @@ TEST_CASE("Exact-scan retrieval equals the top-k oracle", "[sparse][retrieval]")
       }
       REQUIRE(cache->Apply(plan).ok());
       const std::vector<float> q = RandomVector(rng, static_cast<size_t>(heads) * group * d);
+      for (const auto& [sinks, recent] : {std::pair{0, 0}, std::pair{3, 5}}) {
       DecodeOptions opts = Retrieval(k, true);
       opts.accumulate_scores = true;
+      opts.read_policy.sink_tokens = sinks;
+      opts.read_policy.recent_tokens = recent;
+      std::vector<std::vector<float>> before(heads);
+      for (int32_t h = 0; h < heads; ++h) before[h] = cache->ReadStream(seq, 0, h)->scores;
       const DecodeResult got = Decode(*cache, seq, 0, q, opts);
       for (int32_t h = 0; h < heads; ++h) {
         auto contents = *cache->ReadStream(seq, 0, h);
         double total = 0;
-        for (float s : contents.scores) total += s;
+        for (size_t i = 0; i < contents.scores.size(); ++i) total += contents.scores[i] - before[h][i];
         REQUIRE(std::abs(total - 1.0) < 1e-4);
         for (int32_t g = 0; g < group; ++g) {
           const size_t head = size_t(h) * group + g;
@@ -422,19 +427,22 @@ TEST_CASE("Exact-scan retrieval equals the top-k oracle", "[sparse][retrieval]")
           std::vector<int32_t> order(contents.length);
           std::iota(order.begin(), order.end(), 0);
           std::sort(order.begin(), order.end(), [&](int a, int b) { return dot[a] > dot[b]; });
+          std::set<int32_t> read(order.begin(), order.begin() + k);
+          for (int32_t i = 0; i < sinks; ++i) read.insert(i);
+          for (int32_t i = contents.length - recent; i < contents.length; ++i) read.insert(i);
           std::vector<float> keys, values;
-          for (int32_t j = 0; j < k; ++j) {
-            const int32_t i = order[j];
+          for (const int32_t i : read) {
             keys.insert(keys.end(), contents.keys.begin() + size_t(i) * d, contents.keys.begin() + size_t(i + 1) * d);
             values.insert(values.end(), contents.values.begin() + size_t(i) * d, contents.values.begin() + size_t(i + 1) * d);
           }
           std::vector<float> expect(d);
           float lse = 0;
-          DenseAttention(q.data() + head * d, keys, values, k, d, 1.0f / std::sqrt(float(d)),
-                         expect.data(), &lse);
+          DenseAttention(q.data() + head * d, keys, values, static_cast<int>(read.size()), d,
+                         1.0f / std::sqrt(float(d)), expect.data(), &lse);
           for (int32_t c = 0; c < d; ++c) REQUIRE(std::abs(got.out[head * d + c] - expect[c]) < 1e-4);
           REQUIRE(std::abs(got.lse[head] - lse) < 1e-4);
         }
+      }
       }
     }
   }
@@ -617,6 +625,9 @@ TEST_CASE("Bad read policy parameters are rejected and leave the cache unchanged
     o = Retrieval(4, false);
     o.read_policy.index_ef_construction = 0;
     bad.push_back({o, "index_ef_construction"});
+    o = Retrieval(4, true);
+    o.read_policy.sink_tokens = -1;
+    bad.push_back({o, "sink_tokens"});
     o = Quest(10);
     o.read_policy.kind = static_cast<ReadPolicy::Kind>(7);
     bad.push_back({o, "kind"});

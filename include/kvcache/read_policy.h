@@ -44,6 +44,11 @@ struct ReadPolicy {
   bool exact_search = false;
   // hnswlib search beam (ef); 0 means max(top_k, 64). Larger is slower and closer to exact.
   int32_t ef_search = 0;
+  // Also always read the first sink_tokens and the last recent_tokens tokens of the stream
+  // (>= 0; default 0 = ALGORITHMS.md's retrieved set only). A documented variant: isolated
+  // attention sinks are what graph search misses most (docs/SPARSE_DECODE.md).
+  int32_t sink_tokens = 0;
+  int32_t recent_tokens = 0;
   // hnswlib graph degree M and construction beam, used when an index is (re)built.
   int32_t index_m = 16;
   int32_t index_ef_construction = 100;
