@@ -9,8 +9,6 @@
 
 #include "absl/strings/str_cat.h"
 #include "cpu/sparse_decode.h"
-#include "oneapi/tbb/blocked_range.h"
-#include "oneapi/tbb/parallel_for.h"
 
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wunused-parameter"
@@ -27,9 +25,6 @@
 
 namespace kvcache::cpu {
 namespace {
-
-// Inserting fewer keys than this runs serially (the task dispatch would cost more).
-constexpr int32_t kParallelInsert = 256;
 
 class HnswKeyIndex final : public KeyIndex {
  public:
@@ -55,20 +50,13 @@ class HnswKeyIndex final : public KeyIndex {
     if (needed > graph_->max_elements_) {
       graph_->resizeIndex(std::max(needed, 2 * graph_->max_elements_));
     }
-    auto insert = [&](int32_t t, std::vector<float>& x) {
+    // Serial insertion: hnswlib's addPoint may run concurrently, but then the graph (and so
+    // which keys a search finds) depends on thread scheduling; serial insertion with a fixed
+    // level seed makes retrieval reproducible run to run.
+    std::vector<float> x(d + 1);
+    for (int32_t t = 0; t < count; ++t) {
       MipsTransformKey(keys + static_cast<int64_t>(t) * d, d, max_norm_, x.data());
       graph_->addPoint(x.data(), static_cast<hnswlib::labeltype>(size_ + t));
-    };
-    if (count < kParallelInsert) {
-      std::vector<float> x(d + 1);
-      for (int32_t t = 0; t < count; ++t) insert(t, x);
-    } else {
-      // hnswlib's addPoint is safe to call concurrently (per-element and global locks).
-      oneapi::tbb::parallel_for(oneapi::tbb::blocked_range<int32_t>(0, count, 64),
-                                [&](const oneapi::tbb::blocked_range<int32_t>& r) {
-                                  std::vector<float> x(d + 1);
-                                  for (int32_t t = r.begin(); t < r.end(); ++t) insert(t, x);
-                                });
     }
     size_ += count;
     return true;
