@@ -12,6 +12,7 @@
 #include <numeric>
 #include <random>
 #include <set>
+#include <thread>
 #include <vector>
 
 #include "cpu/sparse_decode.h"
@@ -605,6 +606,48 @@ TEST_CASE("The retrieval index follows Append, Apply, Fork, Free and norm growth
   same(seq);
   REQUIRE(cache->Free(seq).ok());
   same(child);
+  REQUIRE(cache->Validate().ok());
+}
+
+TEST_CASE("Sparse decodes on different sequences may run concurrently", "[sparse][concurrency]") {
+  const int32_t d = 32, group = 2, heads = 2;
+  auto cache = MakeCache(Config(DType::kF16, d, heads, group, 8));
+  std::vector<SequenceId> seqs = {*cache->AddSequence(), *cache->AddSequence(),
+                                  *cache->AddSequence()};
+  std::vector<std::thread> threads;
+  std::vector<int> failures(seqs.size(), 0);
+  for (size_t i = 0; i < seqs.size(); ++i) {
+    threads.emplace_back([&, i] {
+      std::mt19937 rng(100 + static_cast<int>(i));
+      DecodeOptions hnsw = Retrieval(8, false);
+      hnsw.read_policy.ef_search = 1000;
+      const DecodeOptions exact = Retrieval(8, true);
+      for (int step = 0; step < 6; ++step) {
+        const size_t size = size_t{30} * heads * d;
+        const std::vector<float> k = RandomVector(rng, size), v = RandomVector(rng, size);
+        std::vector<int32_t> pos(30);
+        std::iota(pos.begin(), pos.end(), step * 30);
+        if (!cache->Append(seqs[i], 0, {.keys = TensorRef::Of(k), .values = TensorRef::Of(v),
+                                        .positions = pos})
+                 .ok()) {
+          ++failures[i];
+          continue;
+        }
+        const std::vector<float> q = RandomVector(rng, size_t{heads} * group * d);
+        std::vector<float> a(q.size()), b(q.size()), c(q.size());
+        const SequenceId batch[] = {seqs[i]};
+        if (!cache->DecodeAttention(batch, 0, q, a, {}, hnsw).ok() ||
+            !cache->DecodeAttention(batch, 0, q, b, {}, exact).ok() ||
+            !cache->DecodeAttention(batch, 0, q, c, {}, Quest(24)).ok()) {
+          ++failures[i];
+          continue;
+        }
+        for (size_t j = 0; j < a.size(); ++j) failures[i] += std::abs(a[j] - b[j]) > 1e-5f;
+      }
+    });
+  }
+  for (std::thread& t : threads) t.join();
+  for (int f : failures) REQUIRE(f == 0);
   REQUIRE(cache->Validate().ok());
 }
 
