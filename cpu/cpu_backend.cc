@@ -9,6 +9,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "cpu/attention.h"
+#include "cpu/sparse_decode.h"
 #include "oneapi/tbb/parallel_for.h"
 
 namespace kvcache::cpu {
@@ -185,6 +186,18 @@ class CpuBackend final : public Backend {
                                float* out, float* lse) override {
     return flavor_ == KernelFlavor::kFast ? DecodeAttentionFast(kv, params, q, out, lse)
                                           : DecodeAttentionReference(kv, params, q, out, lse);
+  }
+
+  // Quest and retrieval: both flavours; Quest's page attention runs this flavour's dense kernel.
+  absl::Status SparseDecodeAttention(const PagedKVView& kv, const DecodeParams& params,
+                                     const float* q, float* out, float* lse) override {
+    return cpu::SparseDecodeAttention(
+        kv, params, q, out, lse,
+        flavor_ == KernelFlavor::kFast ? DecodeAttentionFast : DecodeAttentionReference);
+  }
+
+  absl::StatusOr<std::unique_ptr<KeyIndex>> CreateKeyIndex(const KeyIndexParams& params) override {
+    return CreateHnswKeyIndex(params);
   }
 
   absl::Status ScoreRows(const PagedKVView& kv, const ScoreRowsParams& params,

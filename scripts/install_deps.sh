@@ -6,7 +6,7 @@ set -euo pipefail
 #            tool's end-to-end test checks the plots when they are installed)
 # nlohmann-json3-dev is kvcache-eval's JSON library; python3 runs its end-to-end test.
 packages=(cmake g++ make pkg-config libabsl-dev libtbb-dev catch2 libbenchmark-dev
-          nlohmann-json3-dev python3)
+          nlohmann-json3-dev python3 libhnswlib-dev)
 while [ $# -gt 0 ]; do
   case "$1" in
     --plots) packages+=(python3-numpy python3-matplotlib); shift ;;

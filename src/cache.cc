@@ -28,6 +28,10 @@ struct Segment {
   std::vector<int32_t> positions;
   std::vector<uint8_t> modalities;
   std::vector<float> scores;
+  // Quest page summaries (CacheConfig::page_summaries; empty otherwise): per page and stored
+  // key channel, min / max of the stored keys. [pages.size(), key_width] each.
+  std::vector<float> key_min;
+  std::vector<float> key_max;
 
   int32_t length() const { return static_cast<int32_t>(positions.size()); }
   bool full_width(int32_t head_dim) const { return key_channels.empty() && key_width == head_dim; }
@@ -46,6 +50,10 @@ struct Segment {
     v.tokens_per_page = tokens_per_page;
     v.key_width = key_width;
     v.value_width = value_width;
+    if (!key_min.empty()) {
+      v.page_key_min = key_min.data();
+      v.page_key_max = key_max.data();
+    }
     return v;
   }
 };
@@ -67,6 +75,35 @@ struct Stream {
 
 bool IsFinite(float x) { return std::isfinite(x); }
 
+// The value the pool stores for x (rounding to the pool dtype), as the backends' writes do.
+float RoundToDType(float x, DType t) {
+  switch (t) {
+    case DType::kF16:
+      return HalfBitsToFloat(FloatToHalfBits(x));
+    case DType::kBF16:
+      return BF16BitsToFloat(FloatToBF16Bits(x));
+    default:
+      return x;
+  }
+}
+
+// Grows a segment's summaries to its page count (new pages start empty: +inf / -inf).
+void ResizeSummaries(Segment& s) {
+  const size_t size = s.pages.size() * static_cast<size_t>(s.key_width);
+  s.key_min.resize(size, INFINITY);
+  s.key_max.resize(size, -INFINITY);
+}
+
+// Folds one stored key row (key_width values as stored) into the summary of page `page`.
+void FoldSummary(Segment& s, int32_t page, const float* key) {
+  float* mn = s.key_min.data() + static_cast<size_t>(page) * s.key_width;
+  float* mx = s.key_max.data() + static_cast<size_t>(page) * s.key_width;
+  for (int32_t c = 0; c < s.key_width; ++c) {
+    mn[c] = key[c] < mn[c] ? key[c] : mn[c];
+    mx[c] = key[c] > mx[c] ? key[c] : mx[c];
+  }
+}
+
 }  // namespace
 
 struct Cache::Sequence {
@@ -78,6 +115,9 @@ struct Cache::Sequence {
   std::vector<Stream> streams ABSL_GUARDED_BY(mu);  // [num_layers * num_kv_heads]
   // Highest position ever appended per layer (admitted or not): appends must exceed it.
   std::vector<int32_t> last_position ABSL_GUARDED_BY(mu);  // [num_layers]
+  // Retrieval-decode key index per stream, built on the first retrieval decode of the stream and
+  // extended by Append; dropped (rebuilt lazily) by Apply, not shared with forks.
+  std::vector<std::unique_ptr<KeyIndex>> key_indexes ABSL_GUARDED_BY(mu);  // [streams] or empty
 };
 
 namespace {
@@ -215,6 +255,7 @@ absl::Status Cache::Free(SequenceId seq) {
     absl::MutexLock seq_lock(&s.mu);
     for (const Stream& st : s.streams) ReleaseSegments(*pool_, st.segments);
     s.streams.clear();
+    s.key_indexes.clear();
     s.freed = true;
   }
   sequences_.erase(it);
@@ -407,7 +448,33 @@ absl::Status Cache::Append(SequenceId seq_id, int32_t layer, const AppendRequest
     } else {
       target = &st.segments.back();
     }
+    const int32_t first_row = target->length();
     target->pages = std::move(staged[h].pages);
+    const bool summaries = c.page_summaries;
+    const int32_t stream_index = layer * heads + h;
+    KeyIndex* index = seq.key_indexes.empty() ? nullptr : seq.key_indexes[stream_index].get();
+    if (summaries || index != nullptr) {
+      // The keys as the pool stores them (rounded to its dtype), full width: Append always
+      // writes full-width rows.
+      std::vector<float> stored(static_cast<size_t>(m) * d);  // [m, head_dim]
+      for (int32_t i = 0; i < m; ++i) {
+        const int64_t src = (int64_t{admitted[i]} * heads + h) * d;
+        for (int32_t ch = 0; ch < d; ++ch) {
+          stored[static_cast<size_t>(i) * d + ch] =
+              RoundToDType(LoadAsFloat(req.keys.data, req.keys.dtype, src + ch), c.dtype);
+        }
+      }
+      if (summaries) {
+        ResizeSummaries(*target);
+        for (int32_t i = 0; i < m; ++i) {
+          FoldSummary(*target, (first_row + i) / target->tokens_per_page,
+                      stored.data() + static_cast<size_t>(i) * d);
+        }
+      }
+      // A key beyond the index's norm bound cannot be added exactly: drop the index, the next
+      // retrieval decode rebuilds it with a new bound.
+      if (index != nullptr && !index->Add(stored.data(), m)) seq.key_indexes[stream_index].reset();
+    }
     for (int32_t t : admitted) {
       target->positions.push_back(req.positions[t]);
       target->modalities.push_back(
@@ -628,6 +695,30 @@ absl::Status Cache::Apply(const EvictionPlan& plan) {
     if (absl::Status s = backend_->GatherRows(pool_->view(), gathers); !s.ok()) return s;
   }
 
+  // Quest summaries of the new segments, from the rows as the backend stored them (over the
+  // channels each segment stores).
+  if (c.page_summaries) {
+    for (NewSegment& ns : fresh) {
+      Segment& s = ns.segment;
+      std::vector<float> keys(static_cast<size_t>(s.length()) * d);    // [length, head_dim]
+      std::vector<float> values(static_cast<size_t>(s.length()) * d);  // [length, head_dim]
+      if (absl::Status st = backend_->ReadRows(pool_->view(), s.View(), d, 0, s.length(),
+                                               keys.data(), values.data());
+          !st.ok()) {
+        return st;
+      }
+      s.key_min.clear();
+      s.key_max.clear();
+      ResizeSummaries(s);
+      std::vector<float> row(s.key_width);
+      for (int32_t t = 0; t < s.length(); ++t) {
+        const float* k = keys.data() + static_cast<size_t>(t) * d;
+        for (int32_t i = 0; i < s.key_width; ++i) row[i] = k[s.key_channels.empty() ? i : s.key_channels[i]];
+        FoldSummary(s, t / s.tokens_per_page, row.data());
+      }
+    }
+  }
+
   // Commit: replace every planned stream's segments, release the old pages.
   std::vector<std::vector<Segment>> replacement(plan.streams.size());
   for (NewSegment& ns : fresh) replacement[ns.plan_index].push_back(std::move(ns.segment));
@@ -637,12 +728,116 @@ absl::Status Cache::Apply(const EvictionPlan& plan) {
     std::vector<Segment> old = std::move(st.segments);
     st.segments = std::move(replacement[p]);
     ReleaseSegments(*pool_, old);
+    // Token indices changed: a retrieval index over the old tokens is rebuilt lazily.
+    if (!seq.key_indexes.empty()) {
+      seq.key_indexes[plan.streams[p].layer * c.num_kv_heads + plan.streams[p].kv_head].reset();
+    }
   }
   guard.committed = true;
   return absl::OkStatus();
 }
 
 // ---- Kernels ----------------------------------------------------------------------------------
+
+namespace {
+
+absl::Status CheckReadPolicy(const ReadPolicy& rp) {
+  const int kind = static_cast<int>(rp.kind);
+  if (kind < 0 || kind > static_cast<int>(ReadPolicy::Kind::kRetrieval)) {
+    return absl::InvalidArgumentError(absl::StrCat("DecodeAttention: read_policy.kind ", kind,
+                                                   " is not dense (0), quest (1) or retrieval (2)"));
+  }
+  if (rp.dense_first_layers < 0) {
+    return absl::InvalidArgumentError(absl::StrCat("DecodeAttention: read_policy.dense_first_layers = ",
+                                                   rp.dense_first_layers, " is negative"));
+  }
+  if (rp.kind == ReadPolicy::Kind::kQuest && rp.token_budget <= 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "DecodeAttention: read_policy.token_budget = ", rp.token_budget, " must be > 0 for Quest"));
+  }
+  if (rp.kind == ReadPolicy::Kind::kRetrieval) {
+    if (rp.top_k <= 0) {
+      return absl::InvalidArgumentError(absl::StrCat("DecodeAttention: read_policy.top_k = ", rp.top_k,
+                                                     " must be > 0 for retrieval"));
+    }
+    if (rp.sink_tokens < 0 || rp.recent_tokens < 0) {
+      return absl::InvalidArgumentError(absl::StrCat("DecodeAttention: read_policy.sink_tokens = ",
+                                                     rp.sink_tokens, " and recent_tokens = ",
+                                                     rp.recent_tokens, " must be >= 0"));
+    }
+    if (rp.ef_search < 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("DecodeAttention: read_policy.ef_search = ", rp.ef_search, " is negative"));
+    }
+    if (rp.index_m < 2 || rp.index_m > 256) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("DecodeAttention: read_policy.index_m = ", rp.index_m, " is outside [2, 256]"));
+    }
+    if (rp.index_ef_construction < 1) {
+      return absl::InvalidArgumentError(absl::StrCat("DecodeAttention: read_policy.index_ef_construction = ",
+                                                     rp.index_ef_construction, " must be >= 1"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+// Norm bound of a freshly built index over keys whose largest norm is `max_norm`: headroom so
+// that later appends rarely exceed it (a key that does forces a rebuild; see SPARSE_DECODE.md).
+constexpr float kIndexNormHeadroom = 1.25f;
+
+}  // namespace
+
+absl::StatusOr<const KeyIndex*> Cache::EnsureKeyIndex(Sequence& seq, int32_t layer,
+                                                      int32_t kv_head, const ReadPolicy& rp) {
+  const CacheConfig& c = config_;
+  const int32_t d = c.head_dim;
+  if (seq.key_indexes.empty()) seq.key_indexes.resize(seq.streams.size());
+  const int32_t index = layer * c.num_kv_heads + kv_head;
+  Stream& st = seq.streams[index];
+  std::unique_ptr<KeyIndex>& slot = seq.key_indexes[index];
+  const int32_t beam = rp.ef_search > 0 ? rp.ef_search : std::max(rp.top_k, 64);
+  if (slot != nullptr && slot->size() == st.length()) {
+    slot->SetSearchBeam(beam);
+    return slot.get();
+  }
+  // (Re)build from the stored keys.
+  const int32_t n = st.length();
+  std::vector<float> keys(static_cast<size_t>(n) * d);    // [n, head_dim]
+  std::vector<float> values(static_cast<size_t>(n) * d);  // [n, head_dim] (read, unused)
+  int32_t at = 0;
+  for (Segment& s : st.segments) {
+    if (absl::Status status = backend_->ReadRows(pool_->view(), s.View(), d, 0, s.length(),
+                                                 keys.data() + static_cast<size_t>(at) * d,
+                                                 values.data() + static_cast<size_t>(at) * d);
+        !status.ok()) {
+      return status;
+    }
+    at += s.length();
+  }
+  float max_norm = 0.0f;
+  for (int32_t t = 0; t < n; ++t) {
+    double sq = 0.0;
+    for (int32_t ch = 0; ch < d; ++ch) {
+      const double x = keys[static_cast<size_t>(t) * d + ch];
+      sq += x * x;
+    }
+    max_norm = std::max(max_norm, static_cast<float>(std::sqrt(sq)));
+  }
+  KeyIndexParams params;
+  params.head_dim = d;
+  params.m = rp.index_m;
+  params.ef_construction = rp.index_ef_construction;
+  params.capacity = std::max(n, 1024);
+  params.max_norm = max_norm > 0.0f ? max_norm * kIndexNormHeadroom : 1.0f;
+  absl::StatusOr<std::unique_ptr<KeyIndex>> built = backend_->CreateKeyIndex(params);
+  if (!built.ok()) return built.status();
+  if (n > 0 && !(*built)->Add(keys.data(), n)) {
+    return absl::InternalError("EnsureKeyIndex: a key exceeds the norm bound computed from it");
+  }
+  (*built)->SetSearchBeam(beam);
+  slot = *std::move(built);
+  return slot.get();
+}
 
 absl::Status Cache::DecodeAttention(std::span<const SequenceId> batch, int32_t layer,
                                     std::span<const float> q, std::span<float> out,
@@ -672,6 +867,15 @@ absl::Status Cache::DecodeAttention(std::span<const SequenceId> batch, int32_t l
   if (!(options.scale >= 0.0f) || !std::isfinite(options.scale)) {
     return absl::InvalidArgumentError(absl::StrCat("DecodeAttention: scale ", options.scale,
                                                    " must be finite and >= 0 (0 = 1/sqrt(head_dim))"));
+  }
+  const ReadPolicy& rp = options.read_policy;
+  if (rp.kind != ReadPolicy::Kind::kDense) {
+    if (absl::Status s = CheckReadPolicy(rp); !s.ok()) return s;
+  }
+  const bool sparse = rp.kind != ReadPolicy::Kind::kDense && layer >= rp.dense_first_layers;
+  if (sparse && rp.kind == ReadPolicy::Kind::kQuest && !c.page_summaries) {
+    return absl::FailedPreconditionError(
+        "DecodeAttention: the Quest read policy needs CacheConfig::page_summaries = true");
   }
   std::vector<std::shared_ptr<Sequence>> seqs;
   seqs.reserve(batch.size());
@@ -716,8 +920,30 @@ absl::Status Cache::DecodeAttention(std::span<const SequenceId> batch, int32_t l
     params.scale = options.scale;
     params.accumulate_scores = options.accumulate_scores;
     params.aggregation = options.aggregation;
-    status = backend_->DecodeAttention(kv, params, q.data(), out.data(),
-                                       lse.empty() ? nullptr : lse.data());
+    if (!sparse) {
+      status = backend_->DecodeAttention(kv, params, q.data(), out.data(),
+                                         lse.empty() ? nullptr : lse.data());
+    } else {
+      params.read_policy = rp;
+      std::vector<const KeyIndex*> indexes;
+      if (rp.kind == ReadPolicy::Kind::kRetrieval && !rp.exact_search) {
+        for (auto& sp : seqs) {
+          for (int32_t h = 0; h < heads && status.ok(); ++h) {
+            absl::StatusOr<const KeyIndex*> index = EnsureKeyIndex(*sp, layer, h, rp);
+            if (!index.ok()) {
+              status = index.status();
+              break;
+            }
+            indexes.push_back(*index);
+          }
+        }
+        params.key_indexes = indexes.data();
+      }
+      if (status.ok()) {
+        status = backend_->SparseDecodeAttention(kv, params, q.data(), out.data(),
+                                                 lse.empty() ? nullptr : lse.data());
+      }
+    }
   }
   for (auto it = order.rbegin(); it != order.rend(); ++it) (*it)->mu.Unlock();
   return status;
@@ -875,6 +1101,35 @@ absl::StatusOr<std::vector<SegmentLayout>> Cache::StreamPages(SequenceId seq_id,
   return out;
 }
 
+absl::StatusOr<std::vector<PageSummary>> Cache::ReadPageSummaries(SequenceId seq_id,
+                                                                 int32_t layer,
+                                                                 int32_t kv_head) const {
+  if (absl::Status s = CheckStreamIndex(config_, layer, kv_head); !s.ok()) return s;
+  if (!config_.page_summaries) {
+    return absl::FailedPreconditionError("ReadPageSummaries: CacheConfig::page_summaries is off");
+  }
+  absl::StatusOr<std::shared_ptr<Sequence>> found = Find(seq_id);
+  if (!found.ok()) return found.status();
+  Sequence& seq = **found;
+  absl::MutexLock lock(&seq.mu);
+  if (seq.freed) return absl::NotFoundError(absl::StrCat("unknown sequence ", seq_id));
+  std::vector<PageSummary> out;
+  int32_t start = 0;
+  for (const Segment& s : seq.streams[layer * config_.num_kv_heads + kv_head].segments) {
+    for (size_t p = 0; p < s.pages.size(); ++p) {
+      PageSummary ps;
+      ps.first_token = start + static_cast<int32_t>(p) * s.tokens_per_page;
+      ps.num_tokens = std::min(s.tokens_per_page, s.length() - static_cast<int32_t>(p) * s.tokens_per_page);
+      ps.key_channels = s.key_channels;
+      ps.key_min.assign(s.key_min.begin() + p * s.key_width, s.key_min.begin() + (p + 1) * s.key_width);
+      ps.key_max.assign(s.key_max.begin() + p * s.key_width, s.key_max.begin() + (p + 1) * s.key_width);
+      out.push_back(std::move(ps));
+    }
+    start += s.length();
+  }
+  return out;
+}
+
 absl::Status Cache::AddScores(SequenceId seq_id, int32_t layer, int32_t kv_head,
                               std::span<const float> delta) {
   if (absl::Status s = CheckStreamIndex(config_, layer, kv_head); !s.ok()) return s;
@@ -961,6 +1216,12 @@ absl::Status Cache::Validate() const {
         if (static_cast<int64_t>(s.pages.size()) != CeilDiv(s.length(), s.tokens_per_page)) {
           fail(absl::StrCat(seg, s.pages.size(), " pages for ", s.length(), " tokens at ",
                             s.tokens_per_page, " per page"));
+        }
+        if (c.page_summaries &&
+            (s.key_min.size() != s.pages.size() * static_cast<size_t>(s.key_width) ||
+             s.key_max.size() != s.key_min.size())) {
+          fail(absl::StrCat(seg, "page summaries hold ", s.key_min.size(), " values for ",
+                            s.pages.size(), " pages of ", s.key_width, " key channels"));
         }
         for (size_t i = 0; i < s.positions.size(); ++i) {
           if (s.positions[i] <= last) fail(absl::StrCat(seg, "position ", s.positions[i], " after ", last));

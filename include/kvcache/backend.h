@@ -23,6 +23,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "kvcache/paged_view.h"
+#include "kvcache/read_policy.h"
 #include "kvcache/types.h"
 
 namespace kvcache {
@@ -68,6 +69,8 @@ struct PageCopy {
   int32_t dst = 0;
 };
 
+class KeyIndex;  // below
+
 // Decode attention: one new query token per sequence, for one layer.
 // Stream i of the view is (batch b, kv head h) with i = b * num_kv_heads + h; its G query heads
 // are h*G .. h*G + G - 1, so q laid out [batch, q_heads, head_dim] is [num_streams, G, head_dim].
@@ -76,6 +79,44 @@ struct DecodeParams {
   float scale = 0.0f;      // softmax scale; 0 means 1/sqrt(head_dim)
   bool accumulate_scores = false;  // add each key's probability (GQA-aggregated) to its score
   GqaAggregation aggregation = GqaAggregation::kMean;
+  // Sparse reads (read_policy.h). Never kDense inside SparseDecodeAttention; DecodeAttention
+  // ignores it (the Cache routes non-dense policies to SparseDecodeAttention).
+  ReadPolicy read_policy;
+  // kRetrieval without exact_search: one nearest-neighbour index per stream, over the stream's
+  // tokens in order (index id = token index in the stream).
+  const KeyIndex* const* key_indexes = nullptr;  // [num_streams]
+};
+
+// Parameters of a per-stream key index for retrieval decode (see KeyIndex).
+struct KeyIndexParams {
+  int32_t head_dim = 0;
+  int32_t m = 16;                 // graph degree (hnswlib M)
+  int32_t ef_construction = 100;  // construction beam
+  int32_t capacity = 0;           // initial capacity in keys (grows on demand)
+  float max_norm = 0.0f;          // c of the MIPS -> NN transform; every key added must have
+                                  // norm <= max_norm (Add reports when one does not)
+};
+
+// A nearest-neighbour index over one stream's keys for maximum-inner-product search, ids are the
+// tokens' indices in the stream (0, 1, ... in the order keys were added). Search may run from
+// several threads at once; Add must not run concurrently with anything.
+class KeyIndex {
+ public:
+  virtual ~KeyIndex() = default;
+  // keys [count, head_dim] f32, the stored (dtype-rounded) keys expanded to head_dim; they get
+  // ids size() .. size() + count - 1. Returns false (and adds nothing) when a key's norm exceeds
+  // the index's max_norm: the caller must then rebuild with a larger bound.
+  [[nodiscard]] virtual bool Add(const float* keys, int32_t count) = 0;
+  virtual int32_t size() const = 0;
+  virtual float max_norm() const = 0;
+  // Search beam of later Search calls (>= 1; the beam used is max(ef, k)). Not concurrent with
+  // Search.
+  virtual void SetSearchBeam(int32_t ef) = 0;
+  // Up to k ids with the largest q.k (approximately), q [head_dim] f32. Writes the ids to
+  // ids[0, returned count), in no particular order. Safe to call from several threads at once.
+  virtual int32_t Search(const float* q, int32_t k, int32_t* ids) const = 0;
+  // Bytes the index holds (vectors + graph), for memory accounting.
+  virtual int64_t MemoryBytes() const = 0;
 };
 
 // Row scoring for prefill-time policies over the streams of one layer of one sequence.
@@ -129,6 +170,22 @@ class Backend {
                                                      float* out, float* lse) {
     (void)kv, (void)params, (void)q, (void)out, (void)lse;
     return absl::UnimplementedError(std::string(Name()) + " backend has no DecodeAttention");
+  }
+  // Decode attention under a non-dense read policy (params.read_policy, read_policy.h); same
+  // shapes as DecodeAttention. kQuest needs SegmentView::page_key_min/max on every segment.
+  [[nodiscard]] virtual absl::Status SparseDecodeAttention(const PagedKVView& kv,
+                                                           const DecodeParams& params,
+                                                           const float* q, float* out,
+                                                           float* lse) {
+    (void)kv, (void)params, (void)q, (void)out, (void)lse;
+    return absl::UnimplementedError(std::string(Name()) +
+                                    " backend has no sparse decode (Quest / retrieval read policies)");
+  }
+  // A key index for retrieval decode (host memory).
+  [[nodiscard]] virtual absl::StatusOr<std::unique_ptr<KeyIndex>> CreateKeyIndex(
+      const KeyIndexParams& params) {
+    (void)params;
+    return absl::UnimplementedError(std::string(Name()) + " backend has no key index");
   }
   // queries [num_rows, num_streams * G, head_dim] f32 host; query_positions [num_rows];
   // outputs as documented on ScoreRowsParams (below_threshold / causal_entries may be null).

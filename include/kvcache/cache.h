@@ -59,6 +59,9 @@ struct DecodeOptions {
   float scale = 0.0f;  // 0 means 1/sqrt(head_dim)
   bool accumulate_scores = false;
   GqaAggregation aggregation = GqaAggregation::kMean;
+  // Which keys to read (read_policy.h); dense by default. Non-dense policies need a backend with
+  // SparseDecodeAttention (cpu, cpu-reference) and, for Quest, CacheConfig::page_summaries.
+  ReadPolicy read_policy;
 };
 
 // Query rows for prefill-time scoring of one layer of one sequence.
@@ -100,6 +103,15 @@ struct SegmentLayout {
   int32_t key_width = 0;        // stored key channels (< head_dim after ThinK pruning)
   int32_t value_width = 0;
   std::vector<int32_t> pages;   // [ceil(length / tokens_per_page)] pool page ids, in token order
+};
+
+// Quest page summary of one page of a stream (Cache::ReadPageSummaries).
+struct PageSummary {
+  int32_t first_token = 0;            // stream index of the page's first token
+  int32_t num_tokens = 0;             // tokens in the page
+  std::vector<int32_t> key_channels;  // [key width] channels stored (ascending), empty = all
+  std::vector<float> key_min;         // [key width] min of the stored keys per stored channel
+  std::vector<float> key_max;         // [key width] max of the stored keys per stored channel
 };
 
 struct CacheStats {
@@ -153,6 +165,11 @@ class Cache {
   [[nodiscard]] absl::StatusOr<std::vector<SegmentLayout>> StreamPages(SequenceId seq,
                                                                        int32_t layer,
                                                                        int32_t kv_head) const;
+  // The page summaries of a stream, page by page in token order (FailedPrecondition unless
+  // CacheConfig::page_summaries).
+  [[nodiscard]] absl::StatusOr<std::vector<PageSummary>> ReadPageSummaries(SequenceId seq,
+                                                                          int32_t layer,
+                                                                          int32_t kv_head) const;
   // Adds `delta[t]` to the score accumulator of token t of a stream ([length] values).
   [[nodiscard]] absl::Status AddScores(SequenceId seq, int32_t layer, int32_t kv_head,
                                        std::span<const float> delta);
@@ -170,6 +187,10 @@ class Cache {
   Cache(const CacheConfig& config, std::unique_ptr<Backend> backend,
         std::unique_ptr<PagePool> pool);
   absl::StatusOr<std::shared_ptr<Sequence>> Find(SequenceId seq) const;
+  // Retrieval decode: the stream's key index, (re)built when missing or stale. Caller holds
+  // the sequence lock.
+  absl::StatusOr<const KeyIndex*> EnsureKeyIndex(Sequence& seq, int32_t layer, int32_t kv_head,
+                                                 const ReadPolicy& policy);
 
   const CacheConfig config_;
   std::unique_ptr<Backend> backend_;

@@ -34,6 +34,9 @@ struct CacheConfig {
   int64_t page_bytes = 0;
   // Pool capacity in pages.
   int32_t num_pages = 1024;
+  // Keep per-page min/max key summaries (host memory, 2 * key_width floats per page) so that
+  // DecodeOptions::read_policy can use Quest. Off by default: the store then pays nothing.
+  bool page_summaries = false;
 
   // Checks every field; the error names the offending value. Does not modify the config.
   [[nodiscard]] absl::Status Validate() const;

@@ -13,6 +13,7 @@
 #include "kvcache/page_pool.h"
 #include "kvcache/paged_view.h"
 #include "kvcache/plan.h"
+#include "kvcache/read_policy.h"
 #include "kvcache/types.h"
 #include "kvcache/version.h"
 

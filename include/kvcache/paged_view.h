@@ -41,6 +41,10 @@ struct SegmentView {
   int32_t tokens_per_page = 0;
   int32_t key_width = 0;
   int32_t value_width = 0;
+  // Quest page summaries (CacheConfig::page_summaries), host memory, nullptr when absent: per
+  // page and STORED key channel, the min / max of the stored (dtype-rounded) keys of the page.
+  const float* page_key_min = nullptr;  // [ceil(length / tokens_per_page), key_width]
+  const float* page_key_max = nullptr;  // [ceil(length / tokens_per_page), key_width]
 };
 
 // Streams in CSR form: stream i owns segments [stream_segment_offsets[i], [i + 1]).
