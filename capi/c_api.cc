@@ -385,9 +385,10 @@ kvc_status kvc_cache_create(const kvc_config* config, const char* backend, kvc_c
       return Fail(KVC_INVALID_ARGUMENT, fn, absl::StrCat("config->dtype ", config->dtype,
                                                         " is not a kvc_dtype (0 f32, 1 f16, 2 bf16)"));
     }
-    if (config->reserved != 0) {
+    if ((config->flags & ~KVC_CONFIG_PAGE_SUMMARIES) != 0) {
       return Fail(KVC_INVALID_ARGUMENT, fn,
-                  absl::StrCat("config->reserved is ", config->reserved, ", must be 0"));
+                  absl::StrCat("config->flags is ", config->flags,
+                               ", only KVC_CONFIG_PAGE_SUMMARIES (1) is defined"));
     }
     kvcache::CacheConfig c;
     c.num_layers = config->num_layers;
@@ -398,6 +399,7 @@ kvc_status kvc_cache_create(const kvc_config* config, const char* backend, kvc_c
     c.page_tokens = config->page_tokens;
     c.page_bytes = config->page_bytes;
     c.num_pages = config->num_pages;
+    c.page_summaries = (config->flags & KVC_CONFIG_PAGE_SUMMARIES) != 0;
     absl::StatusOr<std::unique_ptr<Cache>> cache = Cache::Create(c, backend);
     if (!cache.ok()) return FromStatus(fn, cache.status());
     auto handle = std::make_shared<CacheHandle>();
@@ -434,6 +436,7 @@ kvc_status kvc_cache_get_config(const kvc_cache* cache, kvc_config* out) {
     out->page_tokens = c.ResolvedPageTokens();
     out->page_bytes = c.ResolvedPageBytes();
     out->num_pages = c.num_pages;
+    out->flags = c.page_summaries ? KVC_CONFIG_PAGE_SUMMARIES : 0;
     return KVC_OK;
   });
 }
@@ -599,10 +602,13 @@ kvc_status kvc_score_rows(kvc_cache* cache, kvc_seq seq, int32_t layer, int32_t 
   });
 }
 
-kvc_status kvc_decode_attention(kvc_cache* cache, const kvc_seq* batch, int32_t batch_size,
-                                int32_t layer, const float* q, float* out, float* lse,
-                                float scale, int32_t aggregation, int32_t accumulate_scores) {
-  static constexpr const char* fn = "kvc_decode_attention";
+namespace {
+
+// kvc_decode_attention and kvc_decode_attention_sparse: one implementation, `policy` NULL = dense.
+kvc_status DecodeImpl(const char* fn, kvc_cache* cache, const kvc_seq* batch, int32_t batch_size,
+                      int32_t layer, const float* q, float* out, float* lse, float scale,
+                      int32_t aggregation, int32_t accumulate_scores,
+                      const kvc_read_policy* policy) {
   return Guard(fn, [&]() -> kvc_status {
     kvc_status status = KVC_OK;
     auto h = LookupCache(fn, cache, &status);
@@ -624,6 +630,24 @@ kvc_status kvc_decode_attention(kvc_cache* cache, const kvc_seq* batch, int32_t 
     options.scale = scale;
     options.accumulate_scores = accumulate_scores != 0;
     options.aggregation = static_cast<kvcache::GqaAggregation>(aggregation);
+    if (policy != nullptr) {
+      if (policy->kind < KVC_READ_DENSE || policy->kind > KVC_READ_RETRIEVAL) {
+        return Fail(KVC_INVALID_ARGUMENT, fn,
+                    absl::StrCat("policy->kind ", policy->kind,
+                                 " is not a kvc_read_kind (0 dense, 1 quest, 2 retrieval)"));
+      }
+      kvcache::ReadPolicy& r = options.read_policy;
+      r.kind = static_cast<kvcache::ReadPolicy::Kind>(policy->kind);
+      r.dense_first_layers = policy->dense_first_layers;
+      r.token_budget = policy->token_budget;
+      r.top_k = policy->top_k;
+      r.exact_search = policy->exact_search != 0;
+      r.ef_search = policy->ef_search;
+      r.sink_tokens = policy->sink_tokens;
+      r.recent_tokens = policy->recent_tokens;
+      r.index_m = policy->index_m;
+      r.index_ef_construction = policy->index_ef_construction;
+    }
     std::span<float> lse_span;
     if (lse != nullptr) {
       lse_span = std::span<float>(lse, static_cast<size_t>(int64_t{batch_size} * c.num_q_heads));
@@ -633,6 +657,38 @@ kvc_status kvc_decode_attention(kvc_cache* cache, const kvc_seq* batch, int32_t 
                 std::span<const SequenceId>(batch, static_cast<size_t>(batch_size)), layer,
                 std::span<const float>(q, n), std::span<float>(out, n), lse_span, options));
   });
+}
+
+}  // namespace
+
+kvc_status kvc_decode_attention(kvc_cache* cache, const kvc_seq* batch, int32_t batch_size,
+                                int32_t layer, const float* q, float* out, float* lse,
+                                float scale, int32_t aggregation, int32_t accumulate_scores) {
+  return DecodeImpl("kvc_decode_attention", cache, batch, batch_size, layer, q, out, lse, scale,
+                    aggregation, accumulate_scores, nullptr);
+}
+
+void kvc_read_policy_init(kvc_read_policy* policy) {
+  if (policy == nullptr) return;
+  const kvcache::ReadPolicy d;
+  policy->kind = static_cast<int32_t>(d.kind);
+  policy->dense_first_layers = d.dense_first_layers;
+  policy->token_budget = d.token_budget;
+  policy->top_k = d.top_k;
+  policy->exact_search = d.exact_search ? 1 : 0;
+  policy->ef_search = d.ef_search;
+  policy->sink_tokens = d.sink_tokens;
+  policy->recent_tokens = d.recent_tokens;
+  policy->index_m = d.index_m;
+  policy->index_ef_construction = d.index_ef_construction;
+}
+
+kvc_status kvc_decode_attention_sparse(kvc_cache* cache, const kvc_seq* batch,
+                                       int32_t batch_size, int32_t layer, const float* q,
+                                       float* out, float* lse, float scale, int32_t aggregation,
+                                       int32_t accumulate_scores, const kvc_read_policy* policy) {
+  return DecodeImpl("kvc_decode_attention_sparse", cache, batch, batch_size, layer, q, out, lse,
+                    scale, aggregation, accumulate_scores, policy);
 }
 
 // ---- Policies ---------------------------------------------------------------------------------

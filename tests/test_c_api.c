@@ -522,6 +522,96 @@ static void TestLifecycle(void) {
                 KVC_INVALID_ARGUMENT);
 }
 
+/* Sparse decode through the C API: Quest with a budget covering the stream and exact retrieval
+ * with top_k >= the stream read every token, so they must equal dense decode; a reduced Quest
+ * budget must still give normalised, finite output; bad policies are rejected by name. */
+static void TestSparseDecode(void) {
+  kvc_config cfg, got_cfg;
+  kvc_cache* cache = NULL;
+  kvc_cache* plain = NULL;
+  kvc_seq seq = -1, plain_seq = -1;
+  kvc_read_policy policy;
+  float q[kQHeads * kDim], dense[kQHeads * kDim], sparse[kQHeads * kDim];
+  float dense_lse[kQHeads], sparse_lse[kQHeads];
+  int i, l;
+
+  kvc_config_init(&cfg);
+  cfg.num_layers = kLayers;
+  cfg.num_kv_heads = kHeads;
+  cfg.num_q_heads = kQHeads;
+  cfg.head_dim = kDim;
+  cfg.dtype = KVC_DTYPE_F32;
+  cfg.page_tokens = kPageTokens;
+  cfg.num_pages = 256;
+  cfg.flags = 8; /* undefined bit */
+  EXPECT_STATUS(kvc_cache_create(&cfg, "cpu", &cache), KVC_INVALID_ARGUMENT);
+  EXPECT_ERROR_MENTIONS("flags");
+  cfg.flags = KVC_CONFIG_PAGE_SUMMARIES;
+  EXPECT_OK(kvc_cache_create(&cfg, "cpu", &cache));
+  EXPECT_OK(kvc_cache_get_config(cache, &got_cfg));
+  CHECK(got_cfg.flags == KVC_CONFIG_PAGE_SUMMARIES);
+  EXPECT_OK(kvc_sequence_add(cache, &seq));
+  AppendPrompt(cache, seq);
+  for (i = 0; i < kQHeads * kDim; ++i) q[i] = Uniform();
+
+  kvc_read_policy_init(&policy);
+  kvc_read_policy_init(NULL);
+  CHECK(policy.kind == KVC_READ_DENSE && policy.dense_first_layers == 2 && policy.top_k == 32);
+  for (l = 0; l < kLayers; ++l) {
+    EXPECT_OK(kvc_decode_attention(cache, &seq, 1, l, q, dense, dense_lse, 0.0f, 0, 0));
+    /* Quest: budget >= the stream: every page read, identical to dense. */
+    kvc_read_policy_init(&policy);
+    policy.kind = KVC_READ_QUEST;
+    policy.dense_first_layers = 0;
+    policy.token_budget = kPrompt;
+    EXPECT_OK(kvc_decode_attention_sparse(cache, &seq, 1, l, q, sparse, sparse_lse, 0.0f, 0, 0,
+                                          &policy));
+    for (i = 0; i < kQHeads * kDim; ++i) CHECK(Near(sparse[i], dense[i], 1e-5f));
+    for (i = 0; i < kQHeads; ++i) CHECK(Near(sparse_lse[i], dense_lse[i], 1e-5f));
+    /* Quest with a small budget: fewer tokens read, the lse can only drop (a subset's sum). */
+    policy.token_budget = 1;
+    EXPECT_OK(kvc_decode_attention_sparse(cache, &seq, 1, l, q, sparse, sparse_lse, 0.0f, 0, 0,
+                                          &policy));
+    for (i = 0; i < kQHeads; ++i) CHECK(sparse_lse[i] <= dense_lse[i] + 1e-5f);
+    for (i = 0; i < kQHeads * kDim; ++i) CHECK(isfinite(sparse[i]));
+    /* Exact retrieval with top_k >= the stream: every key read. */
+    kvc_read_policy_init(&policy);
+    policy.kind = KVC_READ_RETRIEVAL;
+    policy.dense_first_layers = 0;
+    policy.exact_search = 1;
+    policy.top_k = kPrompt;
+    EXPECT_OK(kvc_decode_attention_sparse(cache, &seq, 1, l, q, sparse, NULL, 0.0f, 0, 0,
+                                          &policy));
+    for (i = 0; i < kQHeads * kDim; ++i) CHECK(Near(sparse[i], dense[i], 1e-5f));
+  }
+  /* NULL policy = dense. */
+  EXPECT_OK(kvc_decode_attention_sparse(cache, &seq, 1, 0, q, sparse, NULL, 0.0f, 0, 0, NULL));
+  EXPECT_OK(kvc_decode_attention(cache, &seq, 1, 0, q, dense, NULL, 0.0f, 0, 0));
+  for (i = 0; i < kQHeads * kDim; ++i) CHECK(sparse[i] == dense[i]);
+  /* Bad policies. */
+  kvc_read_policy_init(&policy);
+  policy.kind = 9;
+  EXPECT_STATUS(kvc_decode_attention_sparse(cache, &seq, 1, 0, q, sparse, NULL, 0.0f, 0, 0,
+                                            &policy), KVC_INVALID_ARGUMENT);
+  EXPECT_ERROR_MENTIONS("9");
+  kvc_read_policy_init(&policy);
+  policy.kind = KVC_READ_QUEST;
+  policy.token_budget = 0;
+  EXPECT_STATUS(kvc_decode_attention_sparse(cache, &seq, 1, kLayers - 1, q, sparse, NULL, 0.0f,
+                                            0, 0, &policy), KVC_INVALID_ARGUMENT);
+  EXPECT_ERROR_MENTIONS("token_budget");
+  /* Quest needs page summaries. */
+  cfg.flags = 0;
+  EXPECT_OK(kvc_cache_create(&cfg, "cpu", &plain));
+  EXPECT_OK(kvc_sequence_add(plain, &plain_seq));
+  AppendPrompt(plain, plain_seq);
+  policy.token_budget = 4;
+  EXPECT_STATUS(kvc_decode_attention_sparse(plain, &plain_seq, 1, kLayers - 1, q, sparse, NULL,
+                                            0.0f, 0, 0, &policy), KVC_FAILED_PRECONDITION);
+  EXPECT_OK(kvc_cache_destroy(plain));
+  EXPECT_OK(kvc_cache_destroy(cache));
+}
+
 static void TestArgumentErrors(void) {
   kvc_config cfg;
   kvc_cache* cache = NULL;
@@ -645,6 +735,7 @@ int main(void) {
   TestLifecycle();
   TestArgumentErrors();
   TestPoolExhaustion();
+  TestSparseDecode();
   if (g_failures != 0) {
     fprintf(stderr, "test_c_api: %d check(s) failed\n", g_failures);
     return 1;

@@ -27,7 +27,7 @@ class Config(C.Structure):
     _fields_ = [("num_layers", C.c_int32), ("num_kv_heads", C.c_int32),
                 ("num_q_heads", C.c_int32), ("head_dim", C.c_int32), ("dtype", C.c_int32),
                 ("page_tokens", C.c_int32), ("page_bytes", C.c_int64),
-                ("num_pages", C.c_int32), ("reserved", C.c_int32)]
+                ("num_pages", C.c_int32), ("flags", C.c_int32)]
 
 
 class Stats(C.Structure):

@@ -97,8 +97,12 @@ typedef struct kvc_config {
   int32_t page_tokens; /* tokens per page at full row width (or 0 when page_bytes is given) */
   int64_t page_bytes;  /* 0 = page_tokens * 2 * head_dim * sizeof(dtype) */
   int32_t num_pages;   /* pool capacity */
-  int32_t reserved;    /* must be 0 */
+  int32_t flags;       /* KVC_CONFIG_* bits; 0 = none */
 } kvc_config;
+
+/* kvc_config.flags: keep per-page min/max key summaries (host memory, 2 * key width floats per
+ * page) so that decode can use the Quest read policy (kvc_decode_attention_sparse). */
+#define KVC_CONFIG_PAGE_SUMMARIES 1
 
 /* Fills the defaults: 1 layer, 1 kv head, 1 q head, head_dim 128, f16, 16 tokens/page, 1024
  * pages. Does nothing when config is NULL. */
@@ -158,6 +162,41 @@ KVC_API kvc_status kvc_decode_attention(kvc_cache* cache, const kvc_seq* batch,
                                         int32_t batch_size, int32_t layer, const float* q,
                                         float* out, float* lse, float scale, int32_t aggregation,
                                         int32_t accumulate_scores);
+
+/* Query-aware sparse decode (docs/SPARSE_DECODE.md): every token stays cached, one decode step
+ * reads only the keys likely to matter for its query. */
+typedef enum kvc_read_kind {
+  KVC_READ_DENSE = 0,     /* every token (plain decode) */
+  KVC_READ_QUEST = 1,     /* top pages by the min/max upper bound of q.k; needs
+                             KVC_CONFIG_PAGE_SUMMARIES */
+  KVC_READ_RETRIEVAL = 2  /* IceFormer: top_k keys per query head by nearest-neighbour search */
+} kvc_read_kind;
+
+typedef struct kvc_read_policy {
+  int32_t kind;                  /* kvc_read_kind */
+  int32_t dense_first_layers;    /* layers [0, n) always decode densely (default 2) */
+  int32_t token_budget;          /* Quest: tokens read per stream (> 0 for Quest) */
+  int32_t top_k;                 /* retrieval: keys per query head (default 32) */
+  int32_t exact_search;          /* retrieval: non-zero = exact scan instead of the hnsw index */
+  int32_t ef_search;             /* retrieval: hnsw search beam, 0 = max(top_k, 64) */
+  int32_t sink_tokens;           /* retrieval: always read the first n tokens (default 0) */
+  int32_t recent_tokens;         /* retrieval: always read the last n tokens (default 0) */
+  int32_t index_m;               /* retrieval: hnsw graph degree (default 16) */
+  int32_t index_ef_construction; /* retrieval: hnsw construction beam (default 100) */
+} kvc_read_policy;
+
+/* Fills the defaults (dense; the other fields as documented above). Does nothing on NULL. */
+KVC_API void kvc_read_policy_init(kvc_read_policy* policy);
+
+/* kvc_decode_attention under a read policy (NULL = dense). Same buffers and rules. With
+ * accumulate_scores only the tokens a step read get probability mass; lse is over those tokens.
+ * Backends without sparse decode (cuda) return KVC_UNIMPLEMENTED; Quest on a cache created
+ * without KVC_CONFIG_PAGE_SUMMARIES returns KVC_FAILED_PRECONDITION. */
+KVC_API kvc_status kvc_decode_attention_sparse(kvc_cache* cache, const kvc_seq* batch,
+                                               int32_t batch_size, int32_t layer, const float* q,
+                                               float* out, float* lse, float scale,
+                                               int32_t aggregation, int32_t accumulate_scores,
+                                               const kvc_read_policy* policy);
 
 /* ---- Policies ------------------------------------------------------------------------------- */
 /* Queries the engine observed for one layer (post-RoPE, like the stored keys): usually the last
