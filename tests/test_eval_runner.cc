@@ -165,3 +165,41 @@ TEST_CASE("Compare: identical vectors are exactly (1, 0); scaled vectors keep co
   CHECK(zero.cosine == 0.0);
   CHECK(zero.rel_l2 == Approx(1.0));
 }
+
+TEST_CASE("Read policies: reading every key equals the full cache; a small budget reads less",
+          "[eval][runner]") {
+  const ke::Workload w = Small();
+  auto runs = ke::ExpandRuns({"quest:tokens=100000", "retrieval:exact=1,top_k=100000", "quest",
+                              "retrieval"},
+                             {0.2});
+  REQUIRE(runs.ok());
+  REQUIRE(runs->size() == 4);
+  CHECK((*runs)[2].spec == "quest:keep=0.2");
+  CHECK((*runs)[3].spec == "retrieval:keep=0.2");
+  auto res = ke::RunEval(w, *runs, {});
+  REQUIRE(res.ok());
+  const auto& quest_all = res->runs[0];
+  const auto& exact_all = res->runs[1];
+  // Quest over every page is the dense kernel over the same pages: bit-identical.
+  CHECK(quest_all.cosine == 1.0);
+  CHECK(quest_all.rel_l2 == 0.0);
+  // Exact retrieval of every key: the same softmax in another order.
+  CHECK(exact_all.cosine > 0.99999);
+  CHECK(exact_all.rel_l2 < 1e-4);
+  for (const auto& r : res->runs) {
+    CHECK(r.kv_bytes == res->full.kv_bytes);  // read policies evict nothing
+    CHECK(r.tokens_kept == r.tokens_total);
+  }
+  // Reading 20% of the keys changes the output (the layers after the dense first two).
+  CHECK(res->runs[2].cosine < 1.0);
+  CHECK(res->runs[2].cosine > 0.0);
+  CHECK(res->runs[3].cosine < 1.0);
+  CHECK(res->runs[3].plan_ms > 0.0);  // the hnsw index build is reported as preparation
+
+  auto bad = ke::ExpandRuns({"quest:budget=3"}, {0.1});
+  REQUIRE_FALSE(bad.ok());
+  CHECK(std::string(bad.status().message()).find("budget") != std::string::npos);
+  auto bad_keep = ke::ExpandRuns({"retrieval:keep=2"}, {0.1});
+  REQUIRE_FALSE(bad_keep.ok());
+  CHECK(std::string(bad_keep.status().message()).find("keep=2") != std::string::npos);
+}

@@ -29,7 +29,7 @@ namespace {
 constexpr int kUsageError = 2;
 
 constexpr const char* kDefaultPolicies =
-    "streamingllm,h2o,snapkv,pyramidkv,adakv,tova,vlcache,fastv,prumerge,random";
+    "streamingllm,h2o,snapkv,pyramidkv,adakv,tova,vlcache,fastv,prumerge,random,quest";
 constexpr const char* kDefaultKeeps = "0.1,0.25";
 
 const char* kUsage = R"(usage: kvcache-eval [flags]
@@ -44,6 +44,10 @@ Policies and budgets
                        Default: %s
   --keep LIST          keep ratios in (0, 1], mapped onto each policy's budget knob
                        (keep=, h2o heavy=recent=r/2, fastv ratio=1-r). Default: %s
+                       Read policies keep every token and read a subset per decode step:
+                       quest[:dense_layers=2,tokens=N] and
+                       retrieval[:exact=0,ef=0,sinks=0,recent=0,top_k=N,dense_layers=2]
+                       (keep r = round(r * prompt) tokens read per stream / keys per head).
   --list-policies      print every policy with its parameters and defaults, then exit
 Workload (synthetic, LLaVA-1.6-7B-shaped; docs/EVAL.md)
   --seed N             generator seed (default 1)
@@ -219,6 +223,12 @@ int main(int argc, char** argv) {
       std::printf("%-13s %s\n%-13s defaults: %s\n", info.name.c_str(), info.summary.c_str(), "",
                   info.defaults.empty() ? "(none)" : info.defaults.c_str());
     }
+    std::printf("%-13s %s\n%-13s defaults: %s\n", "quest",
+                "read policy: Quest page selection by min/max key bounds (all tokens kept)", "",
+                "keep=0.1,dense_layers=2 (tokens=N overrides keep)");
+    std::printf("%-13s %s\n%-13s defaults: %s\n", "retrieval",
+                "read policy: IceFormer top-k key retrieval, hnswlib (all tokens kept)", "",
+                "keep=0.1,exact=0,ef=0,sinks=0,recent=0,dense_layers=2 (top_k=N overrides keep)");
     return 0;
   }
   auto runs = ke::ExpandRuns(args->policies, args->keeps);

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <memory>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "kvcache/cache.h"
@@ -41,6 +42,64 @@ std::string WithParams(const std::string& spec, const std::string& params) {
                                              : absl::StrCat(spec, ",", params);
 }
 
+// Read policies (read_policy.h) run as pseudo-policies: every token stays cached and each decode
+// step reads a query-dependent subset. Spec: "quest[:keep=r|tokens=n,dense_layers=n]" or
+// "retrieval[:keep=r|top_k=n,exact=0|1,ef=n,sinks=n,recent=n,dense_layers=n]"; keep r means
+// round(r * prompt length) tokens read per stream (Quest) or keys per query head (retrieval).
+bool IsReadPolicy(const std::string& name) { return name == "quest" || name == "retrieval"; }
+
+absl::StatusOr<ReadPolicy> ParseReadPolicy(const std::string& spec, int32_t prompt_len) {
+  const std::string name = Name(spec);
+  ReadPolicy r;
+  r.kind = name == "quest" ? ReadPolicy::Kind::kQuest : ReadPolicy::Kind::kRetrieval;
+  double keep = 0.1;
+  int32_t tokens = 0;
+  const size_t colon = spec.find(':');
+  if (colon != std::string::npos) {
+    for (absl::string_view item : absl::StrSplit(spec.substr(colon + 1), ',')) {
+      const size_t eq = item.find('=');
+      const std::string key(item.substr(0, eq));
+      const std::string value(eq == absl::string_view::npos ? "" : item.substr(eq + 1));
+      auto bad = [&] {
+        return absl::InvalidArgumentError(
+            absl::StrCat(name, ": bad parameter '", std::string(item), "'"));
+      };
+      int32_t n = 0;
+      if (key == "keep") {
+        if (!absl::SimpleAtod(value, &keep) || !(keep > 0.0 && keep <= 1.0)) return bad();
+        continue;
+      }
+      if (!absl::SimpleAtoi(value, &n) || n < 0) return bad();
+      if (key == "dense_layers") {
+        r.dense_first_layers = n;
+      } else if (name == "quest" && key == "tokens") {
+        tokens = n;
+      } else if (name == "retrieval" && key == "top_k") {
+        tokens = n;
+      } else if (name == "retrieval" && key == "exact") {
+        r.exact_search = n != 0;
+      } else if (name == "retrieval" && key == "ef") {
+        r.ef_search = n;
+      } else if (name == "retrieval" && key == "sinks") {
+        r.sink_tokens = n;
+      } else if (name == "retrieval" && key == "recent") {
+        r.recent_tokens = n;
+      } else {
+        return absl::InvalidArgumentError(absl::StrCat(name, ": unknown parameter '", key, "'"));
+      }
+    }
+  }
+  if (tokens == 0) {
+    tokens = std::max<int32_t>(1, static_cast<int32_t>(std::lround(keep * prompt_len)));
+  }
+  if (r.kind == ReadPolicy::Kind::kQuest) {
+    r.token_budget = tokens;
+  } else {
+    r.top_k = tokens;
+  }
+  return r;
+}
+
 // Score accumulators of every (layer, kv head) stream after the observation rows were scored,
 // as an engine running H2O during prefill would have them.
 using Accumulators = std::vector<std::vector<float>>;  // [layer * kv_heads][prompt_len]
@@ -50,8 +109,10 @@ struct Prepared {
   SequenceId seq = 0;
 };
 
-absl::StatusOr<Prepared> Prefill(const Workload& w, const EvalOptions& o) {
+absl::StatusOr<Prepared> Prefill(const Workload& w, const EvalOptions& o,
+                                 bool page_summaries = false) {
   CacheConfig cfg;
+  cfg.page_summaries = page_summaries;
   cfg.num_layers = w.num_layers;
   cfg.num_kv_heads = w.num_kv_heads;
   cfg.num_q_heads = w.num_q_heads;
@@ -104,12 +165,30 @@ absl::StatusOr<Accumulators> ComputeAccumulators(const Workload& w, Cache& cache
 
 absl::Status RunOne(const Workload& w, const EvalOptions& o, const Accumulators& acc,
                     const std::string& spec, RunResult& r, int64_t& done, int64_t total) {
-  auto policy = policy::CreatePolicy(spec);
-  if (!policy.ok()) return policy.status();
+  const bool read_only = IsReadPolicy(Name(spec));
+  DecodeOptions decode_options;
   r.spec = spec;
-  r.policy = std::string((*policy)->name());
-  r.describe = (*policy)->Describe();
-  auto prepared = Prefill(w, o);
+  std::unique_ptr<policy::Policy> token_policy;
+  if (read_only) {
+    auto rp = ParseReadPolicy(spec, w.prompt_len);
+    if (!rp.ok()) return rp.status();
+    decode_options.read_policy = *rp;
+    r.policy = Name(spec);
+    r.describe = rp->kind == ReadPolicy::Kind::kQuest
+                     ? absl::StrCat("Quest sparse decode: ", rp->token_budget,
+                                    " tokens read per stream, first ", rp->dense_first_layers,
+                                    " layers dense")
+                     : absl::StrCat("IceFormer retrieval decode: top ", rp->top_k,
+                                    " keys per query head (", rp->exact_search ? "exact scan" : "hnsw",
+                                    "), first ", rp->dense_first_layers, " layers dense");
+  } else {
+    auto policy = policy::CreatePolicy(spec);
+    if (!policy.ok()) return policy.status();
+    token_policy = std::move(*policy);
+    r.policy = std::string(token_policy->name());
+    r.describe = token_policy->Describe();
+  }
+  auto prepared = Prefill(w, o, decode_options.read_policy.kind == ReadPolicy::Kind::kQuest);
   if (!prepared.ok()) return prepared.status();
   Cache& cache = *prepared->cache;
   const SequenceId seq = prepared->seq;
@@ -123,31 +202,33 @@ absl::Status RunOne(const Workload& w, const EvalOptions& o, const Accumulators&
     }
   }
 
-  policy::Observations obs;
-  for (int32_t l = 0; l < L; ++l) {
-    obs.layers.push_back({.queries = w.queries[l], .positions = w.query_positions});
+  if (!read_only) {
+    policy::Observations obs;
+    for (int32_t l = 0; l < L; ++l) {
+      obs.layers.push_back({.queries = w.queries[l], .positions = w.query_positions});
+    }
+    double t0 = NowMs();
+    auto snap = policy::CollectSnapshot(cache, seq, obs, token_policy->Needs());
+    if (!snap.ok()) {
+      return absl::Status(snap.status().code(), absl::StrCat(spec, ": collecting the snapshot: ",
+                                                             snap.status().message()));
+    }
+    double t1 = NowMs();
+    auto plan = token_policy->Plan(*snap);
+    if (!plan.ok()) {
+      return absl::Status(plan.status().code(),
+                          absl::StrCat(spec, ": planning: ", plan.status().message()));
+    }
+    double t2 = NowMs();
+    plan->sequence = seq;
+    if (absl::Status s = cache.Apply(*plan); !s.ok()) {
+      return absl::Status(s.code(), absl::StrCat(spec, ": applying the plan: ", s.message()));
+    }
+    double t3 = NowMs();
+    r.collect_ms = t1 - t0;
+    r.plan_ms = t2 - t1;
+    r.apply_ms = t3 - t2;
   }
-  double t0 = NowMs();
-  auto snap = policy::CollectSnapshot(cache, seq, obs, (*policy)->Needs());
-  if (!snap.ok()) {
-    return absl::Status(snap.status().code(),
-                        absl::StrCat(spec, ": collecting the snapshot: ", snap.status().message()));
-  }
-  double t1 = NowMs();
-  auto plan = (*policy)->Plan(*snap);
-  if (!plan.ok()) {
-    return absl::Status(plan.status().code(),
-                        absl::StrCat(spec, ": planning: ", plan.status().message()));
-  }
-  double t2 = NowMs();
-  plan->sequence = seq;
-  if (absl::Status s = cache.Apply(*plan); !s.ok()) {
-    return absl::Status(s.code(), absl::StrCat(spec, ": applying the plan: ", s.message()));
-  }
-  double t3 = NowMs();
-  r.collect_ms = t1 - t0;
-  r.plan_ms = t2 - t1;
-  r.apply_ms = t3 - t2;
 
   const CacheStats after = cache.Stats();
   r.pages = after.pages_used;
@@ -190,6 +271,24 @@ absl::Status RunOne(const Workload& w, const EvalOptions& o, const Accumulators&
 
   // Decode: each step appends its token to every layer, then attends with its query.
   const size_t qsize = static_cast<size_t>(QH) * D, kvsize = static_cast<size_t>(H) * D;
+  if (decode_options.read_policy.kind == ReadPolicy::Kind::kRetrieval &&
+      !decode_options.read_policy.exact_search) {
+    // The hnsw index of a stream is built on its first retrieval decode: do that here, untimed
+    // by the decode clock and reported as the policy's preparation (plan ms), like an engine
+    // building it right after prefill. Later appends extend it inside Append.
+    std::vector<float> scratch(qsize);
+    const SequenceId one[] = {seq};
+    const double a = NowMs();
+    for (int32_t l = 0; l < L; ++l) {
+      const std::span<const float> q(w.decode_queries[l].data(), qsize);
+      if (absl::Status s = cache.DecodeAttention(one, l, q, scratch, {}, decode_options);
+          !s.ok()) {
+        return absl::Status(s.code(), absl::StrCat(spec, ": building the key index of layer ",
+                                                   l, ": ", s.message()));
+      }
+    }
+    r.plan_ms = NowMs() - a;
+  }
   r.outputs.assign(static_cast<size_t>(w.decode_steps) * L * qsize, 0.0f);
   const SequenceId batch[] = {seq};
   const Modality text[] = {Modality::kText};
@@ -208,7 +307,8 @@ absl::Status RunOne(const Workload& w, const EvalOptions& o, const Accumulators&
       const std::span<const float> q(&w.decode_queries[l][t * qsize], qsize);
       const std::span<float> out(&r.outputs[(static_cast<size_t>(t) * L + l) * qsize], qsize);
       const double a = NowMs();
-      if (absl::Status s = cache.DecodeAttention(batch, l, q, out); !s.ok()) {
+      if (absl::Status s = cache.DecodeAttention(batch, l, q, out, {}, decode_options);
+          !s.ok()) {
         return absl::Status(s.code(), absl::StrCat(spec, ": decode attention step ", t,
                                                    " layer ", l, ": ", s.message()));
       }
@@ -280,9 +380,23 @@ absl::StatusOr<std::vector<RunSpec>> ExpandRuns(const std::vector<std::string>& 
   if (policies.empty()) return absl::InvalidArgumentError("no policy given");
   std::vector<RunSpec> out;
   for (const std::string& spec : policies) {
+    const std::string name = Name(spec);
+    if (IsReadPolicy(name)) {
+      if (auto probe = ParseReadPolicy(spec, 1); !probe.ok()) return probe.status();
+      const std::string sc = spec.substr(spec.find(':') == std::string::npos ? spec.size()
+                                                                             : spec.find(':'));
+      const bool sets = sc.find("keep=") != std::string::npos ||
+                        sc.find("tokens=") != std::string::npos ||
+                        sc.find("top_k=") != std::string::npos;
+      if (sets || keeps.empty()) {
+        out.push_back({spec, -1.0});
+      } else {
+        for (double k : keeps) out.push_back({WithParams(spec, absl::StrCat("keep=", k)), k});
+      }
+      continue;
+    }
     auto probe = policy::CreatePolicy(spec);
     if (!probe.ok()) return probe.status();
-    const std::string name = Name(spec);
     const bool keep_knob = name != "full" && name != "prumerge" && name != "think";
     if (!keep_knob || SetsBudget(spec) || keeps.empty()) {
       out.push_back({spec, -1.0});

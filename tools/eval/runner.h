@@ -5,7 +5,10 @@
 // and the H2O score accumulators set from the observation rows; then, for a policy,
 // CollectSnapshot(policy->Needs()) -> Plan -> Cache::Apply; then decode_steps steps, each
 // appending the step's K/V to every layer and running Cache::DecodeAttention with the step's
-// query. Every run sees exactly the same inputs; only the policy differs.
+// query. Every run sees exactly the same inputs; only the policy differs. The pseudo-policies
+// "quest" and "retrieval" are read policies (read_policy.h): nothing is evicted, each decode
+// step reads a query-dependent subset of the keys (keep r = round(r * prompt length) tokens per
+// stream for Quest, keys per query head for retrieval).
 //
 // Example:
 //   auto runs = kvcache::eval::ExpandRuns({"snapkv", "h2o"}, {0.1, 0.2});
