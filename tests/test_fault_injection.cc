@@ -11,9 +11,11 @@
 // ScoreRows with accumulation and DecodeAttention with score accumulation.
 #include <catch2/catch.hpp>
 
+#include <atomic>
 #include <functional>
 #include <random>
 #include <string>
+#include <thread>
 
 #include "kvcache/cache.h"
 #include "kvcache/policy/registry.h"
@@ -439,4 +441,40 @@ TEST_CASE("DecodeAttention failing after its kernel ran: only score accumulators
   }
   CHECK(scores_changed);  // the simulated late failure did leave its additions behind
   CHECK(Same(before, after));  // and nothing else changed
+}
+
+TEST_CASE("FaultInjectingBackend under concurrent calls fails exactly one call per arming",
+          "[fault][concurrency]") {
+  World w = MakeWorld(Config(DType::kF32, 1));
+  constexpr int kThreads = 4, kAppends = 50;
+  std::vector<SequenceId> seqs;
+  for (int t = 0; t < kThreads; ++t) seqs.push_back(*w.cache->AddSequence());
+  w.hook->FailCallAfter(37, MaskOf(BackendCall::kWriteRows));
+  std::atomic<int> failed{0}, other{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&, t] {
+      int next = 0;
+      for (int i = 0; i < kAppends; ++i) {
+        const absl::Status s = AppendTokens(*w.cache, seqs[t], 2, next, 100 + t * kAppends + i);
+        if (s.ok()) {
+          next += 2;
+        } else if (s.code() == absl::StatusCode::kUnavailable) {
+          ++failed;
+        } else {
+          ++other;
+        }
+      }
+    });
+  }
+  for (auto& th : threads) th.join();
+  CHECK(failed.load() == 1);
+  CHECK(other.load() == 0);
+  CHECK(w.hook->Injected() == 1);
+  CHECK(w.hook->Calls(BackendCall::kWriteRows) == kThreads * kAppends);
+  REQUIRE(w.cache->Validate().ok());
+  int64_t tokens = 0;
+  for (SequenceId s : seqs) tokens += *w.cache->StreamLength(s, 0, 0);
+  CHECK(tokens == 2 * (kThreads * kAppends - 1));  // the failed append stored nothing
+  FreeAll(w);
 }
