@@ -8,6 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 seconds=${1:-30}
+scripts/install_deps.sh --extra clang libclang-rt-14-dev   # clang 14 + libFuzzer (Debian 12)
 dir=build/fuzz
 jobs=${KVCACHE_JOBS:-$(nproc)}
 export CCACHE_BASEDIR=${CCACHE_BASEDIR:-$PWD}

@@ -7,6 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 soak_ops=${1:-100000}
+scripts/install_deps.sh
 dir=build/tsan
 jobs=${KVCACHE_JOBS:-$(nproc)}
 export CCACHE_BASEDIR=${CCACHE_BASEDIR:-$PWD}
