@@ -10,11 +10,12 @@
 //
 // The model holds, per sequence and stream, the positions, modalities and stored key widths of
 // every token, and the last appended position per layer. After every step: Validate() holds,
-// the sequence set equals the model's, and every stream reads back exactly the model (lengths,
-// positions, modalities, key widths). An operation the model considers valid may only succeed
-// or fail with ResourceExhausted (pool full / injected) or Unavailable (injected backend fault),
-// and a failure must leave the model state (checked) unchanged; an invalid one must fail.
-// At the end every sequence is freed and the pool must be entirely free (no leaked page).
+// the sequence set equals the model's, every stream reads back exactly the model (lengths,
+// positions, modalities, key widths) and Stats().tokens_stored equals the model's total. An
+// operation the model considers valid may only succeed or fail with ResourceExhausted (pool full
+// / injected) or Unavailable (injected backend fault), and a failure must leave the model state
+// (checked) unchanged; an invalid one must fail. At the end every sequence is freed and the pool
+// must be entirely free (no leaked page).
 #include <fuzzer/FuzzedDataProvider.h>
 
 #include <algorithm>
@@ -449,8 +450,11 @@ class Harness {
         }
       }
     }
-    const CacheStats stats = cache_->Stats();
-    Expect(stats.pages_used == cache_->pool().NumUsed(), "Stats pages_used");
+    int64_t tokens = 0;
+    for (const auto& [id, m] : model_) {
+      for (const auto& st : m.streams) tokens += static_cast<int64_t>(st.size());
+    }
+    Expect(cache_->Stats().tokens_stored == tokens, "Stats().tokens_stored differs from the model");
   }
 
   FuzzedDataProvider& in_;
