@@ -297,6 +297,7 @@ TEST_CASE("Append: every failure point leaves the cache unchanged", "[fault][app
     });
     CHECK(p.pool == 1);
     CHECK(p.before == 1);
+    CHECK(p.after == 1);
 
     // Admit mask with gaps: several row writes per stream in one backend call.
     static const uint8_t kAdmit[] = {1, 0, 1, 1, 0, 0, 1, 1, 1, 0, 1};
@@ -304,7 +305,8 @@ TEST_CASE("Append: every failure point leaves the cache unchanged", "[fault][app
       return AppendTokens(*w.cache, w.seqs[0], 11, 3, 6, 0, 0, kAdmit, 0);
     });
     CHECK(p.pool == 1);
-    CHECK(p.before == 1);
+    CHECK(p.before == 1);  // one WriteRows call carries every run of admitted tokens
+    CHECK(p.after == 1);
   }
 }
 
@@ -334,6 +336,7 @@ TEST_CASE("Append copy-on-write of a fork-shared partial page: every failure poi
     });
     CHECK(p.pool == 0);  // writes into the parent's own free slot: no allocation
     CHECK(p.before == 1);
+    CHECK(p.after == 1);
   }
 }
 
