@@ -481,3 +481,69 @@ TEST_CASE("FaultInjectingBackend under concurrent calls fails exactly one call p
   CHECK(tokens == 2 * (kThreads * kAppends - 1));  // the failed append stored nothing
   FreeAll(w);
 }
+
+TEST_CASE("Sparse decode (Quest, retrieval) and appends that extend a key index: every failure "
+          "point leaves the cache unchanged",
+          "[fault][sparse]") {
+  const Builder build = [] {
+    CacheConfig c = Config(DType::kF16, 3);
+    c.page_summaries = true;
+    World w = MakeWorld(c);
+    const SequenceId s = *w.cache->AddSequence();
+    REQUIRE(AppendTokens(*w.cache, s, 30, 0, 7).ok());
+    w.seqs = {s};
+    return w;
+  };
+  const auto decode = [](ReadPolicy::Kind kind) -> Operation {
+    return [kind](World& w) {
+      const CacheConfig& c = w.cache->config();
+      std::vector<float> q(size_t(c.num_q_heads) * c.head_dim, 0.25f), out(q.size());
+      DecodeOptions o;
+      o.read_policy.kind = kind;
+      o.read_policy.dense_first_layers = 0;
+      o.read_policy.token_budget = 8;
+      o.read_policy.top_k = 5;
+      return w.cache->DecodeAttention(w.seqs, 2, q, out, {}, o);
+    };
+  };
+  const Points quest = SweepAll("Quest decode", build, decode(ReadPolicy::Kind::kQuest));
+  CHECK(quest.pool == 0);
+  CHECK(quest.before == 1);  // SparseDecodeAttention
+  CHECK(quest.after == 1);
+  // First retrieval decode: CreateKeyIndex and ReadRows per stream (index build), then the kernel.
+  const Points retrieval =
+      SweepAll("retrieval decode (index build)", build, decode(ReadPolicy::Kind::kRetrieval));
+  CHECK(retrieval.pool == 0);
+  CHECK(retrieval.before == retrieval.after);
+  CHECK(retrieval.before >= 3);
+  // Appends into a stream whose index and page summaries exist must roll back both.
+  const Builder indexed = [&] {
+    World w = build();
+    REQUIRE(decode(ReadPolicy::Kind::kRetrieval)(w).ok());
+    return w;
+  };
+  const Operation append = [](World& w) {
+    return AppendTokens(*w.cache, w.seqs[0], 5, 30, 9, 0, 0, {}, 2);
+  };
+  const Points appended = SweepAll("Append into an indexed stream", indexed, append);
+  CHECK(appended.pool >= 1);
+  CHECK(appended.before >= 1);
+  // After a failed append the index must still describe exactly the stored keys: retrieval of
+  // every key through it equals the exact scan.
+  World w = indexed();
+  w.hook->FailCallAfter(1, MaskOf(BackendCall::kWriteRows));
+  REQUIRE_FALSE(append(w).ok());
+  w.hook->Disarm();
+  const CacheConfig& c = w.cache->config();
+  std::vector<float> q(size_t(c.num_q_heads) * c.head_dim, 0.25f), via_index(q.size()),
+      exact(q.size());
+  DecodeOptions o;
+  o.read_policy.kind = ReadPolicy::Kind::kRetrieval;
+  o.read_policy.dense_first_layers = 0;
+  o.read_policy.top_k = 1000;
+  REQUIRE(w.cache->DecodeAttention(w.seqs, 2, q, via_index, {}, o).ok());
+  o.read_policy.exact_search = true;
+  REQUIRE(w.cache->DecodeAttention(w.seqs, 2, q, exact, {}, o).ok());
+  for (size_t i = 0; i < q.size(); ++i) CHECK(via_index[i] == Approx(exact[i]).margin(1e-5));
+  FreeAll(w);
+}

@@ -14,6 +14,8 @@ const char* BackendCallName(BackendCall call) {
     case BackendCall::kReadRows: return "ReadRows";
     case BackendCall::kDecodeAttention: return "DecodeAttention";
     case BackendCall::kScoreRows: return "ScoreRows";
+    case BackendCall::kSparseDecodeAttention: return "SparseDecodeAttention";
+    case BackendCall::kCreateKeyIndex: return "CreateKeyIndex";
   }
   return "unknown";
 }
@@ -129,6 +131,27 @@ absl::Status FaultInjectingBackend::ScoreRows(const PagedKVView& kv, const Score
     return inner_->ScoreRows(kv, params, queries, query_positions, token_scores, below_threshold,
                              causal_entries);
   });
+}
+
+absl::Status FaultInjectingBackend::SparseDecodeAttention(const PagedKVView& kv,
+                                                          const DecodeParams& params,
+                                                          const float* q, float* out,
+                                                          float* lse) {
+  return Intercept(BackendCall::kSparseDecodeAttention,
+                   [&] { return inner_->SparseDecodeAttention(kv, params, q, out, lse); });
+}
+
+absl::StatusOr<std::unique_ptr<KeyIndex>> FaultInjectingBackend::CreateKeyIndex(
+    const KeyIndexParams& params) {
+  // A StatusOr result: the injected error replaces the index (kAfterCall builds it, then drops
+  // it, like a device allocation whose failure surfaces late).
+  absl::StatusOr<std::unique_ptr<KeyIndex>> result = absl::UnknownError("not called");
+  absl::Status status = Intercept(BackendCall::kCreateKeyIndex, [&] {
+    result = inner_->CreateKeyIndex(params);
+    return result.status();
+  });
+  if (!status.ok()) return status;
+  return result;
 }
 
 }  // namespace kvcache::testing

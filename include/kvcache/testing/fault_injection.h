@@ -44,8 +44,10 @@ enum class BackendCall : uint8_t {
   kReadRows = 4,
   kDecodeAttention = 5,
   kScoreRows = 6,
+  kSparseDecodeAttention = 7,
+  kCreateKeyIndex = 8,
 };
-inline constexpr int kNumBackendCalls = 7;
+inline constexpr int kNumBackendCalls = 9;
 // "AllocateArena", "CopyPages", ...
 const char* BackendCallName(BackendCall call);
 
@@ -94,6 +96,11 @@ class FaultInjectingBackend final : public Backend {
                                        const float* queries, const int32_t* query_positions,
                                        float* token_scores, int64_t* below_threshold,
                                        int64_t* causal_entries) override;
+  [[nodiscard]] absl::Status SparseDecodeAttention(const PagedKVView& kv,
+                                                   const DecodeParams& params, const float* q,
+                                                   float* out, float* lse) override;
+  [[nodiscard]] absl::StatusOr<std::unique_ptr<KeyIndex>> CreateKeyIndex(
+      const KeyIndexParams& params) override;
 
  private:
   // Counts the call; returns true when this call is the one to fail.
