@@ -11,6 +11,7 @@
 //   BM_ScoreRowsPairwise/<context>/<rows>                        its baseline: the same kernel
 //       before blocking (cpu::ScoreRowsFastPairwise: one reduced dot per (row, head) x key)
 //   BM_ScoreRowsPortable/<context>/<rows>                        ScoreRowsFast without AVX2
+//   BM_ScoreRowsPairwisePortable/<context>/<rows>                the baseline without AVX2
 // Shape: LLaVA-7B-like, 8 kv heads x G = 4 (32 q heads), head_dim 128, one layer per iteration.
 // dtype 0 = f32, 1 = f16. bytes_per_second counts K/V bytes read; items are K/V rows (token x kv
 // head) read. f32 at batch 8 x 32k (4 GiB of K/V with its dense copy) is left out to keep the
@@ -306,7 +307,7 @@ bool TooBig(int64_t context, int64_t batch, int64_t dtype) {
 // Row scoring as a policy's CollectSnapshot runs it: batch 1 (8 kv heads x G = 4), f16, pages of
 // 16 tokens, the last `rows` positions as the observation rows. items = (row, q head, key)
 // logits computed.
-enum class ScoreKernel { kBlocked, kPairwise, kPortable };
+enum class ScoreKernel { kBlocked, kPairwise, kPortable, kPairwisePortable };
 
 void RunScoreRows(benchmark::State& state, ScoreKernel kernel) {
   PagedFixture& f = GetPaged(state.range(0), 1, DType::kF16, 16);
@@ -324,10 +325,13 @@ void RunScoreRows(benchmark::State& state, ScoreKernel kernel) {
   std::vector<float> token_scores(static_cast<size_t>(f.num_streams()) * f.context);
   std::vector<int64_t> below(static_cast<size_t>(f.num_streams()) * kGroup);
   std::vector<int64_t> causal(below.size());
-  if (kernel == ScoreKernel::kPortable) cpu::ForcePortableKernels(true);
+  const bool pairwise =
+      kernel == ScoreKernel::kPairwise || kernel == ScoreKernel::kPairwisePortable;
+  cpu::ForcePortableKernels(kernel == ScoreKernel::kPortable ||
+                            kernel == ScoreKernel::kPairwisePortable);
   for (auto _ : state) {
     const absl::Status s =
-        kernel == ScoreKernel::kPairwise
+        pairwise
             ? cpu::ScoreRowsFastPairwise(f.view, params, queries.data(), positions.data(),
                                          token_scores.data(), below.data(), causal.data())
             : cpu::ScoreRowsFast(f.view, params, queries.data(), positions.data(),
@@ -343,6 +347,9 @@ void RunScoreRows(benchmark::State& state, ScoreKernel kernel) {
 void BM_ScoreRows(benchmark::State& state) { RunScoreRows(state, ScoreKernel::kBlocked); }
 void BM_ScoreRowsPairwise(benchmark::State& state) { RunScoreRows(state, ScoreKernel::kPairwise); }
 void BM_ScoreRowsPortable(benchmark::State& state) { RunScoreRows(state, ScoreKernel::kPortable); }
+void BM_ScoreRowsPairwisePortable(benchmark::State& state) {
+  RunScoreRows(state, ScoreKernel::kPairwisePortable);
+}
 
 void ScoreRowsArgs(benchmark::internal::Benchmark* b) {
   for (int64_t context : {1536, 8192}) {
@@ -399,6 +406,7 @@ BENCHMARK(BM_MemoryBandwidth)->Apply(BaselineArgs);
 BENCHMARK(BM_ScoreRows)->Apply(ScoreRowsArgs);
 BENCHMARK(BM_ScoreRowsPairwise)->Apply(ScoreRowsArgs);
 BENCHMARK(BM_ScoreRowsPortable)->Apply(ScoreRowsArgs);
+BENCHMARK(BM_ScoreRowsPairwisePortable)->Apply(ScoreRowsArgs);
 
 }  // namespace
 }  // namespace kvcache
