@@ -13,6 +13,10 @@
 // block buffer, and once every stream's global max and denominator are known, a parallel pass
 // turns them into probabilities and adds the GQA aggregate to the segment score accumulators.
 //
+// Row scoring (ScoreRows, prefill-time policies): tasks are (stream, block of rows); all the
+// (row, head) query vectors of a task go against each tile of 16 keys in register tiles (a small
+// GEMM, see RunRowTask), then a vectorised masked softmax and GQA aggregation per row.
+//
 // Vectorisation without -march=native (KVCACHE_NATIVE=OFF, the default): every inner loop is
 // written so GCC's auto-vectoriser handles it without -ffast-math (dot products keep kLanes
 // independent partial sums; f16 -> f32 and exp are branchless bit manipulation). On x86-64 the
