@@ -6,6 +6,12 @@
 //       contiguous K/V array per stream, written straightforwardly (same compiler flags)
 //   BM_MemoryBandwidth/<context>/<batch>/<dtype>                 a parallel streaming read of the
 //       same number of bytes as the K/V the decode reads
+//   BM_ScoreRows/<context>/<rows>                                prefill-time row scoring
+//       (cpu::ScoreRowsFast, register-blocked) of the last <rows> positions over 8 f16 streams
+//   BM_ScoreRowsPairwise/<context>/<rows>                        its baseline: the same kernel
+//       before blocking (cpu::ScoreRowsFastPairwise: one reduced dot per (row, head) x key)
+//   BM_ScoreRowsPortable/<context>/<rows>                        ScoreRowsFast without AVX2
+//   BM_ScoreRowsPairwisePortable/<context>/<rows>                the baseline without AVX2
 // Shape: LLaVA-7B-like, 8 kv heads x G = 4 (32 q heads), head_dim 128, one layer per iteration.
 // dtype 0 = f32, 1 = f16. bytes_per_second counts K/V bytes read; items are K/V rows (token x kv
 // head) read. f32 at batch 8 x 32k (4 GiB of K/V with its dense copy) is left out to keep the
@@ -298,6 +304,60 @@ bool TooBig(int64_t context, int64_t batch, int64_t dtype) {
   return dtype == 0 && batch == 8 && context == 32768;
 }
 
+// Row scoring as a policy's CollectSnapshot runs it: batch 1 (8 kv heads x G = 4), f16, pages of
+// 16 tokens, the last `rows` positions as the observation rows. items = (row, q head, key)
+// logits computed.
+enum class ScoreKernel { kBlocked, kPairwise, kPortable, kPairwisePortable };
+
+void RunScoreRows(benchmark::State& state, ScoreKernel kernel) {
+  PagedFixture& f = GetPaged(state.range(0), 1, DType::kF16, 16);
+  const int32_t rows = static_cast<int32_t>(state.range(1));
+  ScoreRowsParams params;
+  params.group_size = kGroup;
+  params.num_rows = rows;
+  params.sparsity_threshold = 0.01f;
+  std::mt19937 rng(3);
+  std::uniform_real_distribution<float> uniform(-1.0f, 1.0f);
+  std::vector<float> queries(static_cast<size_t>(rows) * f.num_streams() * kGroup * kHeadDim);
+  for (float& x : queries) x = uniform(rng);  // [rows, num_streams * G, head_dim]
+  std::vector<int32_t> positions(rows);        // [rows]
+  std::iota(positions.begin(), positions.end(), static_cast<int32_t>(f.context - rows));
+  std::vector<float> token_scores(static_cast<size_t>(f.num_streams()) * f.context);
+  std::vector<int64_t> below(static_cast<size_t>(f.num_streams()) * kGroup);
+  std::vector<int64_t> causal(below.size());
+  const bool pairwise =
+      kernel == ScoreKernel::kPairwise || kernel == ScoreKernel::kPairwisePortable;
+  cpu::ForcePortableKernels(kernel == ScoreKernel::kPortable ||
+                            kernel == ScoreKernel::kPairwisePortable);
+  for (auto _ : state) {
+    const absl::Status s =
+        pairwise
+            ? cpu::ScoreRowsFastPairwise(f.view, params, queries.data(), positions.data(),
+                                         token_scores.data(), below.data(), causal.data())
+            : cpu::ScoreRowsFast(f.view, params, queries.data(), positions.data(),
+                                 token_scores.data(), below.data(), causal.data());
+    if (!s.ok()) state.SkipWithError(std::string(s.message()).c_str());
+    benchmark::DoNotOptimize(token_scores.data());
+    benchmark::ClobberMemory();
+  }
+  cpu::ForcePortableKernels(false);
+  state.SetItemsProcessed(state.iterations() * rows * f.num_streams() * kGroup * f.context);
+}
+
+void BM_ScoreRows(benchmark::State& state) { RunScoreRows(state, ScoreKernel::kBlocked); }
+void BM_ScoreRowsPairwise(benchmark::State& state) { RunScoreRows(state, ScoreKernel::kPairwise); }
+void BM_ScoreRowsPortable(benchmark::State& state) { RunScoreRows(state, ScoreKernel::kPortable); }
+void BM_ScoreRowsPairwisePortable(benchmark::State& state) {
+  RunScoreRows(state, ScoreKernel::kPairwisePortable);
+}
+
+void ScoreRowsArgs(benchmark::internal::Benchmark* b) {
+  for (int64_t context : {1536, 8192}) {
+    for (int64_t rows : {32, 64}) b->Args({context, rows});
+  }
+  b->ArgNames({"ctx", "rows"})->UseRealTime()->Unit(benchmark::kMillisecond);
+}
+
 void DecodeArgs(benchmark::internal::Benchmark* b) {
   for (int64_t context : {1024, 8192, 32768}) {
     for (int64_t batch : {1, 8}) {
@@ -343,6 +403,10 @@ BENCHMARK(BM_DecodeAttentionPortable)
     ->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_DenseDecodeBaseline)->Apply(BaselineArgs);
 BENCHMARK(BM_MemoryBandwidth)->Apply(BaselineArgs);
+BENCHMARK(BM_ScoreRows)->Apply(ScoreRowsArgs);
+BENCHMARK(BM_ScoreRowsPairwise)->Apply(ScoreRowsArgs);
+BENCHMARK(BM_ScoreRowsPortable)->Apply(ScoreRowsArgs);
+BENCHMARK(BM_ScoreRowsPairwisePortable)->Apply(ScoreRowsArgs);
 
 }  // namespace
 }  // namespace kvcache

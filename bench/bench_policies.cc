@@ -214,9 +214,14 @@ void Register() {
   for (int scale : {1, 4}) {
     benchmark::RegisterBenchmark("BM_DecodeStep", BM_DecodeStep)
         ->Arg(scale)->Unit(benchmark::kMillisecond)->UseRealTime();
-    benchmark::RegisterBenchmark("BM_CollectSnapshot/vlcache", BM_CollectSnapshot,
-                                 std::string("vlcache:keep=0.1"))
-        ->Arg(scale)->Unit(benchmark::kMillisecond)->UseRealTime()->Iterations(2);
+    // vlcache scores the post-vision rows with counts; snapkv a 32-row window; prumerge also
+    // reads every key back (keys only, StreamReadOptions).
+    for (const char* spec : {"vlcache:keep=0.1", "snapkv:keep=0.1,window=32", "prumerge"}) {
+      const std::string name = std::string(spec).substr(0, std::string(spec).find(':'));
+      benchmark::RegisterBenchmark(("BM_CollectSnapshot/" + name).c_str(), BM_CollectSnapshot,
+                                   std::string(spec))
+          ->Arg(scale)->Unit(benchmark::kMillisecond)->UseRealTime()->Iterations(2);
+    }
     for (const char* spec : kSpecs) {
       const std::string name = std::string(spec).substr(0, std::string(spec).find(':'));
       benchmark::RegisterBenchmark(("BM_Plan/" + std::string(spec)).c_str(), BM_Plan,

@@ -28,6 +28,12 @@ absl::Status ScoreRowsFast(const PagedKVView& kv, const ScoreRowsParams& params,
                            const float* queries, const int32_t* query_positions,
                            float* token_scores, int64_t* below_threshold,
                            int64_t* causal_entries);
+// Benchmark baseline only: ScoreRowsFast as it was before register blocking (one horizontally
+// reduced dot product per (row, head) x key, scalar softmax pass). Same contract and results.
+absl::Status ScoreRowsFastPairwise(const PagedKVView& kv, const ScoreRowsParams& params,
+                                   const float* queries, const int32_t* query_positions,
+                                   float* token_scores, int64_t* below_threshold,
+                                   int64_t* causal_entries);
 
 // Testing and benchmarking hook: when true, the fast kernels use their portable (baseline x86-64 /
 // any ISA) code path even on a CPU with AVX2/FMA/F16C, so tests cover both paths on one machine.

@@ -13,6 +13,10 @@
 // block buffer, and once every stream's global max and denominator are known, a parallel pass
 // turns them into probabilities and adds the GQA aggregate to the segment score accumulators.
 //
+// Row scoring (ScoreRows, prefill-time policies): tasks are (stream, block of rows); all the
+// (row, head) query vectors of a task go against each tile of 16 keys in register tiles (a small
+// GEMM, see RunRowTask), then a vectorised masked softmax and GQA aggregation per row.
+//
 // Vectorisation without -march=native (KVCACHE_NATIVE=OFF, the default): every inner loop is
 // written so GCC's auto-vectoriser handles it without -ffast-math (dot products keep kLanes
 // independent partial sums; f16 -> f32 and exp are branchless bit manipulation). On x86-64 the
@@ -56,6 +60,7 @@ namespace {
 constexpr int kLanes = 16;          // independent partial sums in a dot product (2 AVX2 vectors)
 constexpr int kBlock = 32;          // tokens per inner block (logits, exp, then values)
 constexpr int64_t kMinSplit = 512;  // smallest key split worth a task of its own
+constexpr int kKeyTile = 16;        // keys per register tile of row scoring (2 AVX2 vectors)
 
 // ---- Vectorisable scalar building blocks ------------------------------------------------------
 
@@ -166,6 +171,63 @@ struct PortableOps {
       }
     }
   }
+
+  // ---- Row scoring (see RunRowTask) ----
+  // logits[h * stride + j] = q[h] . k[j] for every query vector h < heads and the nb <= kKeyTile
+  // keys of a tile; kt [kw, kKeyTile] is the tile transposed (columns >= nb are zero), so the
+  // innermost loop runs over keys with independent sums and needs no horizontal reduction.
+  static void TileLogits(const float* q, int64_t heads, const float* kt, int kw, int nb,
+                         float* logits, int64_t stride) {
+    constexpr int kRows = 4;
+    for (int64_t h = 0; h < heads; h += kRows) {
+      const int nq = static_cast<int>(std::min<int64_t>(kRows, heads - h));
+      float acc[kRows][kKeyTile] = {};
+      const float* qr[kRows];
+      // Rows past the end repeat the last one (computed, not stored) so the loop shape is fixed.
+      for (int i = 0; i < kRows; ++i) qr[i] = q + (h + std::min(i, nq - 1)) * kw;
+      for (int c = 0; c < kw; ++c) {
+        const float* kc = kt + c * kKeyTile;
+        for (int i = 0; i < kRows; ++i) {
+          const float qv = qr[i][c];
+          for (int j = 0; j < kKeyTile; ++j) acc[i][j] += qv * kc[j];
+        }
+      }
+      for (int i = 0; i < nq; ++i) {
+        std::copy(acc[i], acc[i] + nb, logits + (h + i) * stride);
+      }
+    }
+  }
+  // In place: lg [n] logits -> softmax probabilities over the entries whose mask is all-ones
+  // (0 elsewhere). Returns the number of visible entries below sparsity * the row's max
+  // probability. At least one entry must be visible.
+  static int64_t SoftmaxRow(float* lg, const uint32_t* mask, int64_t n, float sparsity) {
+    float m = -INFINITY;
+    for (int64_t t = 0; t < n; ++t) {
+      if (mask[t] != 0) m = std::fmax(m, lg[t]);
+    }
+    float l = 0.0f;
+    for (int64_t t = 0; t < n; ++t) {
+      const float e = mask[t] != 0 ? ExpNonPositive(lg[t] - m) : 0.0f;
+      l += e;
+      lg[t] = e;
+    }
+    const float inv = 1.0f / l;
+    float row_max = 0.0f;
+    for (int64_t t = 0; t < n; ++t) {
+      lg[t] *= inv;
+      row_max = std::fmax(row_max, lg[t]);
+    }
+    const float threshold = sparsity * row_max;
+    int64_t below = 0;
+    for (int64_t t = 0; t < n; ++t) below += mask[t] != 0 && lg[t] < threshold;
+    return below;
+  }
+  // scores[t] += aggregate over g of probs[g * n + t] (probs [G, n]; invisible entries are 0
+  // in every head, so they add exactly 0).
+  static void AggregateRow(const float* probs, int64_t n, int group, GqaAggregation aggregation,
+                           float* scores) {
+    for (int64_t t = 0; t < n; ++t) scores[t] += AggregateGqa(probs + t, n, group, aggregation);
+  }
 };
 
 #if KVC_CPU_MULTIVERSION
@@ -238,6 +300,147 @@ struct Avx2Ops {
         ag[c] = a;
       }
     }
+  }
+
+  // ---- Row scoring ----
+  // A 6 x 16 register tile: per key channel, two loads of the transposed tile and six
+  // broadcasts feed twelve FMAs into twelve accumulators (6 query vectors x 16 keys).
+  template <int kRows>
+  KVC_AVX2_INLINE void TileRowsLogits(const float* q, int kw, const float* kt, int nb,
+                                      float* logits, int64_t stride) {
+    __m256 lo[kRows], hi[kRows];
+#pragma GCC unroll 8
+    for (int i = 0; i < kRows; ++i) lo[i] = hi[i] = _mm256_setzero_ps();
+    for (int c = 0; c < kw; ++c) {
+      const __m256 k0 = _mm256_loadu_ps(kt + c * kKeyTile);
+      const __m256 k1 = _mm256_loadu_ps(kt + c * kKeyTile + 8);
+#pragma GCC unroll 8
+      for (int i = 0; i < kRows; ++i) {
+        const __m256 b = _mm256_broadcast_ss(q + int64_t{i} * kw + c);
+        lo[i] = _mm256_fmadd_ps(b, k0, lo[i]);
+        hi[i] = _mm256_fmadd_ps(b, k1, hi[i]);
+      }
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < kRows; ++i) {
+      float* out = logits + i * stride;
+      if (nb == kKeyTile) {
+        _mm256_storeu_ps(out, lo[i]);
+        _mm256_storeu_ps(out + 8, hi[i]);
+      } else {
+        alignas(32) float tmp[kKeyTile];
+        _mm256_store_ps(tmp, lo[i]);
+        _mm256_store_ps(tmp + 8, hi[i]);
+        std::copy(tmp, tmp + nb, out);
+      }
+    }
+  }
+  KVC_AVX2_INLINE void TileLogits(const float* q, int64_t heads, const float* kt, int kw, int nb,
+                                  float* logits, int64_t stride) {
+    int64_t h = 0;
+    for (; h + 6 <= heads; h += 6) TileRowsLogits<6>(q + h * kw, kw, kt, nb, logits + h * stride, stride);
+    const float* qh = q + h * kw;
+    float* lh = logits + h * stride;
+    switch (heads - h) {
+      case 5: TileRowsLogits<5>(qh, kw, kt, nb, lh, stride); break;
+      case 4: TileRowsLogits<4>(qh, kw, kt, nb, lh, stride); break;
+      case 3: TileRowsLogits<3>(qh, kw, kt, nb, lh, stride); break;
+      case 2: TileRowsLogits<2>(qh, kw, kt, nb, lh, stride); break;
+      case 1: TileRowsLogits<1>(qh, kw, kt, nb, lh, stride); break;
+      default: break;
+    }
+  }
+  // ExpNonPositive on 8 lanes (same reduction and polynomial; FMA changes the last bit at most).
+  KVC_AVX2_INLINE __m256 ExpNonPositive8(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    const __m256 shifted = _mm256_add_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                         _mm256_set1_ps(12582912.0f));
+    const __m256 k = _mm256_sub_ps(shifted, _mm256_set1_ps(12582912.0f));
+    const __m256i ki = _mm256_sub_epi32(_mm256_castps_si256(shifted), _mm256_set1_epi32(0x4B400000));
+    const __m256 r = _mm256_sub_ps(_mm256_sub_ps(x, _mm256_mul_ps(k, _mm256_set1_ps(0.693359375f))),
+                                   _mm256_mul_ps(k, _mm256_set1_ps(-2.12194440e-4f)));
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(p, r), r, r), _mm256_set1_ps(1.0f));
+    const __m256 two_k = _mm256_castsi256_ps(
+        _mm256_slli_epi32(_mm256_add_epi32(ki, _mm256_set1_epi32(127)), 23));
+    return _mm256_mul_ps(p, two_k);
+  }
+  KVC_AVX2_INLINE float HorizontalMax(__m256 v) {
+    __m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    x = _mm_max_ps(x, _mm_movehl_ps(x, x));
+    x = _mm_max_ss(x, _mm_movehdup_ps(x));
+    return _mm_cvtss_f32(x);
+  }
+  KVC_AVX2_INLINE int64_t SoftmaxRow(float* lg, const uint32_t* mask, int64_t n, float sparsity) {
+    const int64_t n8 = n & ~int64_t{7};
+    __m256 mx = _mm256_set1_ps(-INFINITY);
+    for (int64_t t = 0; t < n8; t += 8) {
+      const __m256 visible = _mm256_castsi256_ps(
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(mask + t)));
+      mx = _mm256_max_ps(mx, _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), _mm256_loadu_ps(lg + t),
+                                              visible));
+    }
+    float m = HorizontalMax(mx);
+    for (int64_t t = n8; t < n; ++t) {
+      if (mask[t] != 0) m = std::fmax(m, lg[t]);
+    }
+    const __m256 shift = _mm256_set1_ps(m);
+    __m256 sum = _mm256_setzero_ps(), emax = _mm256_setzero_ps();
+    for (int64_t t = 0; t < n8; t += 8) {
+      const __m256 visible = _mm256_castsi256_ps(
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(mask + t)));
+      const __m256 e = _mm256_and_ps(
+          ExpNonPositive8(_mm256_sub_ps(_mm256_loadu_ps(lg + t), shift)), visible);
+      sum = _mm256_add_ps(sum, e);
+      emax = _mm256_max_ps(emax, e);
+      _mm256_storeu_ps(lg + t, e);
+    }
+    float l = HorizontalSum(sum), e_max = HorizontalMax(emax);
+    for (int64_t t = n8; t < n; ++t) {
+      const float e = mask[t] != 0 ? ExpNonPositive(lg[t] - m) : 0.0f;
+      l += e;
+      e_max = std::fmax(e_max, e);
+      lg[t] = e;
+    }
+    const float inv = 1.0f / l;
+    // Rounding is monotonic, so the largest probability is the largest weight times inv.
+    const float threshold = sparsity * (e_max * inv);
+    const __m256 vinv = _mm256_set1_ps(inv), vthreshold = _mm256_set1_ps(threshold);
+    int64_t below = 0;
+    for (int64_t t = 0; t < n8; t += 8) {
+      const __m256 visible = _mm256_castsi256_ps(
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(mask + t)));
+      const __m256 p = _mm256_mul_ps(_mm256_loadu_ps(lg + t), vinv);
+      _mm256_storeu_ps(lg + t, p);
+      const __m256 low = _mm256_and_ps(_mm256_cmp_ps(p, vthreshold, _CMP_LT_OQ), visible);
+      below += std::popcount(static_cast<uint32_t>(_mm256_movemask_ps(low)));
+    }
+    for (int64_t t = n8; t < n; ++t) {
+      lg[t] *= inv;
+      below += mask[t] != 0 && lg[t] < threshold;
+    }
+    return below;
+  }
+  KVC_AVX2_INLINE void AggregateRow(const float* probs, int64_t n, int group,
+                                    GqaAggregation aggregation, float* scores) {
+    const int64_t n8 = n & ~int64_t{7};
+    const bool take_max = aggregation == GqaAggregation::kMax;
+    const __m256 vgroup = _mm256_set1_ps(static_cast<float>(group));
+    for (int64_t t = 0; t < n8; t += 8) {
+      __m256 a = _mm256_loadu_ps(probs + t);
+      for (int g = 1; g < group; ++g) {
+        const __m256 x = _mm256_loadu_ps(probs + int64_t{g} * n + t);
+        a = take_max ? _mm256_max_ps(x, a) : _mm256_add_ps(a, x);
+      }
+      if (aggregation == GqaAggregation::kMean) a = _mm256_div_ps(a, vgroup);
+      _mm256_storeu_ps(scores + t, _mm256_add_ps(_mm256_loadu_ps(scores + t), a));
+    }
+    for (int64_t t = n8; t < n; ++t) scores[t] += AggregateGqa(probs + t, n, group, aggregation);
   }
 };
 #endif
@@ -631,13 +834,18 @@ struct RowTask {
 struct RowScratch {
   std::vector<float> q;            // [rows, G, key_width]
   std::vector<float> row;          // [key_width]
+  std::vector<float> keys;         // [kKeyTile, key_width] a converted key tile
+  std::vector<float> key_tile;     // [key_width, kKeyTile] the same, transposed, zero padded
   std::vector<float> logits;       // [rows, G, n]
   std::vector<uint8_t> visible;    // [n]
+  std::vector<uint32_t> mask;      // [n] all-ones where the key is visible to the row
   std::vector<int32_t> positions;  // [n]
 };
 
+// The kernel before register blocking (one horizontally reduced Dot per (row, head) x key, a
+// scalar softmax pass): kept only as the benchmark baseline of ScoreRowsFastPairwise.
 template <DType kT>
-inline void RunRowTask(const ScoreContext& ctx, const RowTask& task) {
+inline void RunRowTaskPairwise(const ScoreContext& ctx, const RowTask& task) {
   const PagedKVView& kv = *ctx.kv;
   const ScoreRowsParams& params = *ctx.params;
   const int32_t group = params.group_size;
@@ -720,35 +928,143 @@ inline void RunRowTask(const ScoreContext& ctx, const RowTask& task) {
   }
 }
 
+// Pass 1 is a small GEMM per segment: logits [rows * G, n] = Q [rows * G, kw] x K^T. Keys are
+// taken kKeyTile rows of one page at a time, converted to f32 once and transposed into
+// [kw, kKeyTile], and every query vector of the task is run against the tile in register tiles
+// (Ops::TileLogits) — no horizontal sum per logit. Pass 2 runs per (row, head) over the stream:
+// a visibility mask (all-ones where the key's position <= the row's), a masked softmax that
+// also counts the below-threshold entries (Ops::SoftmaxRow), then the GQA aggregation of the
+// row's G heads into the token scores (Ops::AggregateRow; masked entries are exactly 0).
+template <DType kT, typename Ops>
+inline void RunRowTask(const ScoreContext& ctx, const RowTask& task) {
+  const PagedKVView& kv = *ctx.kv;
+  const ScoreRowsParams& params = *ctx.params;
+  const int32_t group = params.group_size;
+  const int32_t d = kv.head_dim;
+  const int64_t esize = DTypeSize(kT);
+  const int64_t q_heads = int64_t{kv.num_streams} * group;
+  const int64_t n = ctx.stream_offset[task.stream + 1] - ctx.stream_offset[task.stream];
+  const int32_t rows = task.row_end - task.row_begin;
+  const int64_t heads = int64_t{rows} * group;  // (row, g) query vectors of this task
+  thread_local RowScratch scratch;
+  scratch.logits.resize(static_cast<size_t>(heads * n));
+  scratch.mask.resize(static_cast<size_t>(n));
+  scratch.positions.resize(static_cast<size_t>(n));
+  float* logits = scratch.logits.data();  // [rows * G, n]
+
+  int64_t segment_start = 0;
+  for (int32_t sidx = kv.stream_segment_offsets[task.stream];
+       sidx < kv.stream_segment_offsets[task.stream + 1];
+       segment_start += kv.segments[sidx].length, ++sidx) {
+    const SegmentView& s = kv.segments[sidx];
+    const int kw = s.key_width;
+    std::copy(s.positions, s.positions + s.length, scratch.positions.data() + segment_start);
+    // Queries gathered to the segment's stored channels and pre-scaled: [rows * G, kw].
+    scratch.q.resize(static_cast<size_t>(heads) * kw);
+    for (int64_t h = 0; h < heads; ++h) {
+      const int32_t r = task.row_begin + static_cast<int32_t>(h / group);
+      const int32_t g = static_cast<int32_t>(h % group);
+      const float* qh = ctx.queries + (r * q_heads + int64_t{task.stream} * group + g) * d;
+      for (int i = 0; i < kw; ++i) {
+        scratch.q[h * kw + i] = ctx.scale * qh[s.key_channels != nullptr ? s.key_channels[i] : i];
+      }
+    }
+    scratch.keys.resize(static_cast<size_t>(kKeyTile) * kw);
+    scratch.key_tile.resize(static_cast<size_t>(kKeyTile) * kw);
+    for (int64_t t = 0; t < s.length;) {
+      const int32_t page = s.pages[t / s.tokens_per_page];
+      const int32_t row = static_cast<int32_t>(t % s.tokens_per_page);
+      const int nb = static_cast<int>(
+          std::min<int64_t>({kKeyTile, s.tokens_per_page - row, s.length - t}));
+      const uint8_t* keys = kv.pool.base + int64_t{page} * kv.pool.page_bytes +
+                            int64_t{row} * kw * esize;  // [nb, kw] contiguous in the page
+      const float* k = BlockAsFloat<kT, Ops>(keys, int64_t{nb} * kw, scratch.keys.data());
+      float* kt = scratch.key_tile.data();  // [kw, kKeyTile]
+      std::fill(kt, kt + int64_t{kKeyTile} * kw, 0.0f);
+      for (int j = 0; j < nb; ++j) {
+        for (int c = 0; c < kw; ++c) kt[c * kKeyTile + j] = k[int64_t{j} * kw + c];
+      }
+      Ops::TileLogits(scratch.q.data(), heads, kt, kw, nb, logits + segment_start + t, n);
+      t += nb;
+    }
+  }
+
+  for (int32_t r = 0; r < rows; ++r) {
+    const int32_t position = ctx.query_positions[task.row_begin + r];
+    int64_t num_visible = 0;
+    for (int64_t t = 0; t < n; ++t) {
+      const uint32_t visible = scratch.positions[t] <= position ? 1u : 0u;
+      scratch.mask[t] = 0u - visible;
+      num_visible += visible;
+    }
+    if (num_visible == 0) continue;  // a row that sees no key contributes nothing
+    float* probs = logits + int64_t{r} * group * n;  // [G, n], probabilities in place
+    for (int32_t g = 0; g < group; ++g) {
+      task.below[g] +=
+          Ops::SoftmaxRow(probs + int64_t{g} * n, scratch.mask.data(), n, params.sparsity_threshold);
+      task.causal[g] += num_visible;
+    }
+    Ops::AggregateRow(probs, n, group, params.aggregation, task.scores);
+  }
+}
+
 using RowTaskFn = void (*)(const ScoreContext&, const RowTask&);
 
 KVC_TARGET_BASE void RowTaskBaseF32(const ScoreContext& c, const RowTask& t) {
-  RunRowTask<DType::kF32>(c, t);
+  RunRowTask<DType::kF32, PortableOps>(c, t);
 }
 KVC_TARGET_BASE void RowTaskBaseF16(const ScoreContext& c, const RowTask& t) {
-  RunRowTask<DType::kF16>(c, t);
+  RunRowTask<DType::kF16, PortableOps>(c, t);
 }
 KVC_TARGET_BASE void RowTaskBaseBF16(const ScoreContext& c, const RowTask& t) {
-  RunRowTask<DType::kBF16>(c, t);
+  RunRowTask<DType::kBF16, PortableOps>(c, t);
+}
+KVC_TARGET_BASE void RowTaskPairwiseBaseF32(const ScoreContext& c, const RowTask& t) {
+  RunRowTaskPairwise<DType::kF32>(c, t);
+}
+KVC_TARGET_BASE void RowTaskPairwiseBaseF16(const ScoreContext& c, const RowTask& t) {
+  RunRowTaskPairwise<DType::kF16>(c, t);
+}
+KVC_TARGET_BASE void RowTaskPairwiseBaseBF16(const ScoreContext& c, const RowTask& t) {
+  RunRowTaskPairwise<DType::kBF16>(c, t);
 }
 #if KVC_CPU_MULTIVERSION
 KVC_TARGET_AVX2 void RowTaskAvx2F32(const ScoreContext& c, const RowTask& t) {
-  RunRowTask<DType::kF32>(c, t);
+  RunRowTask<DType::kF32, Avx2Ops>(c, t);
 }
 KVC_TARGET_AVX2 void RowTaskAvx2F16(const ScoreContext& c, const RowTask& t) {
-  RunRowTask<DType::kF16>(c, t);
+  RunRowTask<DType::kF16, Avx2Ops>(c, t);
 }
 KVC_TARGET_AVX2 void RowTaskAvx2BF16(const ScoreContext& c, const RowTask& t) {
-  RunRowTask<DType::kBF16>(c, t);
+  RunRowTask<DType::kBF16, Avx2Ops>(c, t);
+}
+KVC_TARGET_AVX2 void RowTaskPairwiseAvx2F32(const ScoreContext& c, const RowTask& t) {
+  RunRowTaskPairwise<DType::kF32>(c, t);
+}
+KVC_TARGET_AVX2 void RowTaskPairwiseAvx2F16(const ScoreContext& c, const RowTask& t) {
+  RunRowTaskPairwise<DType::kF16>(c, t);
+}
+KVC_TARGET_AVX2 void RowTaskPairwiseAvx2BF16(const ScoreContext& c, const RowTask& t) {
+  RunRowTaskPairwise<DType::kBF16>(c, t);
 }
 #endif
 
-RowTaskFn SelectRowTask(DType t) {
+RowTaskFn SelectRowTask(DType t, bool pairwise) {
 #if KVC_CPU_MULTIVERSION
   if (UseAvx2()) {
+    if (pairwise) {
+      return t == DType::kF32   ? RowTaskPairwiseAvx2F32
+             : t == DType::kF16 ? RowTaskPairwiseAvx2F16
+                                : RowTaskPairwiseAvx2BF16;
+    }
     return t == DType::kF32 ? RowTaskAvx2F32 : t == DType::kF16 ? RowTaskAvx2F16 : RowTaskAvx2BF16;
   }
 #endif
+  if (pairwise) {
+    return t == DType::kF32   ? RowTaskPairwiseBaseF32
+           : t == DType::kF16 ? RowTaskPairwiseBaseF16
+                              : RowTaskPairwiseBaseBF16;
+  }
   return t == DType::kF32 ? RowTaskBaseF32 : t == DType::kF16 ? RowTaskBaseF16 : RowTaskBaseBF16;
 }
 
@@ -756,9 +1072,12 @@ constexpr int64_t kRowTaskLogitBudget = int64_t{1} << 20;  // floats of logits p
 
 }  // namespace
 
-absl::Status ScoreRowsFast(const PagedKVView& kv, const ScoreRowsParams& params,
-                           const float* queries, const int32_t* query_positions,
-                           float* token_scores, int64_t* below_threshold, int64_t* causal_entries) {
+namespace {
+
+absl::Status ScoreRowsTasks(const PagedKVView& kv, const ScoreRowsParams& params,
+                            const float* queries, const int32_t* query_positions,
+                            float* token_scores, int64_t* below_threshold,
+                            int64_t* causal_entries, bool pairwise) {
   const int32_t group = params.group_size;
   std::vector<int64_t> stream_offset(static_cast<size_t>(kv.num_streams) + 1, 0);
   for (int32_t i = 0; i < kv.num_streams; ++i) {
@@ -803,7 +1122,7 @@ absl::Status ScoreRowsFast(const PagedKVView& kv, const ScoreRowsParams& params,
   ctx.query_positions = query_positions;
   ctx.scale = ResolveScale(params.scale, kv.head_dim);
   ctx.stream_offset = stream_offset.data();
-  const RowTaskFn fn = SelectRowTask(kv.pool.dtype);
+  const RowTaskFn fn = SelectRowTask(kv.pool.dtype, pairwise);
   ParallelOver(static_cast<int64_t>(tasks.size()), [&](int64_t k) { fn(ctx, tasks[k]); });
 
   std::fill(token_scores, token_scores + stream_offset[kv.num_streams], 0.0f);
@@ -821,6 +1140,23 @@ absl::Status ScoreRowsFast(const PagedKVView& kv, const ScoreRowsParams& params,
   if (below_threshold != nullptr) std::copy(below.begin(), below.end(), below_threshold);
   if (causal_entries != nullptr) std::copy(causal.begin(), causal.end(), causal_entries);
   return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::Status ScoreRowsFast(const PagedKVView& kv, const ScoreRowsParams& params,
+                           const float* queries, const int32_t* query_positions,
+                           float* token_scores, int64_t* below_threshold, int64_t* causal_entries) {
+  return ScoreRowsTasks(kv, params, queries, query_positions, token_scores, below_threshold,
+                        causal_entries, /*pairwise=*/false);
+}
+
+absl::Status ScoreRowsFastPairwise(const PagedKVView& kv, const ScoreRowsParams& params,
+                                   const float* queries, const int32_t* query_positions,
+                                   float* token_scores, int64_t* below_threshold,
+                                   int64_t* causal_entries) {
+  return ScoreRowsTasks(kv, params, queries, query_positions, token_scores, below_threshold,
+                        causal_entries, /*pairwise=*/true);
 }
 
 }  // namespace kvcache::cpu

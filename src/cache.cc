@@ -1049,6 +1049,11 @@ absl::StatusOr<int32_t> Cache::StreamLength(SequenceId seq_id, int32_t layer,
 
 absl::StatusOr<StreamContents> Cache::ReadStream(SequenceId seq_id, int32_t layer, int32_t kv_head,
                                                  bool with_kv) const {
+  return ReadStream(seq_id, layer, kv_head, StreamReadOptions{.keys = with_kv, .values = with_kv});
+}
+
+absl::StatusOr<StreamContents> Cache::ReadStream(SequenceId seq_id, int32_t layer, int32_t kv_head,
+                                                 const StreamReadOptions& options) const {
   if (absl::Status s = CheckStreamIndex(config_, layer, kv_head); !s.ok()) return s;
   absl::StatusOr<std::shared_ptr<Sequence>> found = Find(seq_id);
   if (!found.ok()) return found.status();
@@ -1060,20 +1065,20 @@ absl::StatusOr<StreamContents> Cache::ReadStream(SequenceId seq_id, int32_t laye
   StreamContents out;
   out.length = st.length();
   out.num_segments = static_cast<int32_t>(st.segments.size());
-  if (with_kv) {
-    out.keys.resize(static_cast<size_t>(out.length) * d);
-    out.values.resize(static_cast<size_t>(out.length) * d);
-  }
+  if (options.keys) out.keys.resize(static_cast<size_t>(out.length) * d);
+  if (options.values) out.values.resize(static_cast<size_t>(out.length) * d);
   int32_t at = 0;
   for (Segment& s : st.segments) {
     out.positions.insert(out.positions.end(), s.positions.begin(), s.positions.end());
     for (uint8_t m : s.modalities) out.modalities.push_back(static_cast<Modality>(m));
     out.scores.insert(out.scores.end(), s.scores.begin(), s.scores.end());
     out.key_width.insert(out.key_width.end(), s.length(), s.key_width);
-    if (with_kv && s.length() > 0) {
-      if (absl::Status status = backend_->ReadRows(pool_->view(), s.View(), d, 0, s.length(),
-                                                   out.keys.data() + static_cast<size_t>(at) * d,
-                                                   out.values.data() + static_cast<size_t>(at) * d);
+    if ((options.keys || options.values) && s.length() > 0) {
+      // Both backends skip a null destination (keys or values not requested).
+      float* keys = options.keys ? out.keys.data() + static_cast<size_t>(at) * d : nullptr;
+      float* values = options.values ? out.values.data() + static_cast<size_t>(at) * d : nullptr;
+      if (absl::Status status =
+              backend_->ReadRows(pool_->view(), s.View(), d, 0, s.length(), keys, values);
           !status.ok()) {
         return status;
       }

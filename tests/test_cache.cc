@@ -260,6 +260,57 @@ TEST_CASE("channel-pruned segments store fewer channels in fewer pages", "[cache
   REQUIRE(cache->Validate().ok());
 }
 
+TEST_CASE("ReadStream reads keys and values only when asked", "[cache]") {
+  CacheConfig c = SmallConfig(DType::kF16);
+  c.head_dim = 16;
+  c.page_tokens = 4;
+  auto cache = *Cache::Create(c, "cpu");
+  std::mt19937 rng(11);
+  SequenceId s = *cache->AddSequence();
+  Batch a = MakeBatch(c, 13, 0, rng);
+  REQUIRE(cache->Append(s, 0, a.Request()).ok());
+  // Two segments: a channel-pruned one (pruned channels read as 0) and a full-width tail.
+  std::vector<int32_t> kept(13);
+  std::iota(kept.begin(), kept.end(), 0);
+  EvictionPlan plan{.sequence = s};
+  plan.streams.push_back(
+      {.layer = 0, .kv_head = 1, .kept = kept, .key_channels = {1, 3, 5, 7}, .full_width_recent = 3});
+  REQUIRE(cache->Apply(plan).ok());
+  for (int32_t h = 0; h < c.num_kv_heads; ++h) {
+    const StreamContents full = *cache->ReadStream(s, 0, h);
+    REQUIRE(full.keys.size() == 13u * 16);
+    REQUIRE(full.values.size() == 13u * 16);
+    const StreamContents keys_only =
+        *cache->ReadStream(s, 0, h, StreamReadOptions{.keys = true, .values = false});
+    CHECK(keys_only.keys == full.keys);
+    CHECK(keys_only.values.empty());
+    const StreamContents values_only =
+        *cache->ReadStream(s, 0, h, StreamReadOptions{.keys = false, .values = true});
+    CHECK(values_only.keys.empty());
+    CHECK(values_only.values == full.values);
+    const StreamContents neither = *cache->ReadStream(s, 0, h, StreamReadOptions{false, false});
+    CHECK(neither.keys.empty());
+    CHECK(neither.values.empty());
+    // The side data does not depend on what was asked for.
+    for (const StreamContents* sc : {&keys_only, &values_only, &neither}) {
+      CHECK(sc->length == full.length);
+      CHECK(sc->positions == full.positions);
+      CHECK(sc->modalities == full.modalities);
+      CHECK(sc->scores == full.scores);
+      CHECK(sc->key_width == full.key_width);
+      CHECK(sc->num_segments == full.num_segments);
+    }
+    // The bool form is the same as asking for both or neither.
+    CHECK(cache->ReadStream(s, 0, h, false)->keys.empty());
+  }
+  CHECK(cache->ReadStream(s, 0, 1)->num_segments == 2);
+  CHECK(cache->ReadStream(s, 0, 1, StreamReadOptions{.keys = true, .values = false})
+            .value()
+            .keys[0 * 16 + 0] == 0.0f);  // channel 0 was pruned from the first segment
+  CHECK(cache->ReadStream(s, 0, 9, StreamReadOptions{}).status().code() ==
+        absl::StatusCode::kOutOfRange);
+}
+
 TEST_CASE("merges add weighted evicted rows into kept rows", "[cache][apply]") {
   CacheConfig c = SmallConfig();
   auto cache = *Cache::Create(c, "cpu");

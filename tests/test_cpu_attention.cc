@@ -476,16 +476,21 @@ struct ScoreRun {
   std::vector<int64_t> below, causal;
 };
 
+// fast selects ScoreRowsFast (or, with pairwise, its pre-blocking benchmark baseline) over
+// ScoreRowsReference.
 ScoreRun RunScoreRows(bool fast, const PagedKVView& view, const ScoreRowsParams& params,
                       const std::vector<float>& queries, const std::vector<int32_t>& positions,
-                      int64_t total_tokens) {
+                      int64_t total_tokens, bool pairwise = false) {
   ScoreRun r;
   // Garbage first: every output is overwritten, not accumulated.
   r.scores.assign(total_tokens, 9.0f);
   r.below.assign(static_cast<size_t>(view.num_streams) * params.group_size, 99);
   r.causal.assign(static_cast<size_t>(view.num_streams) * params.group_size, 99);
   const absl::Status s =
-      fast ? cpu::ScoreRowsFast(view, params, queries.data(), positions.data(), r.scores.data(),
+      fast && pairwise
+          ? cpu::ScoreRowsFastPairwise(view, params, queries.data(), positions.data(),
+                                       r.scores.data(), r.below.data(), r.causal.data())
+      : fast ? cpu::ScoreRowsFast(view, params, queries.data(), positions.data(), r.scores.data(),
                                 r.below.data(), r.causal.data())
            : cpu::ScoreRowsReference(view, params, queries.data(), positions.data(),
                                      r.scores.data(), r.below.data(), r.causal.data());
@@ -549,13 +554,21 @@ TEST_CASE("score rows: hand-computed example", "[score_rows]") {
 TEST_CASE("score rows: fast and reference equal dense softmax with the causal rule",
           "[score_rows]") {
   std::mt19937 rng(4321);
+  // The fast kernel works on register tiles of 16 keys x 6 (AVX2) or 4 (portable) query
+  // vectors: the shapes below leave partial tiles everywhere — rows * G not a multiple of 4 or
+  // 6 (G = 3, rows 7), pages of 7 tokens (short key tiles inside a segment), an odd head_dim
+  // (37) and pruned segments of 3/5 of the channels (48 and 22 wide), streams of 17 tokens.
+  struct Shape {
+    int32_t head_dim, page_tokens;
+  };
+  for (const Shape shape : {Shape{80, 16}, Shape{37, 7}})
   for (DType dtype : {DType::kF32, DType::kF16, DType::kBF16}) {
-    for (int32_t group : {1, 4}) {
+    for (int32_t group : {1, 3, 4}) {
       for (int32_t num_rows : {1, 7, 40}) {
-        const int32_t d = 80;
+        const int32_t d = shape.head_dim;
         std::vector<std::vector<SegmentSpec>> streams = {
             RandomStream(300, d, rng), RandomStream(17, d, rng), {}, RandomStream(1200, d, rng)};
-        TestKV kv(dtype, d, 16, streams, rng);
+        TestKV kv(dtype, d, shape.page_tokens, streams, rng);
         int64_t total = 0;
         int32_t max_position = 0;
         for (int32_t i = 0; i < kv.num_streams(); ++i) {
@@ -571,6 +584,8 @@ TEST_CASE("score rows: fast and reference equal dense softmax with the causal ru
         params.group_size = group;
         params.num_rows = num_rows;
         params.sparsity_threshold = 0.05f;
+        // Every aggregation across the shapes (the fast kernels aggregate vectorised).
+        params.aggregation = static_cast<GqaAggregation>((group + num_rows) % 3);
         const int64_t q_heads = int64_t{kv.num_streams()} * group;
         const std::vector<float> queries = RandomQueries(num_rows * q_heads * d, 4.0f, rng);
         const ScoreRun ref = RunScoreRows(false, kv.view(), params, queries, rows, total);
@@ -580,12 +595,20 @@ TEST_CASE("score rows: fast and reference equal dense softmax with the causal ru
           PortableKernels force;
           portable = RunScoreRows(true, kv.view(), params, queries, rows, total);
         }
-        INFO("dtype " << Name(dtype) << " G " << group << " rows " << num_rows);
-        CHECK(portable.below == ref.below);
+        const ScoreRun pairwise = RunScoreRows(true, kv.view(), params, queries, rows, total, true);
+        INFO("dtype " << Name(dtype) << " G " << group << " rows " << num_rows << " head_dim "
+                      << d << " page tokens " << shape.page_tokens << " aggregation "
+                      << static_cast<int>(params.aggregation));
+        // Below-threshold counts are compared with the dense double-precision count further down
+        // (exactly, up to the entries within float rounding of the threshold).
+        CHECK(pairwise.causal == ref.causal);
+        for (size_t t = 0; t < ref.scores.size(); ++t) {
+          REQUIRE(std::abs(pairwise.scores[t] - ref.scores[t]) <= 1e-7 + 1e-5 * ref.scores[t]);
+        }
+        CHECK(portable.causal == ref.causal);
         for (size_t t = 0; t < ref.scores.size(); ++t) {
           REQUIRE(std::abs(portable.scores[t] - ref.scores[t]) <= 1e-7 + 1e-5 * ref.scores[t]);
         }
-        CHECK(fast.below == ref.below);
         CHECK(fast.causal == ref.causal);
         const double scale = 1.0 / std::sqrt(static_cast<double>(d));
         int64_t base = 0;
@@ -593,6 +616,8 @@ TEST_CASE("score rows: fast and reference equal dense softmax with the causal ru
           const int64_t n = kv.length(i);
           std::vector<double> expected(n, 0.0);
           std::vector<int64_t> below(group, 0), causal(group, 0);
+          // Entries so close to the threshold that float rounding may put them on either side.
+          std::vector<int64_t> ambiguous(group, 0);
           for (int32_t r = 0; r < num_rows; ++r) {
             std::vector<uint8_t> visible(n);
             for (int64_t t = 0; t < n; ++t) visible[t] = kv.positions(i)[t] <= rows[r];
@@ -606,7 +631,9 @@ TEST_CASE("score rows: fast and reference equal dense softmax with the causal ru
               for (int64_t t = 0; t < n; ++t) {
                 if (!visible[t]) continue;
                 ++causal[g];
-                below[g] += heads[g].probs[t] < params.sparsity_threshold * row_max;
+                const double threshold = params.sparsity_threshold * row_max;
+                below[g] += heads[g].probs[t] < threshold;
+                ambiguous[g] += std::abs(heads[g].probs[t] - threshold) <= 1e-5 * threshold;
               }
             }
             for (int64_t t = 0; t < n; ++t) {
@@ -621,8 +648,13 @@ TEST_CASE("score rows: fast and reference equal dense softmax with the causal ru
             REQUIRE(std::abs(fast.scores[base + t] - expected[t]) <= 1e-7 + 1e-5 * expected[t]);
           }
           for (int32_t g = 0; g < group; ++g) {
-            CHECK(ref.causal[int64_t{i} * group + g] == causal[g]);
-            CHECK(ref.below[int64_t{i} * group + g] == below[g]);
+            const int64_t at = int64_t{i} * group + g;
+            CHECK(ref.causal[at] == causal[g]);
+            INFO("stream " << i << " head " << g << " entries near the threshold " << ambiguous[g]);
+            const ScoreRun* runs[] = {&ref, &fast, &portable, &pairwise};
+            for (const ScoreRun* run : runs) {
+              CHECK(std::abs(run->below[at] - below[g]) <= ambiguous[g]);
+            }
           }
           base += n;
         }

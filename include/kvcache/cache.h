@@ -94,6 +94,13 @@ struct StreamContents {
   int32_t num_segments = 0;
 };
 
+// What ReadStream copies back as f32 besides the side data (positions, modalities, scores, key
+// widths): keys only is what a key-reading policy needs (CollectSnapshot), half the copy.
+struct StreamReadOptions {
+  bool keys = true;
+  bool values = true;
+};
+
 // The page layout of one stream, for engines that address the pool with their own kernels
 // (C API page-table export). Valid until the next mutating call on the sequence (Append, Apply,
 // Free): those may move the stream to new pages.
@@ -161,6 +168,10 @@ class Cache {
   [[nodiscard]] absl::StatusOr<StreamContents> ReadStream(SequenceId seq, int32_t layer,
                                                           int32_t kv_head,
                                                           bool with_kv = true) const;
+  // The same with keys and values requested separately (an unrequested one stays empty).
+  [[nodiscard]] absl::StatusOr<StreamContents> ReadStream(SequenceId seq, int32_t layer,
+                                                          int32_t kv_head,
+                                                          const StreamReadOptions& options) const;
   // Segments of a stream in order, with their page ids (see SegmentLayout).
   [[nodiscard]] absl::StatusOr<std::vector<SegmentLayout>> StreamPages(SequenceId seq,
                                                                        int32_t layer,

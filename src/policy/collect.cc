@@ -24,7 +24,9 @@ absl::StatusOr<SequenceSnapshot> CollectSnapshot(Cache& cache, SequenceId seq,
   }
   for (int32_t l = 0; l < c.num_layers; ++l) {
     for (int32_t h = 0; h < c.num_kv_heads; ++h) {
-      absl::StatusOr<StreamContents> sc = cache.ReadStream(seq, l, h, req.keys);
+      // Keys only: a snapshot has no values (StreamSnapshot), so reading them would be waste.
+      absl::StatusOr<StreamContents> sc =
+          cache.ReadStream(seq, l, h, StreamReadOptions{.keys = req.keys, .values = false});
       if (!sc.ok()) return sc.status();
       StreamSnapshot& s = snap.stream(l, h);
       s.positions = std::move(sc->positions);
