@@ -1036,10 +1036,16 @@ absl::StatusOr<ScoreResult> Cache::ScoreRows(SequenceId seq_id, int32_t layer,
 
 // ---- Introspection ----------------------------------------------------------------------------
 
+absl::StatusOr<std::shared_ptr<Cache::Sequence>> Cache::FindForStream(SequenceId seq_id,
+                                                                     int32_t layer,
+                                                                     int32_t kv_head) const {
+  if (absl::Status s = CheckStreamIndex(config_, layer, kv_head); !s.ok()) return s;
+  return Find(seq_id);
+}
+
 absl::StatusOr<int32_t> Cache::StreamLength(SequenceId seq_id, int32_t layer,
                                             int32_t kv_head) const {
-  if (absl::Status s = CheckStreamIndex(config_, layer, kv_head); !s.ok()) return s;
-  absl::StatusOr<std::shared_ptr<Sequence>> found = Find(seq_id);
+  absl::StatusOr<std::shared_ptr<Sequence>> found = FindForStream(seq_id, layer, kv_head);
   if (!found.ok()) return found.status();
   Sequence& seq = **found;
   absl::MutexLock lock(&seq.mu);
@@ -1054,8 +1060,7 @@ absl::StatusOr<StreamContents> Cache::ReadStream(SequenceId seq_id, int32_t laye
 
 absl::StatusOr<StreamContents> Cache::ReadStream(SequenceId seq_id, int32_t layer, int32_t kv_head,
                                                  const StreamReadOptions& options) const {
-  if (absl::Status s = CheckStreamIndex(config_, layer, kv_head); !s.ok()) return s;
-  absl::StatusOr<std::shared_ptr<Sequence>> found = Find(seq_id);
+  absl::StatusOr<std::shared_ptr<Sequence>> found = FindForStream(seq_id, layer, kv_head);
   if (!found.ok()) return found.status();
   Sequence& seq = **found;
   absl::MutexLock lock(&seq.mu);
@@ -1090,8 +1095,7 @@ absl::StatusOr<StreamContents> Cache::ReadStream(SequenceId seq_id, int32_t laye
 
 absl::StatusOr<std::vector<SegmentLayout>> Cache::StreamPages(SequenceId seq_id, int32_t layer,
                                                               int32_t kv_head) const {
-  if (absl::Status s = CheckStreamIndex(config_, layer, kv_head); !s.ok()) return s;
-  absl::StatusOr<std::shared_ptr<Sequence>> found = Find(seq_id);
+  absl::StatusOr<std::shared_ptr<Sequence>> found = FindForStream(seq_id, layer, kv_head);
   if (!found.ok()) return found.status();
   Sequence& seq = **found;
   absl::MutexLock lock(&seq.mu);
@@ -1109,11 +1113,10 @@ absl::StatusOr<std::vector<SegmentLayout>> Cache::StreamPages(SequenceId seq_id,
 absl::StatusOr<std::vector<PageSummary>> Cache::ReadPageSummaries(SequenceId seq_id,
                                                                  int32_t layer,
                                                                  int32_t kv_head) const {
-  if (absl::Status s = CheckStreamIndex(config_, layer, kv_head); !s.ok()) return s;
   if (!config_.page_summaries) {
     return absl::FailedPreconditionError("ReadPageSummaries: CacheConfig::page_summaries is off");
   }
-  absl::StatusOr<std::shared_ptr<Sequence>> found = Find(seq_id);
+  absl::StatusOr<std::shared_ptr<Sequence>> found = FindForStream(seq_id, layer, kv_head);
   if (!found.ok()) return found.status();
   Sequence& seq = **found;
   absl::MutexLock lock(&seq.mu);
@@ -1137,8 +1140,7 @@ absl::StatusOr<std::vector<PageSummary>> Cache::ReadPageSummaries(SequenceId seq
 
 absl::Status Cache::AddScores(SequenceId seq_id, int32_t layer, int32_t kv_head,
                               std::span<const float> delta) {
-  if (absl::Status s = CheckStreamIndex(config_, layer, kv_head); !s.ok()) return s;
-  absl::StatusOr<std::shared_ptr<Sequence>> found = Find(seq_id);
+  absl::StatusOr<std::shared_ptr<Sequence>> found = FindForStream(seq_id, layer, kv_head);
   if (!found.ok()) return found.status();
   Sequence& seq = **found;
   absl::MutexLock lock(&seq.mu);

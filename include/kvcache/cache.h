@@ -198,6 +198,10 @@ class Cache {
   Cache(const CacheConfig& config, std::unique_ptr<Backend> backend,
         std::unique_ptr<PagePool> pool);
   absl::StatusOr<std::shared_ptr<Sequence>> Find(SequenceId seq) const;
+  // Find, after checking that (layer, kv_head) names a stream of this config. The caller locks
+  // the sequence and checks it was not freed meanwhile.
+  absl::StatusOr<std::shared_ptr<Sequence>> FindForStream(SequenceId seq, int32_t layer,
+                                                          int32_t kv_head) const;
   // Retrieval decode: the stream's key index, (re)built when missing or stale. Caller holds
   // the sequence lock.
   absl::StatusOr<const KeyIndex*> EnsureKeyIndex(Sequence& seq, int32_t layer, int32_t kv_head,
