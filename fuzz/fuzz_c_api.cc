@@ -47,8 +47,12 @@ void Expect(bool ok, const std::string& what) {
   if (!ok) Fail(what);
 }
 
+// FUZZ_C_API_VERBOSE=1 prints every call and its status (to pick seeds, to read a finding).
+const bool g_verbose = std::getenv("FUZZ_C_API_VERBOSE") != nullptr;
+
 // Every returned status: a kvc_status; a message exactly when it is not OK.
 kvc_status Checked(kvc_status s, const char* call) {
+  if (g_verbose) std::fprintf(stderr, "%s -> %s %s\n", call, kvc_status_name(s), kvc_last_error());
   Expect(s >= KVC_OK && s <= KVC_INTERNAL, std::string(call) + " returned an unknown status");
   Expect(s != KVC_INTERNAL, std::string(call) + " returned KVC_INTERNAL");
   const char* msg = kvc_last_error();
@@ -157,6 +161,11 @@ class Harness {
 
   // ---- Operations -------------------------------------------------------------------------------
   void Step() {
+    // Without a live cache most calls only exercise the bad-handle paths: usually make one.
+    if (caches_.empty() && in_.ConsumeIntegralInRange(0, 3) != 0) {
+      CreateCache();
+      return;
+    }
     switch (in_.ConsumeIntegralInRange(0, 17)) {
       case 0: CreateCache(); break;
       case 1: DestroyCache(); break;
@@ -618,7 +627,10 @@ class Harness {
     const kvc_seq id = PickSeq(c, &live);
     const std::string name = PolicyName();
     bool null_params = false;
-    const std::string params = PolicyParams(&null_params);
+    std::string params = PolicyParams(&null_params);
+    if (name.find(':') != std::string::npos && in_.ConsumeIntegralInRange(0, 3) != 0) {
+      null_params = true;  // a full spec in `name` takes no separate parameters
+    }
     ObservationBuffers buffers;
     const kvc_observations* obs = Observations(c, &buffers);
     kvc_plan* plan = nullptr;
@@ -793,7 +805,10 @@ class Harness {
     const kvc_seq id = PickSeq(c, &live);
     const std::string name = PolicyName();
     bool null_params = false;
-    const std::string params = PolicyParams(&null_params);
+    std::string params = PolicyParams(&null_params);
+    if (name.find(':') != std::string::npos && in_.ConsumeIntegralInRange(0, 3) != 0) {
+      null_params = true;  // a full spec in `name` takes no separate parameters
+    }
     ObservationBuffers buffers;
     const kvc_observations* obs = Observations(c, &buffers);
     kvc_compress_result r{};
