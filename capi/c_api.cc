@@ -21,6 +21,7 @@
 #include <memory>
 #include <new>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -345,7 +346,12 @@ int kvc_abi_version(void) { return KVC_ABI_VERSION; }
 const char* kvc_last_error(void) { return g_last_error.c_str(); }
 
 const char* kvc_status_name(kvc_status status) {
-  switch (status) {
+  // A C caller may pass any integer as a kvc_status (C enums are plain integers); in C++ reading
+  // an enum object outside its range is undefined (clang -fsanitize=enum reports it, found by
+  // fuzz/fuzz_c_api.cc), so read the bits as the underlying integer instead.
+  std::underlying_type_t<kvc_status> value;
+  std::memcpy(&value, &status, sizeof(value));
+  switch (value) {
     case KVC_OK: return "KVC_OK";
     case KVC_INVALID_ARGUMENT: return "KVC_INVALID_ARGUMENT";
     case KVC_NOT_FOUND: return "KVC_NOT_FOUND";

@@ -67,6 +67,8 @@ static void TestVersionAndErrors(void) {
   CHECK(kvc_abi_version() == KVC_ABI_VERSION);
   CHECK(strcmp(kvc_status_name(KVC_OUT_OF_MEMORY), "KVC_OUT_OF_MEMORY") == 0);
   CHECK(strcmp(kvc_status_name((kvc_status)99), "KVC_UNKNOWN_STATUS") == 0);
+  /* Outside the C++ enum's value range (undefined behaviour before the fix; fuzz_c_api). */
+  CHECK(strcmp(kvc_status_name((kvc_status)-1), "KVC_UNKNOWN_STATUS") == 0);
 }
 
 static void TestCreateErrors(void) {

@@ -5,6 +5,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <random>
 #include <string>
 
@@ -66,6 +67,22 @@ ke::Workload Tiny() {
 }
 
 }  // namespace
+
+TEST_CASE("npy: ToInt of a float array saturates and reads NaN as 0", "[eval][npy]") {
+  // Regression (fuzz/fuzz_trace.cc): the plain float -> int64 cast of 2e23, inf or NaN was
+  // undefined behaviour.
+  const float inf = std::numeric_limits<float>::infinity();
+  auto f = ke::ParseNpy(Npy("<f4", "(6,)", Bytes<float>({2.7f, -2.7f, 2e23f, -2e23f, inf,
+                                                          std::numeric_limits<float>::quiet_NaN()})),
+                        "f.npy");
+  REQUIRE(f.ok());
+  constexpr int64_t kMax = std::numeric_limits<int64_t>::max();
+  constexpr int64_t kMin = std::numeric_limits<int64_t>::min();
+  CHECK(f->ToInt() == std::vector<int64_t>{2, -2, kMax, kMin, kMax, 0});
+  auto h = ke::ParseNpy(Npy("<f2", "(2,)", Bytes<uint16_t>({0xfc00, 0x7e00})), "h.npy");  // -inf, NaN
+  REQUIRE(h.ok());
+  CHECK(h->ToInt() == std::vector<int64_t>{kMin, 0});
+}
 
 TEST_CASE("npy: every supported dtype and header version parses", "[eval][npy]") {
   auto f = ke::ParseNpy(Npy("<f4", "(2, 2)", Bytes<float>({1.0f, 2.0f, -3.0f, 4.5f})), "a.npy");

@@ -2,6 +2,7 @@
 #include "tools/eval/npy.h"
 
 #include <cctype>
+#include <cmath>
 #include <cstring>
 #include <fstream>
 #include <limits>
@@ -128,6 +129,19 @@ std::vector<float> NpyArray::ToFloat() const {
   return out;
 }
 
+namespace {
+// Float -> int64 truncated toward zero, saturated at the int64 range, NaN as 0: a plain cast of
+// an out-of-range or NaN float is undefined behaviour (found by fuzz/fuzz_trace.cc).
+int64_t FloatToInt64(float v) {
+  if (std::isnan(v)) return 0;
+  // 2^63 is exactly representable as a float; every float below it converts.
+  constexpr float kLimit = 9223372036854775808.0f;
+  if (v >= kLimit) return std::numeric_limits<int64_t>::max();
+  if (v < -kLimit) return std::numeric_limits<int64_t>::min();
+  return static_cast<int64_t>(v);
+}
+}  // namespace
+
 std::vector<int64_t> NpyArray::ToInt() const {
   const int64_t n = num_elements();
   std::vector<int64_t> out(n);
@@ -137,8 +151,8 @@ std::vector<int64_t> NpyArray::ToInt() const {
       case NpyType::kI32: { int32_t v; std::memcpy(&v, p + 4 * i, 4); out[i] = v; break; }
       case NpyType::kI64: std::memcpy(&out[i], p + 8 * i, 8); break;
       case NpyType::kU8: out[i] = p[i]; break;
-      case NpyType::kF32: { float v; std::memcpy(&v, p + 4 * i, 4); out[i] = static_cast<int64_t>(v); break; }
-      case NpyType::kF16: { uint16_t h; std::memcpy(&h, p + 2 * i, 2); out[i] = static_cast<int64_t>(HalfBitsToFloat(h)); break; }
+      case NpyType::kF32: { float v; std::memcpy(&v, p + 4 * i, 4); out[i] = FloatToInt64(v); break; }
+      case NpyType::kF16: { uint16_t h; std::memcpy(&h, p + 2 * i, 2); out[i] = FloatToInt64(HalfBitsToFloat(h)); break; }
     }
   }
   return out;

@@ -35,6 +35,7 @@ struct NpyArray {
   int64_t num_elements() const;
   // Converted element-wise; f16 is widened exactly, integers converted.
   std::vector<float> ToFloat() const;
+  // Floats truncated toward zero, saturated at the int64 range, NaN read as 0.
   std::vector<int64_t> ToInt() const;
 };
 
