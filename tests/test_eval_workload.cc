@@ -136,11 +136,11 @@ TEST_CASE("Synthetic workload: deterministic for a seed, valid, LLaVA-shaped", "
 
   // The default spec is the documented default scale.
   ke::SyntheticSpec def;
-  CHECK(def.num_layers == 16);
+  CHECK(def.num_layers == 32);
   CHECK(def.num_kv_heads == 8);
   CHECK(def.num_q_heads == 32);
   CHECK(def.head_dim == 128);
-  CHECK(def.image_tokens == 1440);
+  CHECK(def.image_tokens == 2880);
 }
 
 TEST_CASE("Synthetic workload: bad knobs are named", "[eval][workload]") {

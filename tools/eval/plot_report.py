@@ -25,18 +25,31 @@ MODALITY_COLORS = {"text": "#4C72B0", "image": "#DD8452", "video": "#55A868", "a
 
 def fidelity_plot(res, path):
     fig, (ax_cos, ax_l2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax in (ax_cos, ax_l2):  # more than the default 10 colours: one per policy
+        ax.set_prop_cycle(color=plt.cm.tab20.colors)
     by_policy = {}
     for run in res["runs"]:
         by_policy.setdefault(run["policy"], []).append(run)
+    # Read policies (quest, retrieval) keep every token; they are placed at the share of keys a
+    # decode step reads (their keep ratio), drawn dashed, so they compare with the eviction runs.
+    read_policies = {"quest", "retrieval"}
+
+    def share(r):
+        if r["policy"] in read_policies and (r.get("keep") or -1) > 0:
+            return r["keep"]
+        return r["tokens_kept"] / max(r["tokens_total"], 1)
+
     for name, runs in by_policy.items():
-        runs = sorted(runs, key=lambda r: r["tokens_kept"] / max(r["tokens_total"], 1))
-        x = [r["tokens_kept"] / max(r["tokens_total"], 1) for r in runs]
-        style = "o-" if len(runs) > 1 else "s"
-        ax_cos.plot(x, [r["cosine"] for r in runs], style, label=name)
-        ax_l2.plot(x, [r["rel_l2"] for r in runs], style, label=name)
+        runs = sorted(runs, key=share)
+        x = [share(r) for r in runs]
+        reads = name in read_policies
+        style = ("o--" if reads else "o-") if len(runs) > 1 else "s"
+        label = f"{name} (read share; all kept)" if reads else name
+        ax_cos.plot(x, [r["cosine"] for r in runs], style, label=label)
+        ax_l2.plot(x, [r["rel_l2"] for r in runs], style, label=label)
     for ax, title in ((ax_cos, "cosine similarity (mean over layers, steps)"),
                       (ax_l2, "relative L2 error")):
-        ax.set_xlabel("share of prompt KV tokens kept")
+        ax.set_xlabel("share of prompt KV tokens kept (read, for read policies)")
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
     ax_cos.axhline(1.0, color="gray", lw=0.8, ls="--")

@@ -56,12 +56,12 @@ struct Workload {
 // cores); `--layers 32 --image-tokens 2880` gives the full LLaVA-1.6-7B prompt shape.
 struct SyntheticSpec {
   uint64_t seed = 1;
-  int32_t num_layers = 16;
+  int32_t num_layers = 32;
   int32_t num_kv_heads = 8;
   int32_t num_q_heads = 32;
   int32_t head_dim = 128;
   int32_t system_tokens = 35;   // including the BOS token at position 0 (the attention sink)
-  int32_t image_tokens = 1440;  // split evenly over image_tiles (remainder to the last tile)
+  int32_t image_tokens = 2880;  // split evenly over image_tiles (remainder to the last tile)
   int32_t image_tiles = 5;      // LLaVA-1.6 AnyRes: one base image + 4 crops
   int32_t question_tokens = 64; // text after the image; also the observation query rows
   int32_t decode_steps = 32;
