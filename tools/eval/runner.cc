@@ -24,13 +24,20 @@ double NowMs() {
 
 std::string Name(const std::string& spec) { return spec.substr(0, spec.find(':')); }
 
+bool IsReadPolicy(const std::string& name) { return name == "quest" || name == "retrieval"; }
+
+// Whether the spec sets its budget itself (then --keep does not apply to it). For the read
+// policies "recent" is the always-read window, not a budget.
 bool SetsBudget(const std::string& spec) {
   const size_t colon = spec.find(':');
   if (colon == std::string::npos) return false;
+  const std::string name = Name(spec);
+  const bool read = IsReadPolicy(name);
   for (absl::string_view item : absl::StrSplit(spec.substr(colon + 1), ',')) {
     const absl::string_view key = item.substr(0, item.find('='));
-    if (key == "keep" || key == "tokens" || key == "heavy" || key == "recent" ||
-        (key == "ratio" && Name(spec) == "fastv")) {
+    if (key == "keep" || key == "tokens") return true;
+    if (read ? key == "top_k"
+             : (key == "heavy" || key == "recent" || (key == "ratio" && name == "fastv"))) {
       return true;
     }
   }
@@ -46,8 +53,6 @@ std::string WithParams(const std::string& spec, const std::string& params) {
 // step reads a query-dependent subset. Spec: "quest[:keep=r|tokens=n,dense_layers=n]" or
 // "retrieval[:keep=r|top_k=n,exact=0|1,ef=n,sinks=n,recent=n,dense_layers=n]"; keep r means
 // round(r * prompt length) tokens read per stream (Quest) or keys per query head (retrieval).
-bool IsReadPolicy(const std::string& name) { return name == "quest" || name == "retrieval"; }
-
 absl::StatusOr<ReadPolicy> ParseReadPolicy(const std::string& spec, int32_t prompt_len) {
   const std::string name = Name(spec);
   ReadPolicy r;
@@ -383,12 +388,7 @@ absl::StatusOr<std::vector<RunSpec>> ExpandRuns(const std::vector<std::string>& 
     const std::string name = Name(spec);
     if (IsReadPolicy(name)) {
       if (auto probe = ParseReadPolicy(spec, 1); !probe.ok()) return probe.status();
-      const std::string sc = spec.substr(spec.find(':') == std::string::npos ? spec.size()
-                                                                             : spec.find(':'));
-      const bool sets = sc.find("keep=") != std::string::npos ||
-                        sc.find("tokens=") != std::string::npos ||
-                        sc.find("top_k=") != std::string::npos;
-      if (sets || keeps.empty()) {
+      if (SetsBudget(spec) || keeps.empty()) {
         out.push_back({spec, -1.0});
       } else {
         for (double k : keeps) out.push_back({WithParams(spec, absl::StrCat("keep=", k)), k});
