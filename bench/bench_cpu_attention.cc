@@ -2,6 +2,8 @@
 //   BM_DecodeAttention/<context>/<batch>/<dtype>/<page tokens>   the fast kernel ("cpu")
 //   BM_DecodeAttentionWithScores/...                             the same plus score accumulation
 //   BM_DecodeAttentionPortable/...                               the fast kernel without AVX2
+//   BM_DecodeAttentionAvx2/...                                   the fast kernel capped at AVX2
+//       (on a CPU with AVX-512, BM_DecodeAttention runs the AVX-512 code; the label says which)
 //   BM_DenseDecodeBaseline/<context>/<batch>/<dtype>             the same attention over one
 //       contiguous K/V array per stream, written straightforwardly (same compiler flags)
 //   BM_MemoryBandwidth/<context>/<batch>/<dtype>                 a parallel streaming read of the
@@ -16,6 +18,9 @@
 // dtype 0 = f32, 1 = f16. bytes_per_second counts K/V bytes read; items are K/V rows (token x kv
 // head) read. f32 at batch 8 x 32k (4 GiB of K/V with its dense copy) is left out to keep the
 // benchmark within the memory of a small shared machine.
+//
+// The CPU column is the process's CPU time over all threads (MeasureProcessCPUTime), so on a
+// shared machine "CPU time per K/V row" stays meaningful when wall time is inflated by others.
 //
 // Run: bench_cpu_attention --benchmark_min_time=0.1
 #include <benchmark/benchmark.h>
@@ -167,15 +172,22 @@ void RunDecode(benchmark::State& state, bool scores) {
     benchmark::ClobberMemory();
   }
   SetCounters(state, f.KvBytes(), int64_t{f.num_streams()} * f.context);
+  state.SetLabel(cpu::KernelIsaName(cpu::ActiveKernelIsa()));
 }
 
 void BM_DecodeAttention(benchmark::State& state) { RunDecode(state, false); }
-// The fast kernel forced onto its portable path (no AVX2/FMA/F16C): what the run-time dispatch
-// to the AVX2 copy buys.
-void BM_DecodeAttentionPortable(benchmark::State& state) {
-  cpu::ForcePortableKernels(true);
+// The fast kernel capped at an instruction set: what the run-time dispatch to each buys. The
+// label names the code path that actually ran (a cap above the CPU's has no effect).
+void RunDecodeCapped(benchmark::State& state, cpu::KernelIsa cap) {
+  cpu::LimitKernelIsa(cap);
   RunDecode(state, false);
-  cpu::ForcePortableKernels(false);
+  cpu::LimitKernelIsa(cpu::KernelIsa::kAvx512);
+}
+void BM_DecodeAttentionPortable(benchmark::State& state) {
+  RunDecodeCapped(state, cpu::KernelIsa::kPortable);
+}
+void BM_DecodeAttentionAvx2(benchmark::State& state) {
+  RunDecodeCapped(state, cpu::KernelIsa::kAvx2);
 }
 void BM_DecodeAttentionWithScores(benchmark::State& state) { RunDecode(state, true); }
 
@@ -327,8 +339,9 @@ void RunScoreRows(benchmark::State& state, ScoreKernel kernel) {
   std::vector<int64_t> causal(below.size());
   const bool pairwise =
       kernel == ScoreKernel::kPairwise || kernel == ScoreKernel::kPairwisePortable;
-  cpu::ForcePortableKernels(kernel == ScoreKernel::kPortable ||
-                            kernel == ScoreKernel::kPairwisePortable);
+  cpu::LimitKernelIsa(kernel == ScoreKernel::kPortable || kernel == ScoreKernel::kPairwisePortable
+                         ? cpu::KernelIsa::kPortable
+                         : cpu::KernelIsa::kAvx512);
   for (auto _ : state) {
     const absl::Status s =
         pairwise
@@ -340,7 +353,7 @@ void RunScoreRows(benchmark::State& state, ScoreKernel kernel) {
     benchmark::DoNotOptimize(token_scores.data());
     benchmark::ClobberMemory();
   }
-  cpu::ForcePortableKernels(false);
+  cpu::LimitKernelIsa(cpu::KernelIsa::kAvx512);
   state.SetItemsProcessed(state.iterations() * rows * f.num_streams() * kGroup * f.context);
 }
 
@@ -368,7 +381,7 @@ void DecodeArgs(benchmark::internal::Benchmark* b) {
       }
     }
   }
-  b->ArgNames({"ctx", "batch", "f16", "page"})->UseRealTime()->Unit(benchmark::kMicrosecond);
+  b->ArgNames({"ctx", "batch", "f16", "page"})->MeasureProcessCPUTime()->UseRealTime()->Unit(benchmark::kMicrosecond);
 }
 
 void ScoreArgs(benchmark::internal::Benchmark* b) {
@@ -379,7 +392,7 @@ void ScoreArgs(benchmark::internal::Benchmark* b) {
       }
     }
   }
-  b->ArgNames({"ctx", "batch", "f16", "page"})->UseRealTime()->Unit(benchmark::kMicrosecond);
+  b->ArgNames({"ctx", "batch", "f16", "page"})->MeasureProcessCPUTime()->UseRealTime()->Unit(benchmark::kMicrosecond);
 }
 
 void BaselineArgs(benchmark::internal::Benchmark* b) {
@@ -390,7 +403,7 @@ void BaselineArgs(benchmark::internal::Benchmark* b) {
       }
     }
   }
-  b->ArgNames({"ctx", "batch", "f16"})->UseRealTime()->Unit(benchmark::kMicrosecond);
+  b->ArgNames({"ctx", "batch", "f16"})->MeasureProcessCPUTime()->UseRealTime()->Unit(benchmark::kMicrosecond);
 }
 
 BENCHMARK(BM_DecodeAttention)->Apply(DecodeArgs);
@@ -399,6 +412,16 @@ BENCHMARK(BM_DecodeAttentionPortable)
     ->Args({8192, 1, 0, 16})
     ->Args({8192, 1, 1, 16})
     ->ArgNames({"ctx", "batch", "f16", "page"})
+    ->MeasureProcessCPUTime()
+    ->UseRealTime()
+    ->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_DecodeAttentionAvx2)
+    ->Args({8192, 1, 0, 16})
+    ->Args({8192, 1, 1, 16})
+    ->Args({32768, 1, 0, 16})
+    ->Args({32768, 1, 1, 16})
+    ->ArgNames({"ctx", "batch", "f16", "page"})
+    ->MeasureProcessCPUTime()
     ->UseRealTime()
     ->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_DenseDecodeBaseline)->Apply(BaselineArgs);

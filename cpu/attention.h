@@ -35,9 +35,18 @@ absl::Status ScoreRowsFastPairwise(const PagedKVView& kv, const ScoreRowsParams&
                                    float* token_scores, int64_t* below_threshold,
                                    int64_t* causal_entries);
 
-// Testing and benchmarking hook: when true, the fast kernels use their portable (baseline x86-64 /
-// any ISA) code path even on a CPU with AVX2/FMA/F16C, so tests cover both paths on one machine.
-void ForcePortableKernels(bool force);
+// The instruction sets the fast kernels have code for, in increasing order. The best one the CPU
+// supports is picked at run time (decode: AVX-512 > AVX2/FMA/F16C > portable; row scoring uses
+// its AVX2 code under kAvx512 too).
+enum class KernelIsa { kPortable = 0, kAvx2 = 1, kAvx512 = 2 };
+
+// Testing and benchmarking hook: the fast kernels use at most `cap` (a cap above what the CPU
+// supports has no effect), so tests cover every code path on one machine. Returns the instruction
+// set now in use. Process-wide; not meant to be changed while kernels run on other threads.
+KernelIsa LimitKernelIsa(KernelIsa cap);
+// The instruction set the fast kernels use now, and its name ("portable", "avx2", "avx512").
+KernelIsa ActiveKernelIsa();
+const char* KernelIsaName(KernelIsa isa);
 
 }  // namespace kvcache::cpu
 

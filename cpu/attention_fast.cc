@@ -3,10 +3,14 @@
 // Decode: the work is cut into tasks (stream, key split) — one stream is (sequence, kv head) —
 // so batch 1 at 32k tokens still feeds every core; oneTBB runs the tasks and their partial
 // softmax states are merged with the log-sum-exp merge of attention_math.h. Inside a task the G
-// query heads of the kv head share every K/V row: a row is read (and converted to f32 into a
-// small buffer) once, then G dot products / G accumulations run over it. Tokens are processed in
-// blocks of up to kBlock rows that are contiguous in one page: logits of the block first, one
-// rescale of the accumulators per block, a vectorised exp over the block, then the value pass.
+// query heads of the kv head share every K/V row. Tokens are processed in blocks of up to kBlock
+// rows that are contiguous in one page: logits of the block first, one rescale of the
+// accumulators per block, a vectorised exp over the block, then the value pass. On AVX2 and
+// AVX-512 the logit and value passes are register-tiled (cpu/simd_decode.inc): stored f16/bf16
+// rows are converted in registers as they are loaded, each converted key chunk feeds the FMAs of
+// several rows x heads, and the [heads x channels] value accumulators stay in registers across
+// the block. The next block's rows are software-prefetched: pages sit anywhere in the pool, so
+// the hardware prefetcher cannot cross from one page to the next.
 //
 // Score accumulation costs a second pass over the logits only (never over K/V): with
 // accumulate_scores the kernel writes the logits into a per-call scratch [G, tokens] instead of a
@@ -18,14 +22,15 @@
 // GEMM, see RunRowTask), then a vectorised masked softmax and GQA aggregation per row.
 //
 // Vectorisation without -march=native (KVCACHE_NATIVE=OFF, the default): every inner loop is
-// written so GCC's auto-vectoriser handles it without -ffast-math (dot products keep kLanes
-// independent partial sums; f16 -> f32 and exp are branchless bit manipulation). On x86-64 the
-// task functions are compiled twice — baseline SSE2 and target("avx2,fma,f16c") with `flatten`
-// so the whole task body is re-generated for AVX2 — and the AVX2 copy is picked at run time when
-// the CPU has it (measured 2-3x faster for f16 and ~1.2x for f32 than the portable copy on the
-// decode benchmark, BM_DecodeAttentionPortable; see docs/BENCHMARKS.md). The AVX2 copy also swaps
-// in intrinsic block kernels (Avx2Ops: F16C row conversion, FMA dot products, value accumulators
-// held in registers across a block); PortableOps is the same arithmetic in plain loops.
+// written so GCC's auto-vectoriser handles it without -ffast-math (dot products, maxima and sums
+// keep kLanes independent partials; f16 -> f32 and exp are branchless bit manipulation). On
+// x86-64 the task functions are compiled three times — baseline SSE2, target("avx2,fma,f16c") and
+// target("avx512f,avx512bw,avx512vl,avx512dq,...") with `flatten`, so the whole task body is
+// re-generated for each — and the best copy the CPU supports is picked at run time
+// (LimitKernelIsa caps it for tests and benchmarks; see docs/BENCHMARKS.md for what each buys).
+// Row scoring uses its AVX2 intrinsics (Avx2Ops: F16C conversion, register-tiled logits) under
+// both AVX2 and AVX-512; PortableOps is the same arithmetic in plain loops.
+
 #include <algorithm>
 #include <atomic>
 #include <bit>
@@ -48,6 +53,8 @@
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define KVC_CPU_MULTIVERSION 1
 #define KVC_TARGET_AVX2 __attribute__((target("avx2,fma,f16c"), flatten))
+#define KVC_TARGET_AVX512 \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c"), flatten))
 #define KVC_TARGET_BASE __attribute__((flatten))
 #else
 #define KVC_CPU_MULTIVERSION 0
@@ -112,6 +119,37 @@ inline float Dot(const float* a, const float* b, int n) {
   }
   float tail = 0.0f;
   for (; i < n; ++i) tail += a[i] * b[i];
+  for (int w = kLanes / 2; w > 0; w /= 2) {
+    for (int j = 0; j < w; ++j) lanes[j] += lanes[j + w];
+  }
+  return lanes[0] + tail;
+}
+
+// Max / sum of x[0, n) with kLanes independent partial results, so GCC vectorises them without
+// -ffast-math (a plain running max or sum is a serial dependency chain: ~4 cycles an element).
+// NaN entries are skipped by the max. The sum order is fixed, so results are deterministic.
+inline float MaxOf(const float* x, int n) {
+  float lanes[kLanes];
+  std::fill(lanes, lanes + kLanes, -INFINITY);
+  int i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int j = 0; j < kLanes; ++j) lanes[j] = x[i + j] > lanes[j] ? x[i + j] : lanes[j];
+  }
+  for (; i < n; ++i) lanes[0] = x[i] > lanes[0] ? x[i] : lanes[0];
+  for (int w = kLanes / 2; w > 0; w /= 2) {
+    for (int j = 0; j < w; ++j) lanes[j] = lanes[j + w] > lanes[j] ? lanes[j + w] : lanes[j];
+  }
+  return lanes[0];
+}
+
+inline float SumOf(const float* x, int n) {
+  float lanes[kLanes] = {};
+  int i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int j = 0; j < kLanes; ++j) lanes[j] += x[i + j];
+  }
+  float tail = 0.0f;
+  for (; i < n; ++i) tail += x[i];
   for (int w = kLanes / 2; w > 0; w /= 2) {
     for (int j = 0; j < w; ++j) lanes[j] += lanes[j + w];
   }
@@ -248,60 +286,6 @@ struct Avx2Ops {
     x = _mm_add_ss(x, _mm_movehdup_ps(x));
     return _mm_cvtss_f32(x);
   }
-  KVC_AVX2_INLINE float Dot(const float* a, const float* b, int n) {
-    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
-    int i = 0;
-    for (; i + 16 <= n; i += 16) {
-      s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
-      s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
-    }
-    for (; i + 8 <= n; i += 8) {
-      s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
-    }
-    float tail = 0.0f;
-    for (; i < n; ++i) tail += a[i] * b[i];
-    return HorizontalSum(_mm256_add_ps(s0, s1)) + tail;
-  }
-  KVC_AVX2_INLINE void BlockLogits(const float* q, int group, const float* k, int nb, int kw,
-                                   float* logits, int64_t lstride) {
-    for (int j = 0; j < nb; ++j) {
-      for (int g = 0; g < group; ++g) {
-        logits[g * lstride + j] = Dot(q + static_cast<int64_t>(g) * kw, k + int64_t{j} * kw, kw);
-      }
-    }
-  }
-  // Channel chunks of 32 stay in 4 registers across the block's rows, so the accumulators are
-  // loaded and stored once per block instead of once per row.
-  KVC_AVX2_INLINE void BlockAccumulate(const float* probs, int group, const float* v, int nb,
-                                       int vw, float* acc, int d) {
-    for (int g = 0; g < group; ++g) {
-      const float* pg = probs + g * kBlock;
-      float* ag = acc + int64_t{g} * d;
-      int c = 0;
-      for (; c + 32 <= vw; c += 32) {
-        __m256 a0 = _mm256_loadu_ps(ag + c), a1 = _mm256_loadu_ps(ag + c + 8);
-        __m256 a2 = _mm256_loadu_ps(ag + c + 16), a3 = _mm256_loadu_ps(ag + c + 24);
-        for (int j = 0; j < nb; ++j) {
-          const __m256 p = _mm256_set1_ps(pg[j]);
-          const float* vj = v + int64_t{j} * vw + c;
-          a0 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vj), a0);
-          a1 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vj + 8), a1);
-          a2 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vj + 16), a2);
-          a3 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vj + 24), a3);
-        }
-        _mm256_storeu_ps(ag + c, a0);
-        _mm256_storeu_ps(ag + c + 8, a1);
-        _mm256_storeu_ps(ag + c + 16, a2);
-        _mm256_storeu_ps(ag + c + 24, a3);
-      }
-      for (; c < vw; ++c) {
-        float a = ag[c];
-        for (int j = 0; j < nb; ++j) a += pg[j] * v[int64_t{j} * vw + c];
-        ag[c] = a;
-      }
-    }
-  }
-
   // ---- Row scoring ----
   // A 6 x 16 register tile: per key channel, two loads of the transposed tile and six
   // broadcasts feed twelve FMAs into twelve accumulators (6 query vectors x 16 keys).
@@ -463,6 +447,132 @@ inline const float* BlockAsFloat(const uint8_t* rows, int64_t elements, float* b
   }
 }
 
+// ---- Decode block kernels ----------------------------------------------------------------------
+//
+// The block interface of RunDecodeTask: BlockLogits / BlockAccumulate take the block's rows in
+// their stored dtype. The portable flavour converts a block into a buffer and runs plain loops;
+// the AVX2 and AVX-512 flavours are cpu/simd_decode.inc compiled for each instruction set.
+
+struct PortableDecodeOps {
+  template <DType kT>
+  static void BlockLogits(const float* q, int group, const uint8_t* keys, int nb, int kw,
+                          float* logits, int64_t lstride, float* buffer) {
+    const float* k = BlockAsFloat<kT, PortableOps>(keys, int64_t{nb} * kw, buffer);
+    PortableOps::BlockLogits(q, group, k, nb, kw, logits, lstride);
+  }
+  template <DType kT>
+  static void BlockAccumulate(const float* probs, int group, const uint8_t* values, int nb, int vw,
+                              float* acc, int d, float* buffer) {
+    const float* v = BlockAsFloat<kT, PortableOps>(values, int64_t{nb} * vw, buffer);
+    PortableOps::BlockAccumulate(probs, group, v, nb, vw, acc, d);
+  }
+};
+
+#if KVC_CPU_MULTIVERSION
+namespace avx2 {
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+struct V {
+  using Reg = __m256;
+  static constexpr int kWidth = 8;
+  static constexpr int kLogitTile = 8;       // 16 ymm registers: 8 accumulators + keys + query
+  static constexpr int kAccumulateTile = 8;  // 8 accumulators + values + a broadcast
+  static constexpr int kMaxHeads = 4;
+  static Reg Zero() { return _mm256_setzero_ps(); }
+  static Reg Set1(float x) { return _mm256_set1_ps(x); }
+  static Reg LoadF32(const float* p) { return _mm256_loadu_ps(p); }
+  static void StoreF32(float* p, Reg r) { _mm256_storeu_ps(p, r); }
+  static Reg Fmadd(Reg a, Reg b, Reg c) { return _mm256_fmadd_ps(a, b, c); }
+  template <DType kT>
+  static Reg Load(const uint8_t* p) {
+    if constexpr (kT == DType::kF32) {
+      return _mm256_loadu_ps(reinterpret_cast<const float*>(p));
+    } else if constexpr (kT == DType::kF16) {
+      return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    } else {  // bf16: the top half of an f32
+      const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+      return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+    }
+  }
+  template <DType kT>
+  static Reg LoadPartial(const uint8_t* p, int n) {
+    alignas(32) uint8_t lanes[kWidth * sizeof(float)] = {};
+    std::memcpy(lanes, p, static_cast<size_t>(n) * DTypeSize(kT));
+    return Load<kT>(lanes);
+  }
+  static void StorePartial(float* p, Reg r, int n) {
+    alignas(32) float lanes[kWidth];
+    _mm256_store_ps(lanes, r);
+    std::memcpy(p, lanes, static_cast<size_t>(n) * sizeof(float));
+  }
+  static float ReduceAdd(Reg v) {
+    __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+    x = _mm_add_ss(x, _mm_movehdup_ps(x));
+    return _mm_cvtss_f32(x);
+  }
+};
+#include "cpu/simd_decode.inc"
+#pragma GCC pop_options
+}  // namespace avx2
+
+namespace avx512 {
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
+struct V {
+  using Reg = __m512;
+  static constexpr int kWidth = 16;
+  static constexpr int kLogitTile = 16;       // 32 zmm registers: 16 accumulators + keys + query
+  static constexpr int kAccumulateTile = 16;  // 16 accumulators + values + a broadcast
+  static constexpr int kMaxHeads = 8;
+  static Reg Zero() { return _mm512_setzero_ps(); }
+  static Reg Set1(float x) { return _mm512_set1_ps(x); }
+  static Reg LoadF32(const float* p) { return _mm512_loadu_ps(p); }
+  static void StoreF32(float* p, Reg r) { _mm512_storeu_ps(p, r); }
+  static Reg Fmadd(Reg a, Reg b, Reg c) { return _mm512_fmadd_ps(a, b, c); }
+  static __mmask16 FirstLanes(int n) { return static_cast<__mmask16>((1u << n) - 1u); }
+  // The maskz forms with a full mask: the plain intrinsics start from _mm512_undefined_*, which
+  // GCC 12 reports as maybe-uninitialized once inlined (a false positive that -Werror rejects).
+  static Reg Bf16ToFloat(__m256i bits) {
+    const __m512i wide = _mm512_maskz_cvtepu16_epi32(0xFFFF, bits);
+    return _mm512_castsi512_ps(_mm512_maskz_slli_epi32(0xFFFF, wide, 16));
+  }
+  template <DType kT>
+  static Reg Load(const uint8_t* p) {
+    if constexpr (kT == DType::kF32) {
+      return _mm512_loadu_ps(p);
+    } else if constexpr (kT == DType::kF16) {
+      return _mm512_maskz_cvtph_ps(0xFFFF, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    } else {
+      return Bf16ToFloat(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    }
+  }
+  template <DType kT>
+  static Reg LoadPartial(const uint8_t* p, int n) {  // masked: never touches memory past n
+    const __mmask16 m = FirstLanes(n);
+    if constexpr (kT == DType::kF32) {
+      return _mm512_maskz_loadu_ps(m, p);
+    } else if constexpr (kT == DType::kF16) {
+      return _mm512_maskz_cvtph_ps(0xFFFF, _mm256_maskz_loadu_epi16(m, p));
+    } else {
+      return Bf16ToFloat(_mm256_maskz_loadu_epi16(m, p));
+    }
+  }
+  static void StorePartial(float* p, Reg r, int n) { _mm512_mask_storeu_ps(p, FirstLanes(n), r); }
+  static float ReduceAdd(Reg v) {
+    const __m256 half = _mm256_add_ps(_mm512_maskz_extractf32x8_ps(0xFF, v, 0),
+                                      _mm512_maskz_extractf32x8_ps(0xFF, v, 1));
+    __m128 x = _mm_add_ps(_mm256_castps256_ps128(half), _mm256_extractf128_ps(half, 1));
+    x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+    x = _mm_add_ss(x, _mm_movehdup_ps(x));
+    return _mm_cvtss_f32(x);
+  }
+};
+#include "cpu/simd_decode.inc"
+#pragma GCC pop_options
+}  // namespace avx512
+#endif
+
 // ---- Decode ------------------------------------------------------------------------------------
 
 struct DecodeTask {
@@ -484,6 +594,10 @@ struct DecodeContext {
   const int64_t* stream_offset = nullptr;  // [num_streams + 1] prefix sum of stream lengths
   int64_t PartialFloats() const { return 2 * group + int64_t{group} * head_dim; }
 };
+
+inline void PrefetchBytes(const uint8_t* p, int64_t bytes) {
+  for (int64_t offset = 0; offset < bytes; offset += 64) __builtin_prefetch(p + offset, 0, 3);
+}
 
 // Scratch a worker thread reuses across tasks and calls (grows, never shrinks).
 struct TaskScratch {
@@ -549,6 +663,17 @@ inline void RunDecodeTask(const DecodeContext& ctx, const DecodeTask& task, int6
       const uint8_t* page_base = kv.pool.base + int64_t{page} * kv.pool.page_bytes;
       const uint8_t* keys = page_base + int64_t{row} * kw * esize;                    // [nb, kw]
       const uint8_t* values = page_base + values_offset + int64_t{row} * vw * esize;  // [nb, vw]
+      if (t + nb < hi) {
+        // Pages sit anywhere in the pool, so the hardware prefetcher cannot run ahead across a
+        // page boundary: ask for the next block's rows while this one computes.
+        const int64_t t2 = t + nb;
+        const int32_t row2 = static_cast<int32_t>(t2 % s.tokens_per_page);
+        const int nb2 =
+            static_cast<int>(std::min<int64_t>({kBlock, s.tokens_per_page - row2, hi - t2}));
+        const uint8_t* base2 = kv.pool.base + int64_t{s.pages[t2 / s.tokens_per_page]} * kv.pool.page_bytes;
+        PrefetchBytes(base2 + int64_t{row2} * kw * esize, int64_t{nb2} * kw * esize);
+        PrefetchBytes(base2 + values_offset + int64_t{row2} * vw * esize, int64_t{nb2} * vw * esize);
+      }
 
       // Logits of the block: [G, nb] with head stride `lstride`.
       float* logits;
@@ -560,13 +685,11 @@ inline void RunDecodeTask(const DecodeContext& ctx, const DecodeTask& task, int6
         logits = scratch.logits.data();
         lstride = kBlock;
       }
-      const float* k = BlockAsFloat<kT, Ops>(keys, int64_t{nb} * kw, scratch.keys.data());
-      Ops::BlockLogits(qs, group, k, nb, kw, logits, lstride);
+      Ops::template BlockLogits<kT>(qs, group, keys, nb, kw, logits, lstride, scratch.keys.data());
       // One rescale per head per block, then the block's weights.
       for (int32_t g = 0; g < group; ++g) {
         const float* lg = logits + g * lstride;
-        float block_max = lg[0];
-        for (int j = 1; j < nb; ++j) block_max = lg[j] > block_max ? lg[j] : block_max;
+        const float block_max = MaxOf(lg, nb);
         SoftmaxState& st = states[g];
         float* pg = scratch.probs.data() + g * kBlock;
         if (block_max > st.m) {
@@ -580,12 +703,10 @@ inline void RunDecodeTask(const DecodeContext& ctx, const DecodeTask& task, int6
           continue;
         }
         ExpShifted(lg, st.m, nb, pg);
-        float sum = 0.0f;
-        for (int j = 0; j < nb; ++j) sum += pg[j];
-        st.l += sum;
+        st.l += SumOf(pg, nb);
       }
-      const float* v = BlockAsFloat<kT, Ops>(values, int64_t{nb} * vw, scratch.values.data());
-      Ops::BlockAccumulate(scratch.probs.data(), group, v, nb, vw, acc, d);
+      Ops::template BlockAccumulate<kT>(scratch.probs.data(), group, values, nb, vw, acc, d,
+                                        scratch.values.data());
       t += nb;
     }
   }
@@ -646,15 +767,17 @@ inline void RunScoreTask(const DecodeContext& ctx, const DecodeTask& task,
 }
 
 using DecodeTaskFn = void (*)(const DecodeContext&, const DecodeTask&, int64_t);
+using ScoreTaskFn = void (*)(const DecodeContext&, const DecodeTask&, const SoftmaxState*,
+                             GqaAggregation);
 
 KVC_TARGET_BASE void DecodeTaskBaseF32(const DecodeContext& c, const DecodeTask& t, int64_t i) {
-  RunDecodeTask<DType::kF32, PortableOps>(c, t, i);
+  RunDecodeTask<DType::kF32, PortableDecodeOps>(c, t, i);
 }
 KVC_TARGET_BASE void DecodeTaskBaseF16(const DecodeContext& c, const DecodeTask& t, int64_t i) {
-  RunDecodeTask<DType::kF16, PortableOps>(c, t, i);
+  RunDecodeTask<DType::kF16, PortableDecodeOps>(c, t, i);
 }
 KVC_TARGET_BASE void DecodeTaskBaseBF16(const DecodeContext& c, const DecodeTask& t, int64_t i) {
-  RunDecodeTask<DType::kBF16, PortableOps>(c, t, i);
+  RunDecodeTask<DType::kBF16, PortableDecodeOps>(c, t, i);
 }
 KVC_TARGET_BASE void ScoreTaskBase(const DecodeContext& c, const DecodeTask& t,
                                    const SoftmaxState* s, GqaAggregation a) {
@@ -662,43 +785,85 @@ KVC_TARGET_BASE void ScoreTaskBase(const DecodeContext& c, const DecodeTask& t,
 }
 #if KVC_CPU_MULTIVERSION
 KVC_TARGET_AVX2 void DecodeTaskAvx2F32(const DecodeContext& c, const DecodeTask& t, int64_t i) {
-  RunDecodeTask<DType::kF32, Avx2Ops>(c, t, i);
+  RunDecodeTask<DType::kF32, avx2::DecodeOps>(c, t, i);
 }
 KVC_TARGET_AVX2 void DecodeTaskAvx2F16(const DecodeContext& c, const DecodeTask& t, int64_t i) {
-  RunDecodeTask<DType::kF16, Avx2Ops>(c, t, i);
+  RunDecodeTask<DType::kF16, avx2::DecodeOps>(c, t, i);
 }
 KVC_TARGET_AVX2 void DecodeTaskAvx2BF16(const DecodeContext& c, const DecodeTask& t, int64_t i) {
-  RunDecodeTask<DType::kBF16, Avx2Ops>(c, t, i);
+  RunDecodeTask<DType::kBF16, avx2::DecodeOps>(c, t, i);
 }
 KVC_TARGET_AVX2 void ScoreTaskAvx2(const DecodeContext& c, const DecodeTask& t,
                                    const SoftmaxState* s, GqaAggregation a) {
   RunScoreTask(c, t, s, a);
 }
+KVC_TARGET_AVX512 void DecodeTaskAvx512F32(const DecodeContext& c, const DecodeTask& t, int64_t i) {
+  RunDecodeTask<DType::kF32, avx512::DecodeOps>(c, t, i);
+}
+KVC_TARGET_AVX512 void DecodeTaskAvx512F16(const DecodeContext& c, const DecodeTask& t, int64_t i) {
+  RunDecodeTask<DType::kF16, avx512::DecodeOps>(c, t, i);
+}
+KVC_TARGET_AVX512 void DecodeTaskAvx512BF16(const DecodeContext& c, const DecodeTask& t,
+                                            int64_t i) {
+  RunDecodeTask<DType::kBF16, avx512::DecodeOps>(c, t, i);
+}
+KVC_TARGET_AVX512 void ScoreTaskAvx512(const DecodeContext& c, const DecodeTask& t,
+                                       const SoftmaxState* s, GqaAggregation a) {
+  RunScoreTask(c, t, s, a);
+}
 #endif
 
-std::atomic<bool> force_portable{false};
-
-bool UseAvx2() {
+KernelIsa BestKernelIsa() {
 #if KVC_CPU_MULTIVERSION
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                          __builtin_cpu_supports("f16c");
-  return has && !force_portable.load(std::memory_order_relaxed);
+  static const KernelIsa best = [] {
+    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                      __builtin_cpu_supports("f16c");
+    const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") &&
+                        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+                        __builtin_cpu_supports("avx512dq");
+    return avx512 ? KernelIsa::kAvx512 : avx2 ? KernelIsa::kAvx2 : KernelIsa::kPortable;
+  }();
+  return best;
 #else
-  return false;
+  return KernelIsa::kPortable;
 #endif
 }
 
-DecodeTaskFn SelectDecodeTask(DType t) {
+std::atomic<int> isa_cap{static_cast<int>(KernelIsa::kAvx512)};
+
+KernelIsa CurrentIsa() {
+  return static_cast<KernelIsa>(
+      std::min(static_cast<int>(BestKernelIsa()), isa_cap.load(std::memory_order_relaxed)));
+}
+
+bool UseAvx2() { return CurrentIsa() >= KernelIsa::kAvx2; }
+
+DecodeTaskFn SelectDecodeTask(DType t, KernelIsa isa) {
 #if KVC_CPU_MULTIVERSION
-  if (UseAvx2()) {
+  if (isa == KernelIsa::kAvx512) {
+    return t == DType::kF32   ? DecodeTaskAvx512F32
+           : t == DType::kF16 ? DecodeTaskAvx512F16
+                              : DecodeTaskAvx512BF16;
+  }
+  if (isa == KernelIsa::kAvx2) {
     return t == DType::kF32   ? DecodeTaskAvx2F32
            : t == DType::kF16 ? DecodeTaskAvx2F16
                               : DecodeTaskAvx2BF16;
   }
 #endif
+  (void)isa;
   return t == DType::kF32   ? DecodeTaskBaseF32
          : t == DType::kF16 ? DecodeTaskBaseF16
                             : DecodeTaskBaseBF16;
+}
+
+ScoreTaskFn SelectScoreTask(KernelIsa isa) {
+#if KVC_CPU_MULTIVERSION
+  if (isa == KernelIsa::kAvx512) return ScoreTaskAvx512;
+  if (isa == KernelIsa::kAvx2) return ScoreTaskAvx2;
+#endif
+  (void)isa;
+  return ScoreTaskBase;
 }
 
 // Buffers of one call, reused by later calls from the same thread (no allocation in steady state).
@@ -749,7 +914,21 @@ void ParallelOver(int64_t count, const Fn& fn) {
 
 }  // namespace
 
-void ForcePortableKernels(bool force) { force_portable.store(force); }
+KernelIsa LimitKernelIsa(KernelIsa cap) {
+  isa_cap.store(static_cast<int>(cap), std::memory_order_relaxed);
+  return CurrentIsa();
+}
+
+KernelIsa ActiveKernelIsa() { return CurrentIsa(); }
+
+const char* KernelIsaName(KernelIsa isa) {
+  switch (isa) {
+    case KernelIsa::kPortable: return "portable";
+    case KernelIsa::kAvx2: return "avx2";
+    case KernelIsa::kAvx512: return "avx512";
+  }
+  return "unknown";
+}
 
 absl::Status DecodeAttentionFast(const PagedKVView& kv, const DecodeParams& params, const float* q,
                                  float* out, float* lse) {
@@ -772,7 +951,8 @@ absl::Status DecodeAttentionFast(const PagedKVView& kv, const DecodeParams& para
     c.logits.resize(static_cast<size_t>(c.stream_offset[kv.num_streams] * ctx.group));
     ctx.logits = c.logits.data();
   }
-  const DecodeTaskFn task_fn = SelectDecodeTask(kv.pool.dtype);
+  const KernelIsa isa = CurrentIsa();
+  const DecodeTaskFn task_fn = SelectDecodeTask(kv.pool.dtype, isa);
   ParallelOver(num_tasks, [&](int64_t i) { task_fn(ctx, c.tasks[i], i); });
 
   // Merge the splits of each stream (few per stream; serial and cheap next to the tasks).
@@ -794,16 +974,9 @@ absl::Status DecodeAttentionFast(const PagedKVView& kv, const DecodeParams& para
     }
   }
   if (params.accumulate_scores) {
-    const bool avx2 = UseAvx2();
+    const ScoreTaskFn score_fn = SelectScoreTask(isa);
     ParallelOver(num_tasks, [&](int64_t i) {
-#if KVC_CPU_MULTIVERSION
-      if (avx2) {
-        ScoreTaskAvx2(ctx, c.tasks[i], c.final_states.data(), params.aggregation);
-        return;
-      }
-#endif
-      (void)avx2;
-      ScoreTaskBase(ctx, c.tasks[i], c.final_states.data(), params.aggregation);
+      score_fn(ctx, c.tasks[i], c.final_states.data(), params.aggregation);
     });
   }
   return absl::OkStatus();

@@ -288,13 +288,23 @@ TEST_CASE("attention_math: online steps and merges equal a direct softmax", "[at
 
 // ---- Decode attention -------------------------------------------------------------------------
 
-// Runs the fast kernels on their portable code path while alive (they otherwise pick AVX2 on a
-// CPU that has it, and the portable path would go untested on such a machine).
-class PortableKernels {
+// Runs the fast kernels with at most `cap` while alive (they otherwise pick the best instruction
+// set the CPU has, and the other code paths would go untested on such a machine).
+class IsaLimit {
  public:
-  PortableKernels() { cpu::ForcePortableKernels(true); }
-  ~PortableKernels() { cpu::ForcePortableKernels(false); }
+  explicit IsaLimit(cpu::KernelIsa cap) { cpu::LimitKernelIsa(cap); }
+  ~IsaLimit() { cpu::LimitKernelIsa(cpu::KernelIsa::kAvx512); }
 };
+
+// Every instruction set the fast kernels can use on this CPU, portable first.
+std::vector<cpu::KernelIsa> AvailableIsas() {
+  std::vector<cpu::KernelIsa> isas;
+  for (cpu::KernelIsa isa : {cpu::KernelIsa::kPortable, cpu::KernelIsa::kAvx2, cpu::KernelIsa::kAvx512}) {
+    IsaLimit limit(isa);
+    if (cpu::ActiveKernelIsa() == isa) isas.push_back(isa);
+  }
+  return isas;
+}
 
 struct DecodeRun {
   std::vector<float> out, lse;
@@ -356,8 +366,9 @@ TEST_CASE("decode: reference and fast equal dense attention over paged segments"
   constexpr double kOutTolerance = 2e-6;
   constexpr double kLseTolerance = 1e-5;
   for (DType dtype : {DType::kF32, DType::kF16, DType::kBF16}) {
-    for (int32_t group : {1, 4, 8}) {
-      for (int32_t d : {64, 128, 80}) {
+    // G = 6 and D = 36 exercise the head-group and channel tails of the vector kernels.
+    for (int32_t group : {1, 4, 8, 6}) {
+      for (int32_t d : {64, 128, 80, 36}) {
         const int32_t page_tokens = group == 4 ? 64 : 16;
         for (int32_t length : {1, page_tokens - 1, page_tokens, page_tokens + 1, 3001}) {
           // Two streams of different lengths plus an empty one: batch 3.
@@ -370,15 +381,18 @@ TEST_CASE("decode: reference and fast equal dense attention over paged segments"
               RandomQueries(int64_t{kv.num_streams()} * group * d, 3.0f, rng);
           const DecodeRun ref = RunDecode(false, kv.view(), params, q);
           const DecodeRun fast = RunDecode(true, kv.view(), params, q);
-          DecodeRun portable;
-          {
-            PortableKernels force;
-            portable = RunDecode(true, kv.view(), params, q);
-          }
           INFO("dtype " << Name(dtype) << " G " << group << " D " << d << " length " << length);
-          const Errors e_portable = CompareWithDense(kv, params, q, portable);
-          CHECK(e_portable.out <= kOutTolerance);
-          CHECK(e_portable.lse <= kLseTolerance);
+          for (cpu::KernelIsa isa : AvailableIsas()) {
+            DecodeRun limited;
+            {
+              IsaLimit limit(isa);
+              limited = RunDecode(true, kv.view(), params, q);
+            }
+            INFO("kernel " << cpu::KernelIsaName(isa));
+            const Errors e_limited = CompareWithDense(kv, params, q, limited);
+            CHECK(e_limited.out <= kOutTolerance);
+            CHECK(e_limited.lse <= kLseTolerance);
+          }
           const Errors e_ref = CompareWithDense(kv, params, q, ref);
           const Errors e_fast = CompareWithDense(kv, params, q, fast);
           CHECK(e_ref.out <= kOutTolerance);
@@ -417,56 +431,84 @@ TEST_CASE("decode: explicit scale, null lse, long single stream split across tas
 }
 
 TEST_CASE("decode: score accumulation adds the aggregated probabilities", "[decode][scores]") {
-  std::mt19937 rng(77);
-  for (GqaAggregation aggregation :
-       {GqaAggregation::kMean, GqaAggregation::kSum, GqaAggregation::kMax}) {
-    for (int32_t group : {1, 4}) {
-      for (int32_t length : {1, 17, 2500}) {
-        const int32_t d = 64;
-        std::vector<std::vector<SegmentSpec>> streams = {RandomStream(length, d, rng),
-                                                         RandomStream(length + 3, d, rng)};
-        std::mt19937 rng_copy = rng;
-        TestKV fast_kv(DType::kF16, d, 16, streams, rng);
-        TestKV ref_kv(DType::kF16, d, 16, streams, rng_copy);  // identical data
-        fast_kv.FillScores(0.25f);
-        ref_kv.FillScores(0.25f);
-        DecodeParams params;
-        params.group_size = group;
-        params.accumulate_scores = true;
-        params.aggregation = aggregation;
-        const std::vector<float> q =
-            RandomQueries(int64_t{fast_kv.num_streams()} * group * d, 3.0f, rng);
-        const DecodeRun fast = RunDecode(true, fast_kv.view(), params, q);
-        const DecodeRun ref = RunDecode(false, ref_kv.view(), params, q);
-        INFO("aggregation " << static_cast<int>(aggregation) << " G " << group << " length "
-                            << length);
-        // Accumulation must not change the attention output itself.
-        params.accumulate_scores = false;
-        CHECK(CompareWithDense(fast_kv, params, q, fast).out <= 2e-6);
-        const double scale = 1.0 / std::sqrt(static_cast<double>(d));
-        for (int32_t i = 0; i < fast_kv.num_streams(); ++i) {
-          const std::vector<float> fs = fast_kv.Scores(i), rs = ref_kv.Scores(i);
-          std::vector<DenseHead> heads;
-          for (int32_t g = 0; g < group; ++g) {
-            heads.push_back(DenseAttention(fast_kv.keys(i), fast_kv.values(i), fast_kv.length(i), d,
-                                           q.data() + (int64_t{i} * group + g) * d, scale));
+  for (cpu::KernelIsa isa : AvailableIsas()) {  // the score pass is compiled per ISA too
+    IsaLimit limit(isa);
+    std::mt19937 rng(77);
+    for (GqaAggregation aggregation :
+         {GqaAggregation::kMean, GqaAggregation::kSum, GqaAggregation::kMax}) {
+      for (int32_t group : {1, 4}) {
+        for (int32_t length : {1, 17, 2500}) {
+          const int32_t d = 64;
+          std::vector<std::vector<SegmentSpec>> streams = {RandomStream(length, d, rng),
+                                                           RandomStream(length + 3, d, rng)};
+          std::mt19937 rng_copy = rng;
+          TestKV fast_kv(DType::kF16, d, 16, streams, rng);
+          TestKV ref_kv(DType::kF16, d, 16, streams, rng_copy);  // identical data
+          fast_kv.FillScores(0.25f);
+          ref_kv.FillScores(0.25f);
+          DecodeParams params;
+          params.group_size = group;
+          params.accumulate_scores = true;
+          params.aggregation = aggregation;
+          const std::vector<float> q =
+              RandomQueries(int64_t{fast_kv.num_streams()} * group * d, 3.0f, rng);
+          const DecodeRun fast = RunDecode(true, fast_kv.view(), params, q);
+          const DecodeRun ref = RunDecode(false, ref_kv.view(), params, q);
+          INFO("aggregation " << static_cast<int>(aggregation) << " G " << group << " length "
+                              << length);
+          // Accumulation must not change the attention output itself.
+          params.accumulate_scores = false;
+          CHECK(CompareWithDense(fast_kv, params, q, fast).out <= 2e-6);
+          const double scale = 1.0 / std::sqrt(static_cast<double>(d));
+          for (int32_t i = 0; i < fast_kv.num_streams(); ++i) {
+            const std::vector<float> fs = fast_kv.Scores(i), rs = ref_kv.Scores(i);
+            std::vector<DenseHead> heads;
+            for (int32_t g = 0; g < group; ++g) {
+              heads.push_back(DenseAttention(fast_kv.keys(i), fast_kv.values(i), fast_kv.length(i), d,
+                                             q.data() + (int64_t{i} * group + g) * d, scale));
+            }
+            double fast_sum = 0.0;
+            for (int64_t t = 0; t < fast_kv.length(i); ++t) {
+              std::vector<double> per_head;
+              for (const DenseHead& h : heads) per_head.push_back(h.probs[t]);
+              const double expected = 0.25 + Aggregate(per_head, aggregation);
+              REQUIRE(std::abs(fs[t] - expected) <= 1e-7 + 1e-5 * expected);
+              REQUIRE(std::abs(rs[t] - expected) <= 1e-7 + 1e-5 * expected);
+              fast_sum += fs[t] - 0.25;
+            }
+            if (aggregation == GqaAggregation::kMean) CHECK(fast_sum == Approx(1.0).epsilon(1e-4));
+            if (aggregation == GqaAggregation::kSum) CHECK(fast_sum == Approx(group).epsilon(1e-4));
+            if (aggregation == GqaAggregation::kMax) CHECK(fast_sum >= 1.0 - 1e-4);
           }
-          double fast_sum = 0.0;
-          for (int64_t t = 0; t < fast_kv.length(i); ++t) {
-            std::vector<double> per_head;
-            for (const DenseHead& h : heads) per_head.push_back(h.probs[t]);
-            const double expected = 0.25 + Aggregate(per_head, aggregation);
-            REQUIRE(std::abs(fs[t] - expected) <= 1e-7 + 1e-5 * expected);
-            REQUIRE(std::abs(rs[t] - expected) <= 1e-7 + 1e-5 * expected);
-            fast_sum += fs[t] - 0.25;
-          }
-          if (aggregation == GqaAggregation::kMean) CHECK(fast_sum == Approx(1.0).epsilon(1e-4));
-          if (aggregation == GqaAggregation::kSum) CHECK(fast_sum == Approx(group).epsilon(1e-4));
-          if (aggregation == GqaAggregation::kMax) CHECK(fast_sum >= 1.0 - 1e-4);
         }
       }
     }
   }
+}
+
+TEST_CASE("decode: kernel instruction-set dispatch and caps", "[decode]") {
+  const std::vector<cpu::KernelIsa> isas = AvailableIsas();
+  REQUIRE(!isas.empty());
+  CHECK(isas.front() == cpu::KernelIsa::kPortable);  // always available
+  // With no cap the best available one runs; a cap is honoured; lifting it restores the best.
+  CHECK(cpu::ActiveKernelIsa() == isas.back());
+  CHECK(cpu::LimitKernelIsa(cpu::KernelIsa::kPortable) == cpu::KernelIsa::kPortable);
+  CHECK(cpu::ActiveKernelIsa() == cpu::KernelIsa::kPortable);
+  CHECK(cpu::LimitKernelIsa(cpu::KernelIsa::kAvx512) == isas.back());
+  CHECK(std::string(cpu::KernelIsaName(cpu::KernelIsa::kAvx512)) == "avx512");
+  CHECK(std::string(cpu::KernelIsaName(cpu::KernelIsa::kAvx2)) == "avx2");
+  CHECK(std::string(cpu::KernelIsaName(cpu::KernelIsa::kPortable)) == "portable");
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)  // multiversioned builds
+  // Every x86-64 CPU this project targets has AVX2 (the dispatch must find it when present).
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+      __builtin_cpu_supports("f16c")) {
+    CHECK(std::find(isas.begin(), isas.end(), cpu::KernelIsa::kAvx2) != isas.end());
+  }
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")) {
+    CHECK(isas.back() == cpu::KernelIsa::kAvx512);
+  }
+#endif
 }
 
 // ---- ScoreRows ---------------------------------------------------------------------------------
@@ -592,7 +634,7 @@ TEST_CASE("score rows: fast and reference equal dense softmax with the causal ru
         const ScoreRun fast = RunScoreRows(true, kv.view(), params, queries, rows, total);
         ScoreRun portable;
         {
-          PortableKernels force;
+          IsaLimit force(cpu::KernelIsa::kPortable);
           portable = RunScoreRows(true, kv.view(), params, queries, rows, total);
         }
         const ScoreRun pairwise = RunScoreRows(true, kv.view(), params, queries, rows, total, true);
