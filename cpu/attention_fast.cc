@@ -872,7 +872,9 @@ KernelIsa CurrentIsa() {
       std::min(static_cast<int>(BestKernelIsa()), isa_cap.load(std::memory_order_relaxed)));
 }
 
+#if KVC_CPU_MULTIVERSION
 bool UseAvx2() { return CurrentIsa() >= KernelIsa::kAvx2; }
+#endif
 
 DecodeTaskFn SelectDecodeTask(DType t, KernelIsa isa) {
 #if KVC_CPU_MULTIVERSION
