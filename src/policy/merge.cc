@@ -24,7 +24,8 @@ absl::Status AddLookMMerges(const StreamSnapshot& stream, int32_t head_dim, Merg
   const int32_t kept = static_cast<int32_t>(plan.kept.size());
   if (kept == 0 || kept == n) return absl::OkStatus();
   // Unit keys, so a dot product is the cosine similarity (a zero key stays zero: similarity 0).
-  const std::vector<float> unit = UnitRows(stream.keys, d);
+  thread_local std::vector<float> unit;  // reused across calls (streams of one thread)
+  UnitRowsInto(stream.keys, d, unit);
   std::vector<uint8_t> is_kept(n, 0);
   for (int32_t j : plan.kept) is_kept[j] = 1;
   std::vector<int32_t> evicted;

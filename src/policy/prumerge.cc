@@ -22,11 +22,14 @@ double Percentile(std::span<const float> values, double p) {
     if (x == x) v.push_back(x);
   }
   if (v.empty()) return std::nan("");
-  std::sort(v.begin(), v.end());
   const double pos = p * static_cast<double>(v.size() - 1);
   const size_t lo = static_cast<size_t>(std::floor(pos));
   const size_t hi = std::min(v.size() - 1, lo + 1);
-  return v[lo] + (v[hi] - v[lo]) * (pos - static_cast<double>(lo));
+  // The lo-th and hi-th smallest values (what a full sort would put there), in O(n).
+  std::nth_element(v.begin(), v.begin() + lo, v.end());
+  const double v_lo = v[lo];
+  const double v_hi = hi == lo ? v_lo : *std::min_element(v.begin() + hi, v.end());
+  return v_lo + (v_hi - v_lo) * (pos - static_cast<double>(lo));
 }
 
 absl::StatusOr<PruMergeSelection> PruMergeSelect(std::span<const float> scores,
@@ -64,7 +67,8 @@ absl::StatusOr<PruMergeSelection> PruMergeSelect(std::span<const float> scores,
   sel.merges.resize(sel.kept.size());
   if (!o.merge || o.knn == 0) return sel;
   const size_t d = static_cast<size_t>(key_dim);
-  const std::vector<float> unit = UnitRows(keys, d);
+  thread_local std::vector<float> unit;  // one image's unit keys, reused across calls
+  UnitRowsInto(keys, d, unit);
   // A neighbour with a non-finite score would poison the merged row: it is not merged.
   std::vector<uint8_t> eligible(n);
   for (int32_t j = 0; j < n; ++j) eligible[j] = std::isfinite(scores[j]);

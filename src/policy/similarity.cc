@@ -20,28 +20,46 @@
 
 namespace kvcache::policy {
 
-std::vector<float> UnitRows(std::span<const float> rows, size_t d) {
-  std::vector<float> unit(rows.begin(), rows.end());
-  if (d == 0) return unit;
-  const size_t n = unit.size() / d;
-  // kGroup rows at a time, each row's norm still summed over c in order (the same value as one
-  // row at a time); the rows' chains of dependent double adds overlap.
-  constexpr size_t kGroup = 4;
-  for (size_t j0 = 0; j0 < n; j0 += kGroup) {
-    const size_t g = std::min(kGroup, n - j0);
-    double sq[kGroup] = {};
+void UnitRowsInto(std::span<const float> rows, size_t d, std::vector<float>& unit) {
+  unit.resize(rows.size());
+  if (d == 0) return;
+  const size_t n = rows.size() / d;
+  std::copy(rows.begin() + n * d, rows.end(), unit.begin() + n * d);  // a partial last row
+  // Four rows at a time, each row's norm still summed over c in order (the same value as one
+  // row at a time): four independent chains of double adds instead of one (latency-bound).
+  auto scale = [&](size_t j, double sq) {
+    const float* src = rows.data() + j * d;
+    float* dst = unit.data() + j * d;
+    const float inv = sq > 0.0 ? static_cast<float>(1.0 / std::sqrt(sq)) : 0.0f;
+    for (size_t c = 0; c < d; ++c) dst[c] = src[c] * inv;
+  };
+  size_t j = 0;
+  for (; j + 4 <= n; j += 4) {
+    const float* r0 = rows.data() + j * d;
+    const float *r1 = r0 + d, *r2 = r1 + d, *r3 = r2 + d;
+    double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0;
     for (size_t c = 0; c < d; ++c) {
-      for (size_t r = 0; r < g; ++r) {
-        const float x = unit[(j0 + r) * d + c];
-        sq[r] += double{x} * x;
-      }
+      s0 += double{r0[c]} * r0[c];
+      s1 += double{r1[c]} * r1[c];
+      s2 += double{r2[c]} * r2[c];
+      s3 += double{r3[c]} * r3[c];
     }
-    for (size_t r = 0; r < g; ++r) {
-      float* row = &unit[(j0 + r) * d];
-      const float inv = sq[r] > 0.0 ? static_cast<float>(1.0 / std::sqrt(sq[r])) : 0.0f;
-      for (size_t c = 0; c < d; ++c) row[c] *= inv;
-    }
+    scale(j, s0);
+    scale(j + 1, s1);
+    scale(j + 2, s2);
+    scale(j + 3, s3);
   }
+  for (; j < n; ++j) {
+    const float* r = rows.data() + j * d;
+    double sq = 0.0;
+    for (size_t c = 0; c < d; ++c) sq += double{r[c]} * r[c];
+    scale(j, sq);
+  }
+}
+
+std::vector<float> UnitRows(std::span<const float> rows, size_t d) {
+  std::vector<float> unit;
+  UnitRowsInto(rows, d, unit);
   return unit;
 }
 
@@ -212,9 +230,46 @@ inline bool AnyAtLeast(const float* a, const float* b) {
 struct Screen {
   float best = -INFINITY;  // running maximum (nearest) / k-th best (top-k) of the screened sims
   float threshold = -INFINITY;  // best - margin: a candidate below it cannot be chosen
-  std::vector<float> heap;      // top-k: min-heap of the k best screened sims
+  size_t next_prune = 0;        // kept.size() at which the next pruning pass runs
   std::vector<std::pair<float, int32_t>> kept;  // (screened sim, candidate), candidate ascending
+  std::vector<float> top;                       // top-k only: see TopKOffer
+
+  void Reset(size_t first_prune) {
+    best = threshold = -INFINITY;
+    next_prune = first_prune;
+    kept.clear();
+    top.clear();
+  }
 };
+
+void Prune(Screen& s) {
+  std::erase_if(s.kept, [&](const std::pair<float, int32_t>& e) { return e.first < s.threshold; });
+}
+
+// Top-k screening: `top` holds the k best screened sims so far, sorted descending (k is small:
+// a sorted insert moves at most k floats, cheaper than a heap's unpredictable sift); every
+// candidate at or above top.back() - margin is appended to `kept`, which is pruned to the
+// current threshold whenever it has doubled.
+void TopKOffer(Screen& s, int32_t k, double margin, float sim, int32_t j) {
+  s.kept.push_back({sim, j});
+  std::vector<float>& top = s.top;
+  if (static_cast<int32_t>(top.size()) == k) {
+    if (!(sim > top.back())) return;
+    top.pop_back();
+  }
+  // Insert after every entry >= sim (upper_bound in descending order): a vectorised count, no
+  // data-dependent branches.
+  size_t pos = 0;
+  for (size_t i = 0; i < top.size(); ++i) pos += top[i] >= sim;
+  top.insert(top.begin() + static_cast<std::ptrdiff_t>(pos), sim);
+  if (static_cast<int32_t>(top.size()) < k) return;
+  s.best = top.back();
+  s.threshold = static_cast<float>(double{s.best} - margin);
+  if (s.kept.size() >= s.next_prune) {
+    Prune(s);
+    s.next_prune = std::max(s.next_prune, 2 * s.kept.size());
+  }
+}
 
 // Streams over the panels for `block` query rows and calls offer(row, sim, candidate index) for
 // every pair at or above the row's threshold (threshold read before each panel's row scan).
@@ -243,10 +298,6 @@ void ScreenBlock(const TileKernel& kernel, std::span<const float> unit, size_t d
       }
     }
   }
-}
-
-void Prune(Screen& s) {
-  std::erase_if(s.kept, [&](const std::pair<float, int32_t>& e) { return e.first < s.threshold; });
 }
 
 // One row of the reference kNN: the k best eligible j != i by DotProduct, ranked as TopK.
@@ -362,8 +413,7 @@ void NearestRows(std::span<const float> unit, size_t d, std::span<const int32_t>
     const int nb = static_cast<int>(std::min<size_t>(kernel.rows, sc.normal_queries.size() - b));
     for (int i = 0; i < nb; ++i) {
       block[i] = queries[sc.normal_queries[b + i]];
-      screens[i].best = screens[i].threshold = -INFINITY;
-      screens[i].kept.clear();
+      screens[i].Reset(32);
     }
     ScreenBlock(kernel, unit, d, std::span<const int32_t>(block, nb), sc.panels, rows.size(),
                 std::span<Screen>(screens, nb), [&](int i, float sim, int32_t c) {
@@ -372,7 +422,10 @@ void NearestRows(std::span<const float> unit, size_t d, std::span<const int32_t>
                   if (sim > s.best) {
                     s.best = sim;
                     s.threshold = static_cast<float>(double{sim} - margin);
-                    if (s.kept.size() > 32) Prune(s);
+                    if (s.kept.size() >= s.next_prune) {
+                      Prune(s);
+                      s.next_prune = std::max(s.next_prune, 2 * s.kept.size());
+                    }
                   }
                 });
     for (int i = 0; i < nb; ++i) {
@@ -439,31 +492,13 @@ std::vector<std::vector<int32_t>> TopKSimilarRows(std::span<const float> unit, s
   const TileKernel kernel = PickKernel();
   const size_t num_queries = sc.local.size();
   const size_t tiles = (num_queries + kPanel - 1) / kPanel;
-  const size_t prune_at = 2 * static_cast<size_t>(k) + 32;
+  const size_t first_prune = 2 * static_cast<size_t>(k) + 32;
   std::vector<Screen>& screens = sc.screens;
   screens.resize(num_queries);
-  for (Screen& s : screens) {
-    s.best = s.threshold = -INFINITY;
-    s.heap.clear();
-    s.kept.clear();
-  }
+  for (Screen& s : screens) s.Reset(first_prune);
   auto offer = [&](Screen& s, int32_t self, float sim, int32_t j) {
     if (j == self) return;  // a row is not its own neighbour
-    s.kept.push_back({sim, j});
-    if (static_cast<int32_t>(s.heap.size()) < k) {
-      s.heap.push_back(sim);
-      std::push_heap(s.heap.begin(), s.heap.end(), std::greater<float>());
-      if (static_cast<int32_t>(s.heap.size()) < k) return;
-    } else if (sim > s.heap.front()) {
-      std::pop_heap(s.heap.begin(), s.heap.end(), std::greater<float>());
-      s.heap.back() = sim;
-      std::push_heap(s.heap.begin(), s.heap.end(), std::greater<float>());
-    } else {
-      return;
-    }
-    s.best = s.heap.front();
-    s.threshold = static_cast<float>(double{s.best} - margin);
-    if (s.kept.size() > prune_at) Prune(s);
+    TopKOffer(s, k, margin, sim, j);
   };
   const float* rows[kMaxRows];
   alignas(64) float tile[kMaxRows * kPanel];

@@ -31,6 +31,8 @@ namespace kvcache::policy {
 // rows [n, d] -> the same rows scaled to unit L2 norm (a zero row stays zero, so its similarity
 // to anything is 0). The norm is accumulated in double.
 std::vector<float> UnitRows(std::span<const float> rows, size_t d);
+// The same into `unit` (resized; reusing its capacity, e.g. a thread_local buffer).
+void UnitRowsInto(std::span<const float> rows, size_t d, std::vector<float>& unit);
 
 // a . b over d channels with independent partial sums, so the compiler vectorises it without
 // -ffast-math (the sum order is fixed, so results are deterministic across runs and threads).
