@@ -271,12 +271,13 @@ void TopKOffer(Screen& s, int32_t k, double margin, float sim, int32_t j) {
   }
 }
 
-// Streams over the panels for `block` query rows and calls offer(row, sim, candidate index) for
-// every pair at or above the row's threshold (threshold read before each panel's row scan).
+// Streams over panels [tile_begin, tile_end) for `block` query rows and calls offer(row, sim,
+// candidate index) for every pair at or above the row's threshold.
 template <typename Offer>
 void ScreenBlock(const TileKernel& kernel, std::span<const float> unit, size_t d,
                  std::span<const int32_t> block, const std::vector<float>& panels,
-                 size_t num_candidates, std::span<Screen> screens, Offer&& offer) {
+                 size_t num_candidates, size_t tile_begin, size_t tile_end,
+                 std::span<Screen> screens, Offer&& offer) {
   const float* q[kMaxRows];
   const int nq = static_cast<int>(block.size());
   // Rows past the end repeat the last one (computed, not used) so the tile shape is fixed.
@@ -284,8 +285,7 @@ void ScreenBlock(const TileKernel& kernel, std::span<const float> unit, size_t d
     q[i] = unit.data() + static_cast<size_t>(block[std::min(i, nq - 1)]) * d;
   }
   alignas(64) float out[kMaxRows * kPanel];
-  const size_t tiles = (num_candidates + kPanel - 1) / kPanel;
-  for (size_t t = 0; t < tiles; ++t) {
+  for (size_t t = tile_begin; t < tile_end; ++t) {
     kernel.fn(q, panels.data() + t * d * kPanel, d, out);
     const int nb = static_cast<int>(std::min<size_t>(kPanel, num_candidates - t * kPanel));
     for (int i = 0; i < nq; ++i) {
@@ -407,47 +407,56 @@ void NearestRows(std::span<const float> unit, size_t d, std::span<const int32_t>
   const double margin = Margin(d, nq, nc);
   PackPanels(unit, d, rows, sc.panels);
   const TileKernel kernel = PickKernel();
-  Screen screens[kMaxRows];
-  int32_t block[kMaxRows];
-  for (size_t b = 0; b < sc.normal_queries.size(); b += kernel.rows) {
-    const int nb = static_cast<int>(std::min<size_t>(kernel.rows, sc.normal_queries.size() - b));
-    for (int i = 0; i < nb; ++i) {
-      block[i] = queries[sc.normal_queries[b + i]];
-      screens[i].Reset(32);
-    }
-    ScreenBlock(kernel, unit, d, std::span<const int32_t>(block, nb), sc.panels, rows.size(),
-                std::span<Screen>(screens, nb), [&](int i, float sim, int32_t c) {
-                  Screen& s = screens[i];
-                  s.kept.push_back({sim, sc.screened[c]});
-                  if (sim > s.best) {
-                    s.best = sim;
-                    s.threshold = static_cast<float>(double{sim} - margin);
-                    if (s.kept.size() >= s.next_prune) {
-                      Prune(s);
-                      s.next_prune = std::max(s.next_prune, 2 * s.kept.size());
+  const size_t num_queries = sc.normal_queries.size();
+  std::vector<Screen>& screens = sc.screens;
+  screens.resize(num_queries);
+  for (Screen& s : screens) s.Reset(32);
+  sc.local.resize(num_queries);  // the regular queries' rows
+  for (size_t i = 0; i < num_queries; ++i) sc.local[i] = queries[sc.normal_queries[i]];
+  // Panels in groups that stay in L1 (kGroup x d x kPanel floats: 32 KiB at d = 128) while every
+  // query block runs against them; each query still sees the candidates in slot order.
+  constexpr size_t kGroup = 4;
+  const size_t tiles = (rows.size() + kPanel - 1) / kPanel;
+  for (size_t g = 0; g < tiles; g += kGroup) {
+    for (size_t b = 0; b < num_queries; b += kernel.rows) {
+      const size_t nb = std::min<size_t>(kernel.rows, num_queries - b);
+      Screen* st = screens.data() + b;
+      ScreenBlock(kernel, unit, d, std::span<const int32_t>(sc.local).subspan(b, nb), sc.panels,
+                  rows.size(), g, std::min(tiles, g + kGroup), std::span<Screen>(st, nb),
+                  [&](int i, float sim, int32_t c) {
+                    Screen& s = st[i];
+                    s.kept.push_back({sim, sc.screened[c]});
+                    if (sim > s.best) {
+                      s.best = sim;
+                      s.threshold = static_cast<float>(double{sim} - margin);
+                      if (s.kept.size() >= s.next_prune) {
+                        Prune(s);
+                        s.next_prune = std::max(s.next_prune, 2 * s.kept.size());
+                      }
                     }
-                  }
-                });
-    for (int i = 0; i < nb; ++i) {
-      Screen& s = screens[i];
-      Prune(s);
-      // Verify: the survivors and the unscreened candidates, in slot order, as the reference.
-      sc.local.clear();
-      for (const auto& e : s.kept) sc.local.push_back(e.second);
-      sc.local.insert(sc.local.end(), sc.direct.begin(), sc.direct.end());
-      std::sort(sc.local.begin(), sc.local.end());
-      const float* a = unit.data() + static_cast<size_t>(block[i]) * d;
-      int32_t best_slot = 0;
-      float best_sim = -INFINITY;
-      for (int32_t slot : sc.local) {
-        const float dot = DotProduct(a, unit.data() + static_cast<size_t>(candidates[slot]) * d, d);
-        if (dot > best_sim) {
-          best_sim = dot;
-          best_slot = slot;
-        }
-      }
-      best[sc.normal_queries[b + i]] = best_slot;
+                  });
     }
+  }
+  std::vector<int32_t>& verify = sc.order;
+  for (size_t i = 0; i < num_queries; ++i) {
+    Screen& s = screens[i];
+    Prune(s);
+    // Verify: the survivors and the unscreened candidates, in slot order, as the reference.
+    verify.clear();
+    for (const auto& e : s.kept) verify.push_back(e.second);
+    verify.insert(verify.end(), sc.direct.begin(), sc.direct.end());
+    std::sort(verify.begin(), verify.end());
+    const float* a = unit.data() + static_cast<size_t>(sc.local[i]) * d;
+    int32_t best_slot = 0;
+    float best_sim = -INFINITY;
+    for (int32_t slot : verify) {
+      const float dot = DotProduct(a, unit.data() + static_cast<size_t>(candidates[slot]) * d, d);
+      if (dot > best_sim) {
+        best_sim = dot;
+        best_slot = slot;
+      }
+    }
+    best[sc.normal_queries[i]] = best_slot;
   }
 }
 
