@@ -19,6 +19,7 @@
 #include "kvcache/cache.h"
 #include "kvcache/policy/registry.h"
 #include "kvcache/policy/snapshot.h"
+#include "src/policy/similarity.h"
 
 namespace kp = kvcache::policy;
 using kvcache::Modality;
@@ -164,6 +165,33 @@ void BM_Plan(benchmark::State& state, std::string spec) {
   state.counters["streams_kept_tokens"] = static_cast<double>(kept);
 }
 
+// The merging policies (prumerge's kNN, LOOK-M's nearest kept key) under each similarity
+// implementation (src/policy/similarity.h), in this binary: kReference is the code before the
+// blocked search (one DotProduct per pair, streams one after another) — the baseline.
+void BM_PlanSimilarity(benchmark::State& state, std::string spec, kp::SimilarityKernel kernel) {
+  World& w = GetWorld(static_cast<int>(state.range(0)));
+  auto policy = kp::CreatePolicy(spec);
+  kp::SetSimilarityKernel(kernel);
+  double total = 0;
+  int64_t kept = 0, merges = 0;
+  for (auto _ : state) {
+    const double t0 = Now();
+    auto plan = (*policy)->Plan(w.snap);
+    total += Now() - t0;
+    if (!plan.ok()) {
+      state.SkipWithError(std::string(plan.status().message()).c_str());
+      break;
+    }
+    kept = plan->KeptTokens();
+    merges = 0;
+    for (const kvcache::StreamPlan& sp : plan->streams) merges += static_cast<int64_t>(sp.merges.size());
+  }
+  kp::SetSimilarityKernel(kp::SimilarityKernel::kBlocked);
+  SetRatio(state, total, w);
+  state.counters["streams_kept_tokens"] = static_cast<double>(kept);
+  state.counters["merges"] = static_cast<double>(merges);
+}
+
 void BM_Apply(benchmark::State& state, std::string spec) {
   World& w = GetWorld(static_cast<int>(state.range(0)));
   auto policy = kp::CreatePolicy(spec);
@@ -228,10 +256,21 @@ void Register() {
                                    std::string(spec))
           ->Arg(scale)->Unit(benchmark::kMillisecond)->UseRealTime();
     }
-    if (scale == 1) {  // LOOK-M is O(evicted * kept * D) per stream: the 1x case says enough
-      benchmark::RegisterBenchmark("BM_Plan/snapkv:keep=0.1,window=32,merge=pivot", BM_Plan,
-                                   std::string("snapkv:keep=0.1,window=32,merge=pivot"))
-          ->Arg(scale)->Unit(benchmark::kMillisecond)->UseRealTime()->Iterations(1);
+    // LOOK-M is O(evicted * kept * D) per stream, prumerge's kNN O(kept * image * D): the
+    // reference (baseline) runs one iteration.
+    const std::pair<const char*, kp::SimilarityKernel> kernels[] = {
+        {"reference", kp::SimilarityKernel::kReference},
+        {"blocked_serial", kp::SimilarityKernel::kBlockedSerial},
+        {"portable", kp::SimilarityKernel::kPortable},
+        {"blocked", kp::SimilarityKernel::kBlocked}};
+    for (const char* spec : {"prumerge", "snapkv:keep=0.1,window=32,merge=pivot"}) {
+      for (const auto& [kname, kernel] : kernels) {
+        auto* b = benchmark::RegisterBenchmark(
+            ("BM_PlanSimilarity/" + std::string(spec) + "/" + kname).c_str(), BM_PlanSimilarity,
+            std::string(spec), kernel);
+        b->Arg(scale)->Unit(benchmark::kMillisecond)->UseRealTime();
+        if (kernel == kp::SimilarityKernel::kReference) b->Iterations(1);
+      }
     }
     for (const char* spec : {"snapkv:keep=0.1,window=32", "fastv:layer=2,ratio=0.5",
                              "think:lambda=0.4", "prumerge"}) {

@@ -24,25 +24,23 @@ absl::Status AddLookMMerges(const StreamSnapshot& stream, int32_t head_dim, Merg
   const int32_t kept = static_cast<int32_t>(plan.kept.size());
   if (kept == 0 || kept == n) return absl::OkStatus();
   // Unit keys, so a dot product is the cosine similarity (a zero key stays zero: similarity 0).
-  const std::vector<float> unit = UnitRows(stream.keys, d);
+  thread_local std::vector<float> unit;  // reused across calls (streams of one thread)
+  UnitRowsInto(stream.keys, d, unit);
   std::vector<uint8_t> is_kept(n, 0);
   for (int32_t j : plan.kept) is_kept[j] = 1;
-  std::vector<int32_t> target(n, -1), count(kept, 0);
+  std::vector<int32_t> evicted;
+  evicted.reserve(n - kept);
   for (int32_t e = 0; e < n; ++e) {
-    if (is_kept[e]) continue;
-    int32_t best = 0;
-    float best_sim = -INFINITY;
-    for (int32_t s = 0; s < kept; ++s) {
-      const float* a = &unit[e * d];
-      const float* b = &unit[static_cast<size_t>(plan.kept[s]) * d];
-      const float dot = DotProduct(a, b, d);
-      if (dot > best_sim) {  // strict: ties keep the earlier slot; NaN never wins
-        best_sim = dot;
-        best = s;
-      }
-    }
-    target[e] = best;
-    ++count[best];
+    if (!is_kept[e]) evicted.push_back(e);
+  }
+  // Most similar kept slot of each evicted token: strict maximum, ties keep the earlier slot, NaN
+  // never wins (similarity.h: blocked search, equal to the per-pair loop).
+  std::vector<int32_t> nearest(evicted.size());
+  NearestRows(unit, d, evicted, plan.kept, nearest);
+  std::vector<int32_t> target(n, -1), count(kept, 0);
+  for (size_t i = 0; i < evicted.size(); ++i) {
+    target[evicted[i]] = nearest[i];
+    ++count[nearest[i]];
   }
   plan.kept_key_weight.assign(kept, 1.0f);
   plan.kept_value_weight.assign(kept, 1.0f);

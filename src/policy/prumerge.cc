@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cmath>
 #include <numeric>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -21,11 +22,14 @@ double Percentile(std::span<const float> values, double p) {
     if (x == x) v.push_back(x);
   }
   if (v.empty()) return std::nan("");
-  std::sort(v.begin(), v.end());
   const double pos = p * static_cast<double>(v.size() - 1);
   const size_t lo = static_cast<size_t>(std::floor(pos));
   const size_t hi = std::min(v.size() - 1, lo + 1);
-  return v[lo] + (v[hi] - v[lo]) * (pos - static_cast<double>(lo));
+  // The lo-th and hi-th smallest values (what a full sort would put there), in O(n).
+  std::nth_element(v.begin(), v.begin() + lo, v.end());
+  const double v_lo = v[lo];
+  const double v_hi = hi == lo ? v_lo : *std::min_element(v.begin() + hi, v.end());
+  return v_lo + (v_hi - v_lo) * (pos - static_cast<double>(lo));
 }
 
 absl::StatusOr<PruMergeSelection> PruMergeSelect(std::span<const float> scores,
@@ -63,22 +67,14 @@ absl::StatusOr<PruMergeSelection> PruMergeSelect(std::span<const float> scores,
   sel.merges.resize(sel.kept.size());
   if (!o.merge || o.knn == 0) return sel;
   const size_t d = static_cast<size_t>(key_dim);
-  const std::vector<float> unit = UnitRows(keys, d);
-  std::vector<float> sim(n);
-  std::vector<int32_t> index(n);
-  std::iota(index.begin(), index.end(), 0);
+  thread_local std::vector<float> unit;  // one image's unit keys, reused across calls
+  UnitRowsInto(keys, d, unit);
+  // A neighbour with a non-finite score would poison the merged row: it is not merged.
+  std::vector<uint8_t> eligible(n);
+  for (int32_t j = 0; j < n; ++j) eligible[j] = std::isfinite(scores[j]);
+  const std::vector<std::vector<int32_t>> knn = TopKSimilarRows(unit, d, sel.kept, eligible, o.knn);
   for (size_t s = 0; s < sel.kept.size(); ++s) {
-    const int32_t i = sel.kept[s];
-    std::vector<int32_t> others;
-    for (int32_t j = 0; j < n; ++j) {
-      // A neighbour with a non-finite score would poison the merged row: it is not merged.
-      if (j == i || !std::isfinite(scores[j])) continue;
-      sim[j] = DotProduct(&unit[i * d], &unit[j * d], d);
-      others.push_back(j);
-    }
-    for (int32_t j : TopK(sim, index, others, o.knn)) {
-      sel.merges[s].push_back({.source = j, .weight = scores[j]});
-    }
+    for (int32_t j : knn[s]) sel.merges[s].push_back({.source = j, .weight = scores[j]});
   }
   return sel;
 }
@@ -141,85 +137,100 @@ class PruMergePolicy final : public Policy {
     plan.sequence = snap.sequence;
     plan.policy = Describe();
     const size_t d = static_cast<size_t>(snap.head_dim);
+    // Streams are independent: each is planned on its own (in parallel, ForEachStream) into its
+    // slot, then the slots are read in (layer, kv head) order, so the plan and the first error
+    // are the serial ones.
+    const int32_t streams = snap.num_layers * snap.num_kv_heads;
+    std::vector<absl::StatusOr<std::optional<StreamPlan>>> planned(streams, std::nullopt);
+    std::vector<uint8_t> visual(streams, 0);
+    ForEachStream(streams, [&](int32_t i) {
+      planned[i] = PlanStream(snap, i / snap.num_kv_heads, i % snap.num_kv_heads, d, visual[i]);
+    });
     bool any_visual = false;
-    for (int32_t l = 0; l < snap.num_layers; ++l) {
-      for (int32_t h = 0; h < snap.num_kv_heads; ++h) {
-        const StreamSnapshot& st = snap.stream(l, h);
-        const int32_t n = st.length();
-        if (st.modalities.empty()) continue;
-        if (o_.merge && st.keys.size() != static_cast<size_t>(n) * d) {
-          return absl::FailedPreconditionError(absl::StrCat(
-              "prumerge: stream (layer ", l, ", kv_head ", h, ") has no keys in the snapshot"));
-        }
-        if (!o_.engine_scores && st.post_vision_scores.size() != static_cast<size_t>(n)) {
-          return absl::FailedPreconditionError(absl::StrCat(
-              "prumerge: stream (layer ", l, ", kv_head ", h,
-              ") has no post-vision scores; collect the snapshot with the policy's Needs()"));
-        }
-        std::vector<uint8_t> keep(n, 1);
-        std::vector<std::pair<int32_t, PruMergeTerm>> merges;  // (kept token, term)
-        for (int32_t a = 0; a < n;) {
-          if (!IsVisual(st.modalities[a])) {
-            ++a;
-            continue;
-          }
-          int32_t b = a;
-          while (b < n && IsVisual(st.modalities[b])) ++b;  // one image: [a, b)
-          any_visual = true;
-          std::vector<float> scores(b - a);
-          for (int32_t j = a; j < b; ++j) {
-            if (o_.engine_scores) {
-              const auto& pos = snap.image_score_positions;
-              auto it = std::lower_bound(pos.begin(), pos.end(), st.positions[j]);
-              if (it == pos.end() || *it != st.positions[j]) {
-                return absl::FailedPreconditionError(absl::StrCat(
-                    "prumerge: no engine image score for the image token at position ",
-                    st.positions[j]));
-              }
-              scores[j - a] = snap.image_scores[it - pos.begin()];
-            } else {
-              scores[j - a] = st.post_vision_scores[j];
-            }
-          }
-          std::span<const float> keys;
-          if (o_.merge) keys = std::span<const float>(st.keys).subspan(a * d, (b - a) * d);
-          absl::StatusOr<PruMergeSelection> sel =
-              PruMergeSelect(scores, keys, snap.head_dim, o_);
-          if (!sel.ok()) return sel.status();
-          for (int32_t j = a; j < b; ++j) keep[j] = 0;
-          for (size_t s = 0; s < sel->kept.size(); ++s) {
-            keep[a + sel->kept[s]] = 1;
-            for (PruMergeTerm t : sel->merges[s]) {
-              t.source += a;
-              merges.push_back({a + sel->kept[s], t});
-            }
-          }
-          a = b;
-        }
-        StreamPlan sp;
-        sp.layer = l;
-        sp.kv_head = h;
-        std::vector<int32_t> slot(n, -1);
-        for (int32_t j = 0; j < n; ++j) {
-          if (!keep[j]) continue;
-          slot[j] = static_cast<int32_t>(sp.kept.size());
-          sp.kept.push_back(j);
-        }
-        for (const auto& [token, t] : merges) {
-          sp.merges.push_back({.kept_slot = slot[token], .source = t.source,
-                               .key_weight = o_.merge_keys ? t.weight : 0.0f,
-                               .value_weight = t.weight});
-        }
-        if (static_cast<int32_t>(sp.kept.size()) < n || !sp.merges.empty()) {
-          plan.streams.push_back(std::move(sp));
-        }
-      }
+    for (int32_t i = 0; i < streams; ++i) {
+      if (!planned[i].ok()) return planned[i].status();
+      any_visual = any_visual || visual[i];
+      if (planned[i]->has_value()) plan.streams.push_back(std::move(**planned[i]));
     }
     if (!any_visual) absl::StrAppend(&plan.policy, " (no image tokens: no-op)");
     return plan;
   }
 
  private:
+  // The plan of stream (l, h), or nullopt when it keeps every token and merges nothing.
+  absl::StatusOr<std::optional<StreamPlan>> PlanStream(const SequenceSnapshot& snap, int32_t l,
+                                                       int32_t h, size_t d,
+                                                       uint8_t& any_visual) const {
+    const StreamSnapshot& st = snap.stream(l, h);
+    const int32_t n = st.length();
+    if (st.modalities.empty()) return std::nullopt;
+    if (o_.merge && st.keys.size() != static_cast<size_t>(n) * d) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "prumerge: stream (layer ", l, ", kv_head ", h, ") has no keys in the snapshot"));
+    }
+    if (!o_.engine_scores && st.post_vision_scores.size() != static_cast<size_t>(n)) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "prumerge: stream (layer ", l, ", kv_head ", h,
+          ") has no post-vision scores; collect the snapshot with the policy's Needs()"));
+    }
+    std::vector<uint8_t> keep(n, 1);
+    std::vector<std::pair<int32_t, PruMergeTerm>> merges;  // (kept token, term)
+    for (int32_t a = 0; a < n;) {
+      if (!IsVisual(st.modalities[a])) {
+        ++a;
+        continue;
+      }
+      int32_t b = a;
+      while (b < n && IsVisual(st.modalities[b])) ++b;  // one image: [a, b)
+      any_visual = 1;
+      std::vector<float> scores(b - a);
+      for (int32_t j = a; j < b; ++j) {
+        if (o_.engine_scores) {
+          const auto& pos = snap.image_score_positions;
+          auto it = std::lower_bound(pos.begin(), pos.end(), st.positions[j]);
+          if (it == pos.end() || *it != st.positions[j]) {
+            return absl::FailedPreconditionError(absl::StrCat(
+                "prumerge: no engine image score for the image token at position ",
+                st.positions[j]));
+          }
+          scores[j - a] = snap.image_scores[it - pos.begin()];
+        } else {
+          scores[j - a] = st.post_vision_scores[j];
+        }
+      }
+      std::span<const float> keys;
+      if (o_.merge) keys = std::span<const float>(st.keys).subspan(a * d, (b - a) * d);
+      absl::StatusOr<PruMergeSelection> sel =
+          PruMergeSelect(scores, keys, snap.head_dim, o_);
+      if (!sel.ok()) return sel.status();
+      for (int32_t j = a; j < b; ++j) keep[j] = 0;
+      for (size_t s = 0; s < sel->kept.size(); ++s) {
+        keep[a + sel->kept[s]] = 1;
+        for (PruMergeTerm t : sel->merges[s]) {
+          t.source += a;
+          merges.push_back({a + sel->kept[s], t});
+        }
+      }
+      a = b;
+    }
+    StreamPlan sp;
+    sp.layer = l;
+    sp.kv_head = h;
+    std::vector<int32_t> slot(n, -1);
+    for (int32_t j = 0; j < n; ++j) {
+      if (!keep[j]) continue;
+      slot[j] = static_cast<int32_t>(sp.kept.size());
+      sp.kept.push_back(j);
+    }
+    for (const auto& [token, t] : merges) {
+      sp.merges.push_back({.kept_slot = slot[token], .source = t.source,
+                           .key_weight = o_.merge_keys ? t.weight : 0.0f,
+                           .value_weight = t.weight});
+    }
+    if (static_cast<int32_t>(sp.kept.size()) < n || !sp.merges.empty()) return sp;
+    return std::nullopt;
+  }
+
   PruMergeOptions o_;
 };
 

@@ -12,6 +12,7 @@
 #include "kvcache/policy/merge.h"
 #include "kvcache/policy/policy.h"
 #include "kvcache/policy/think.h"
+#include "src/policy/similarity.h"
 
 namespace kvcache::policy {
 namespace {
@@ -293,12 +294,27 @@ absl::StatusOr<EvictionPlan> TokenPolicy::Plan(const SequenceSnapshot& snap) con
         sp.kv_head = h;
         sp.kept = std::move(*kept);
         if (o_.merge != MergeMode::kNone) {
-          if (absl::Status s = AddLookMMerges(st, snap.head_dim, o_.merge, sp); !s.ok()) {
+          // The merge itself runs below, all streams in parallel; its input check runs here so
+          // the first error is the one the serial loop would report. (AddLookMMerges checks the
+          // keys first and returns before any work for a plan that keeps nothing.)
+          StreamPlan probe{.layer = l, .kv_head = h};
+          if (absl::Status s = AddLookMMerges(st, snap.head_dim, o_.merge, probe); !s.ok()) {
             return Wrap(o_, s);
           }
         }
         plan.streams.push_back(std::move(sp));
       }
+    }
+  }
+  if (o_.merge != MergeMode::kNone) {
+    const int32_t count = static_cast<int32_t>(plan.streams.size());
+    std::vector<absl::Status> merged(count);
+    ForEachStream(count, [&](int32_t i) {
+      StreamPlan& sp = plan.streams[i];
+      merged[i] = AddLookMMerges(snap.stream(sp.layer, sp.kv_head), snap.head_dim, o_.merge, sp);
+    });
+    for (const absl::Status& s : merged) {
+      if (!s.ok()) return Wrap(o_, s);
     }
   }
   if (o_.think) {
