@@ -262,6 +262,7 @@ void Register() {
         {"reference", kp::SimilarityKernel::kReference},
         {"blocked_serial", kp::SimilarityKernel::kBlockedSerial},
         {"portable", kp::SimilarityKernel::kPortable},
+        {"blocked_avx2", kp::SimilarityKernel::kBlockedAvx2},
         {"blocked", kp::SimilarityKernel::kBlocked}};
     for (const char* spec : {"prumerge", "snapkv:keep=0.1,window=32,merge=pivot"}) {
       for (const auto& [kname, kernel] : kernels) {

@@ -28,7 +28,8 @@ struct KernelGuard {
 };
 
 constexpr SimilarityKernel kFast[] = {SimilarityKernel::kBlocked, SimilarityKernel::kPortable,
-                                      SimilarityKernel::kBlockedSerial};
+                                      SimilarityKernel::kBlockedSerial,
+                                      SimilarityKernel::kBlockedAvx2};
 
 const char* Name(SimilarityKernel k) {
   switch (k) {
@@ -36,6 +37,7 @@ const char* Name(SimilarityKernel k) {
     case SimilarityKernel::kPortable: return "portable";
     case SimilarityKernel::kBlockedSerial: return "blocked_serial";
     case SimilarityKernel::kReference: return "reference";
+    case SimilarityKernel::kBlockedAvx2: return "blocked_avx2";
   }
   return "?";
 }
@@ -163,7 +165,7 @@ TEST_CASE("NearestRows: ties keep the earlier slot, NaN never wins", "[policy][s
   keys[4 * d + 3] = std::nanf("");
   const std::vector<float> unit = kp::UnitRows(keys, d);
   for (SimilarityKernel k : {SimilarityKernel::kReference, SimilarityKernel::kBlocked,
-                             SimilarityKernel::kPortable}) {
+                             SimilarityKernel::kPortable, SimilarityKernel::kBlockedAvx2}) {
     kp::SetSimilarityKernel(k);
     INFO(Name(k));
     int32_t best = -1;
@@ -216,7 +218,7 @@ TEST_CASE("TopKSimilarRows ranks ties by index and NaN last", "[policy][similari
   const int32_t query[] = {0};
   using V = std::vector<int32_t>;
   for (SimilarityKernel k : {SimilarityKernel::kReference, SimilarityKernel::kBlocked,
-                             SimilarityKernel::kPortable}) {
+                             SimilarityKernel::kPortable, SimilarityKernel::kBlockedAvx2}) {
     kp::SetSimilarityKernel(k);
     INFO(Name(k));
     CHECK(kp::TopKSimilarRows(unit, d, query, all, 4)[0] == V{1, 3, 6, 4});

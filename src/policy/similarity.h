@@ -65,13 +65,15 @@ std::vector<std::vector<int32_t>> TopKSimilarRows(std::span<const float> unit, s
 }  // namespace reference
 
 // Which implementation the merging policies (prumerge, merge=pivot|average) run — a hook for
-// tests and benchmarks, like cpu::ForcePortableKernels; process-wide, default kBlocked.
-//   kBlocked:  the blocked searches, AVX2 copy when the CPU has it; streams in parallel (oneTBB).
+// tests and benchmarks, like cpu::LimitKernelIsa; process-wide, default kBlocked.
+//   kBlocked:  the blocked searches, AVX-512 (else AVX2) copy when the CPU has it; streams in
+//              parallel (oneTBB).
+//   kBlockedAvx2: kBlocked with at most the AVX2 copy.
 //   kPortable: the blocked searches, baseline-ISA copy only; streams in parallel.
 //   kBlockedSerial: kBlocked with the streams one after another.
 //   kReference: reference:: searches with the streams one after another (the code before).
 // Every setting gives the same plans.
-enum class SimilarityKernel { kBlocked, kPortable, kBlockedSerial, kReference };
+enum class SimilarityKernel { kBlocked, kPortable, kBlockedSerial, kReference, kBlockedAvx2 };
 void SetSimilarityKernel(SimilarityKernel kernel);
 SimilarityKernel GetSimilarityKernel();
 
