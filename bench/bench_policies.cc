@@ -6,11 +6,18 @@
 // Shapes: 32 layers, 8 kv heads, 32 q heads, D = 128, f16; 35 text + 2880 image + 85 text
 // tokens (3000), and 4x that (12000 tokens, one sequence). 64 observation query rows per layer
 // (the last 64 prompt positions, all after the image).
+//
+// Baselines of the data movement (Backend::GatherRows / ReadRows, cpu/cpu_backend.cc): the
+// BM_*Reference benchmarks run the same Apply / key read on an identical sequence in a cache on
+// the "cpu-reference" backend (scalar per-element conversions), with the plans computed in the
+// "cpu" world (run BM_Apply/<spec> first; the reference world holds no snapshot), and report
+// x_decode_step against the "cpu" decode step.
 #include <benchmark/benchmark.h>
 
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <map>
 #include <memory>
 #include <random>
 #include <string>
@@ -30,6 +37,7 @@ constexpr int32_t kLayers = 32, kHeads = 8, kQHeads = 32, kDim = 128, kRows = 64
 
 struct World {
   int scale = 0;
+  std::string backend;
   int32_t n = 0;
   std::unique_ptr<kvcache::Cache> cache;
   kvcache::SequenceId seq = 0;
@@ -41,6 +49,9 @@ struct World {
 };
 
 std::unique_ptr<World> g_world;
+// Per (scale, spec): the plan computed in the "cpu" world, for the reference world's Apply.
+std::map<std::pair<int, std::string>, kvcache::EvictionPlan> g_plans;
+std::map<int, double> g_decode_seconds;  // per scale, the "cpu" world's decode step
 
 double Now() {
   return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
@@ -56,11 +67,12 @@ double DecodeStep(World& w) {
   return Now() - t0;
 }
 
-World& GetWorld(int scale) {
-  if (g_world && g_world->scale == scale) return *g_world;
+World& GetWorld(int scale, const std::string& backend = "cpu") {
+  if (g_world && g_world->scale == scale && g_world->backend == backend) return *g_world;
   g_world.reset();  // one sequence in memory at a time
   auto w = std::make_unique<World>();
   w->scale = scale;
+  w->backend = backend;
   const int32_t text_before = 35 * scale, image = 2880 * scale, text_after = 85 * scale;
   w->n = text_before + image + text_after;
   kvcache::CacheConfig cfg;
@@ -72,7 +84,7 @@ World& GetWorld(int scale) {
   cfg.page_tokens = 16;
   // The sequence plus room for one compacted copy (Apply on a fork).
   cfg.num_pages = 2 * kLayers * kHeads * ((w->n + 15) / 16) + 1024;
-  w->cache = std::move(*kvcache::Cache::Create(cfg, "cpu"));
+  w->cache = std::move(*kvcache::Cache::Create(cfg, backend));
   w->seq = *w->cache->AddSequence();
   std::mt19937 rng(1);
   std::normal_distribution<float> nd;
@@ -100,6 +112,11 @@ World& GetWorld(int scale) {
     for (float& x : w->queries[l]) x = nd(rng);
     w->obs.layers.push_back({.queries = w->queries[l], .positions = w->row_positions});
   }
+  if (backend != "cpu") {  // a baseline world: same contents, no snapshot, the "cpu" decode step
+    w->decode_seconds = g_decode_seconds.count(scale) ? g_decode_seconds[scale] : 0.0;
+    g_world = std::move(w);
+    return *g_world;
+  }
   // One snapshot holding what every benchmarked policy needs.
   kp::SnapshotRequest all;
   for (const kp::PolicyInfo& info : kp::ListPolicies()) all.Merge((*kp::CreatePolicy(info.name))->Needs());
@@ -114,6 +131,7 @@ World& GetWorld(int scale) {
   for (int i = 0; i < 5; ++i) t.push_back(DecodeStep(*w));
   std::sort(t.begin(), t.end());
   w->decode_seconds = t[2];
+  g_decode_seconds[scale] = w->decode_seconds;
   g_world = std::move(w);
   return *g_world;
 }
@@ -192,20 +210,36 @@ void BM_PlanSimilarity(benchmark::State& state, std::string spec, kp::Similarity
   state.counters["merges"] = static_cast<double>(merges);
 }
 
-void BM_Apply(benchmark::State& state, std::string spec) {
-  World& w = GetWorld(static_cast<int>(state.range(0)));
-  auto policy = kp::CreatePolicy(spec);
-  auto plan = (*policy)->Plan(w.snap);
-  if (!plan.ok()) {
-    state.SkipWithError(std::string(plan.status().message()).c_str());
-    return;
+// Apply of `spec`'s plan on a copy-on-write fork; `backend` "cpu" plans from the snapshot (and
+// keeps the plan for the baseline), other backends reuse that plan.
+void BM_Apply(benchmark::State& state, std::string spec, std::string backend) {
+  const int scale = static_cast<int>(state.range(0));
+  kvcache::EvictionPlan planned;
+  if (backend == "cpu") {
+    World& w = GetWorld(scale);
+    auto policy = kp::CreatePolicy(spec);
+    auto plan = (*policy)->Plan(w.snap);
+    if (!plan.ok()) {
+      state.SkipWithError(std::string(plan.status().message()).c_str());
+      return;
+    }
+    planned = *plan;
+    g_plans[{scale, spec}] = planned;
+  } else {
+    auto it = g_plans.find({scale, spec});
+    if (it == g_plans.end()) {
+      state.SkipWithError("no plan: run BM_Apply/<spec> on \"cpu\" first in the same process");
+      return;
+    }
+    planned = it->second;
   }
+  World& w = GetWorld(scale, backend);
   double total = 0;
   int64_t freed = 0;
   for (auto _ : state) {
     state.PauseTiming();
     kvcache::SequenceId fork = *w.cache->Fork(w.seq);
-    kvcache::EvictionPlan p = *plan;
+    kvcache::EvictionPlan p = planned;
     p.sequence = fork;
     const int32_t used = w.cache->Stats().pages_used;
     state.ResumeTiming();
@@ -219,6 +253,23 @@ void BM_Apply(benchmark::State& state, std::string spec) {
   }
   SetRatio(state, total, w);
   state.counters["new_pages"] = static_cast<double>(-freed);
+}
+
+// A keys-only snapshot (CollectSnapshot -> Cache::ReadStream -> Backend::ReadRows for every
+// stream): the read-back cost of the policies that need keys, without any row scoring.
+void BM_CollectKeys(benchmark::State& state, std::string backend) {
+  World& w = GetWorld(static_cast<int>(state.range(0)), backend);
+  double total = 0;
+  for (auto _ : state) {
+    const double t0 = Now();
+    auto snap = kp::CollectSnapshot(*w.cache, w.seq, w.obs, kp::SnapshotRequest{.keys = true});
+    total += Now() - t0;
+    if (!snap.ok()) state.SkipWithError(std::string(snap.status().message()).c_str());
+    benchmark::DoNotOptimize(snap);
+  }
+  SetRatio(state, total, w);
+  state.counters["bytes_per_second"] = benchmark::Counter(
+      static_cast<double>(w.n) * kLayers * kHeads * kDim * sizeof(float) * state.iterations() / total);
 }
 
 const char* kSpecs[] = {
@@ -273,12 +324,24 @@ void Register() {
         if (kernel == kp::SimilarityKernel::kReference) b->Iterations(1);
       }
     }
-    for (const char* spec : {"snapkv:keep=0.1,window=32", "fastv:layer=2,ratio=0.5",
-                             "think:lambda=0.4", "prumerge"}) {
+    const char* apply_specs[] = {"snapkv:keep=0.1,window=32", "fastv:layer=2,ratio=0.5",
+                                 "think:lambda=0.4", "prumerge"};
+    for (const char* spec : apply_specs) {
       benchmark::RegisterBenchmark(("BM_Apply/" + std::string(spec)).c_str(), BM_Apply,
-                                   std::string(spec))
+                                   std::string(spec), std::string("cpu"))
           ->Arg(scale)->Unit(benchmark::kMillisecond)->UseRealTime();
     }
+    benchmark::RegisterBenchmark("BM_CollectKeys", BM_CollectKeys, std::string("cpu"))
+        ->Arg(scale)->Unit(benchmark::kMillisecond)->UseRealTime();
+    // The baselines last: they replace the world by one on "cpu-reference".
+    for (const char* spec : apply_specs) {
+      benchmark::RegisterBenchmark(("BM_ApplyReference/" + std::string(spec)).c_str(), BM_Apply,
+                                   std::string(spec), std::string("cpu-reference"))
+          ->Arg(scale)->Unit(benchmark::kMillisecond)->UseRealTime();
+    }
+    benchmark::RegisterBenchmark("BM_CollectKeysReference", BM_CollectKeys,
+                                 std::string("cpu-reference"))
+        ->Arg(scale)->Unit(benchmark::kMillisecond)->UseRealTime();
   }
 }
 

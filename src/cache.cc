@@ -649,16 +649,32 @@ absl::Status Cache::Apply(const EvictionPlan& plan) {
     NewSegment& ns = fresh[f];
     const StreamPlan& sp = plan.streams[ns.plan_index];
     Stream& st = seq.streams[sp.layer * c.num_kv_heads + sp.kv_head];
-    std::vector<std::vector<const MergeTerm*>> slot_merges;
+    // The merges of each slot of this segment, in plan order, as CSR (no allocation per slot):
+    // slot i's merges are merge_index[merge_start[i] .. merge_start[i + 1]).
+    std::vector<int32_t> merge_start, merge_index;
     if (!sp.merges.empty()) {
-      slot_merges.resize(ns.count);
+      merge_start.assign(ns.count + 1, 0);
       for (const MergeTerm& m : sp.merges) {
         if (m.kept_slot >= ns.first_slot && m.kept_slot < ns.first_slot + ns.count) {
-          slot_merges[m.kept_slot - ns.first_slot].push_back(&m);
+          ++merge_start[m.kept_slot - ns.first_slot + 1];
+        }
+      }
+      for (int32_t i = 0; i < ns.count; ++i) merge_start[i + 1] += merge_start[i];
+      merge_index.resize(merge_start[ns.count]);
+      std::vector<int32_t> fill(merge_start.begin(), merge_start.end() - 1);
+      for (size_t m = 0; m < sp.merges.size(); ++m) {
+        const int32_t slot = sp.merges[m].kept_slot;
+        if (slot >= ns.first_slot && slot < ns.first_slot + ns.count) {
+          merge_index[fill[slot - ns.first_slot]++] = static_cast<int32_t>(m);
         }
       }
     }
     Segment& s = ns.segment;
+    s.positions.reserve(ns.count);
+    s.modalities.reserve(ns.count);
+    s.scores.reserve(ns.count);
+    term_offsets[f].reserve(ns.count + 1);
+    terms[f].reserve(ns.count + merge_index.size());
     term_offsets[f].push_back(0);
     for (int32_t i = 0; i < ns.count; ++i) {
       const int32_t slot = ns.first_slot + i;
@@ -671,11 +687,12 @@ absl::Status Cache::Apply(const EvictionPlan& plan) {
       if (!sp.kept_key_weight.empty()) self.key_weight = sp.kept_key_weight[slot];
       if (!sp.kept_value_weight.empty()) self.value_weight = sp.kept_value_weight[slot];
       terms[f].push_back(self);
-      if (!slot_merges.empty()) {
-        for (const MergeTerm* m : slot_merges[i]) {
-          GatherTerm t = locate(ns.plan_index, m->source);
-          t.key_weight = m->key_weight;
-          t.value_weight = m->value_weight;
+      if (!merge_start.empty()) {
+        for (int32_t j = merge_start[i]; j < merge_start[i + 1]; ++j) {
+          const MergeTerm& m = sp.merges[merge_index[j]];
+          GatherTerm t = locate(ns.plan_index, m.source);
+          t.key_weight = m.key_weight;
+          t.value_weight = m.value_weight;
           terms[f].push_back(t);
         }
       }
