@@ -41,6 +41,7 @@
 
 #include "cpu/attention.h"
 #include "cpu/attention_common.h"
+#include "cpu/convert.h"
 #include "kvcache/internal/attention_math.h"
 #include "oneapi/tbb/blocked_range.h"
 #include "oneapi/tbb/parallel_for.h"
@@ -70,18 +71,6 @@ constexpr int64_t kMinSplit = 512;  // smallest key split worth a task of its ow
 constexpr int kKeyTile = 16;        // keys per register tile of row scoring (2 AVX2 vectors)
 
 // ---- Vectorisable scalar building blocks ------------------------------------------------------
-
-// f16 bits -> f32, branchless so a loop of it vectorises: the exponent/mantissa field shifted
-// into place and multiplied by 2^112 rebias the exponent (exact for normals and subnormals);
-// inf/NaN are patched by a select. Agrees with HalfBitsToFloat for every input.
-inline float HalfToFloat(uint16_t h) {
-  const uint32_t magnitude = static_cast<uint32_t>(h & 0x7FFFu) << 13;
-  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
-  const uint32_t finite = std::bit_cast<uint32_t>(std::bit_cast<float>(magnitude) * 0x1p112f);
-  // All-ones when h is inf/NaN; a mask rather than a branch so the loop stays vectorisable.
-  const uint32_t special = 0u - static_cast<uint32_t>(magnitude >= (0x7C00u << 13));
-  return std::bit_cast<float>(sign | (finite & ~special) | ((magnitude | 0x7F800000u) & special));
-}
 
 // e^x for x <= 0 (the only inputs softmax produces after subtracting the running max): Cephes
 // range reduction x = k ln2 + r, degree-6 polynomial, 2^k by exponent bits; < 2 ulp against
@@ -170,14 +159,7 @@ inline const float* RowAsFloat(const uint8_t* row, int n, float* buffer) {
   if constexpr (kT == DType::kF32) {
     return reinterpret_cast<const float*>(row);
   } else {
-    const auto* bits = reinterpret_cast<const uint16_t*>(row);  // [n]
-    if constexpr (kT == DType::kF16) {
-      for (int i = 0; i < n; ++i) buffer[i] = HalfToFloat(bits[i]);
-    } else {
-      for (int i = 0; i < n; ++i) {
-        buffer[i] = std::bit_cast<float>(static_cast<uint32_t>(bits[i]) << 16);
-      }
-    }
+    LoadRow<kT>(row, n, buffer);
     return buffer;
   }
 }
@@ -189,7 +171,7 @@ inline const float* RowAsFloat(const uint8_t* row, int n, float* buffer) {
 
 struct PortableOps {
   static void HalfToFloatBlock(const uint16_t* src, int64_t n, float* dst) {
-    for (int64_t i = 0; i < n; ++i) dst[i] = HalfToFloat(src[i]);
+    LoadRow<DType::kF16>(src, n, dst);
   }
   // logits[g * lstride + j] = q[g] . k[j] for the G heads and nb rows of the block.
   static void BlockLogits(const float* q, int group, const float* k, int nb, int kw, float* logits,
@@ -278,7 +260,7 @@ struct Avx2Ops {
       const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
       _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(h));
     }
-    for (; i < n; ++i) dst[i] = HalfToFloat(src[i]);
+    for (; i < n; ++i) dst[i] = HalfBitsToFloatFast(src[i]);
   }
   KVC_AVX2_INLINE float HorizontalSum(__m256 v) {
     __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -439,10 +421,7 @@ inline const float* BlockAsFloat(const uint8_t* rows, int64_t elements, float* b
     Ops::HalfToFloatBlock(reinterpret_cast<const uint16_t*>(rows), elements, buffer);
     return buffer;
   } else {
-    const auto* bits = reinterpret_cast<const uint16_t*>(rows);
-    for (int64_t i = 0; i < elements; ++i) {
-      buffer[i] = std::bit_cast<float>(static_cast<uint32_t>(bits[i]) << 16);
-    }
+    LoadRow<DType::kBF16>(rows, elements, buffer);
     return buffer;
   }
 }
