@@ -433,6 +433,8 @@ inline const float* BlockAsFloat(const uint8_t* rows, int64_t elements, float* b
 // the AVX2 and AVX-512 flavours are cpu/simd_decode.inc compiled for each instruction set.
 
 struct PortableDecodeOps {
+  static float MaxOf(const float* x, int n) { return cpu::MaxOf(x, n); }
+  static float SumOf(const float* x, int n) { return cpu::SumOf(x, n); }
   template <DType kT>
   static void BlockLogits(const float* q, int group, const uint8_t* keys, int nb, int kw,
                           float* logits, int64_t lstride, float* buffer) {
@@ -462,6 +464,14 @@ struct V {
   static Reg LoadF32(const float* p) { return _mm256_loadu_ps(p); }
   static void StoreF32(float* p, Reg r) { _mm256_storeu_ps(p, r); }
   static Reg Fmadd(Reg a, Reg b, Reg c) { return _mm256_fmadd_ps(a, b, c); }
+  static Reg Add(Reg a, Reg b) { return _mm256_add_ps(a, b); }
+  static Reg Max(Reg x, Reg m) { return _mm256_max_ps(x, m); }  // x > m ? x : m (NaN x: m)
+  static float ReduceMax(Reg v) {
+    __m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    x = _mm_max_ps(x, _mm_movehl_ps(x, x));
+    x = _mm_max_ss(x, _mm_movehdup_ps(x));
+    return _mm_cvtss_f32(x);
+  }
   template <DType kT>
   static Reg Load(const uint8_t* p) {
     if constexpr (kT == DType::kF32) {
@@ -525,6 +535,16 @@ struct V {
   static Reg LoadF32(const float* p) { return _mm512_loadu_ps(p); }
   static void StoreF32(float* p, Reg r) { _mm512_storeu_ps(p, r); }
   static Reg Fmadd(Reg a, Reg b, Reg c) { return _mm512_fmadd_ps(a, b, c); }
+  static Reg Add(Reg a, Reg b) { return _mm512_add_ps(a, b); }
+  static Reg Max(Reg x, Reg m) { return _mm512_maskz_max_ps(0xFFFF, x, m); }  // x > m ? x : m
+  static float ReduceMax(Reg v) {
+    const __m256 half = _mm256_max_ps(_mm512_maskz_extractf32x8_ps(0xFF, v, 0),
+                                      _mm512_maskz_extractf32x8_ps(0xFF, v, 1));
+    __m128 x = _mm_max_ps(_mm256_castps256_ps128(half), _mm256_extractf128_ps(half, 1));
+    x = _mm_max_ps(x, _mm_movehl_ps(x, x));
+    x = _mm_max_ss(x, _mm_movehdup_ps(x));
+    return _mm_cvtss_f32(x);
+  }
   static __mmask16 FirstLanes(int n) { return static_cast<__mmask16>((1u << n) - 1u); }
   // The maskz forms with a full mask: the plain intrinsics start from _mm512_undefined_*, which
   // GCC 12 reports as maybe-uninitialized once inlined (a false positive that -Werror rejects).
@@ -709,7 +729,7 @@ inline void RunDecodeTask(const DecodeContext& ctx, const DecodeTask& task, int6
       // One rescale per head per block, then the block's weights.
       for (int32_t g = 0; g < group; ++g) {
         const float* lg = logits + g * lstride;
-        const float block_max = MaxOf(lg, nb);
+        const float block_max = Ops::MaxOf(lg, nb);
         SoftmaxState& st = states[g];
         float* pg = scratch.probs.data() + g * kBlock;
         if (block_max > st.m) {
@@ -723,7 +743,7 @@ inline void RunDecodeTask(const DecodeContext& ctx, const DecodeTask& task, int6
           continue;
         }
         ExpShifted(lg, st.m, nb, pg);
-        st.l += SumOf(pg, nb);
+        st.l += Ops::SumOf(pg, nb);
       }
       Ops::template BlockAccumulate<kT>(scratch.probs.data(), group, values, nb, vw, acc, d,
                                         scratch.values.data());
