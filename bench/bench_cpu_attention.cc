@@ -13,6 +13,8 @@
 //   BM_ScoreRowsPairwise/<context>/<rows>                        its baseline: the same kernel
 //       before blocking (cpu::ScoreRowsFastPairwise: one reduced dot per (row, head) x key)
 //   BM_ScoreRowsPortable/<context>/<rows>                        ScoreRowsFast without AVX2
+//   BM_ScoreRowsAvx2/<context>/<rows>                            ScoreRowsFast capped at AVX2
+//       (BM_ScoreRows runs the AVX-512 logit tiles on a CPU that has them)
 //   BM_ScoreRowsPairwisePortable/<context>/<rows>                the baseline without AVX2
 // Shape: LLaVA-7B-like, 8 kv heads x G = 4 (32 q heads), head_dim 128, one layer per iteration.
 // Contexts 1k, 8k, 32k, plus 256 for decode and bandwidth: its 1 MiB of f16 K/V stays in L2, so
@@ -321,7 +323,7 @@ bool TooBig(int64_t context, int64_t batch, int64_t dtype) {
 // Row scoring as a policy's CollectSnapshot runs it: batch 1 (8 kv heads x G = 4), f16, pages of
 // 16 tokens, the last `rows` positions as the observation rows. items = (row, q head, key)
 // logits computed.
-enum class ScoreKernel { kBlocked, kPairwise, kPortable, kPairwisePortable };
+enum class ScoreKernel { kBlocked, kPairwise, kPortable, kPairwisePortable, kBlockedAvx2 };
 
 void RunScoreRows(benchmark::State& state, ScoreKernel kernel) {
   PagedFixture& f = GetPaged(state.range(0), 1, DType::kF16, 16);
@@ -343,7 +345,8 @@ void RunScoreRows(benchmark::State& state, ScoreKernel kernel) {
       kernel == ScoreKernel::kPairwise || kernel == ScoreKernel::kPairwisePortable;
   cpu::LimitKernelIsa(kernel == ScoreKernel::kPortable || kernel == ScoreKernel::kPairwisePortable
                          ? cpu::KernelIsa::kPortable
-                         : cpu::KernelIsa::kAvx512);
+                     : kernel == ScoreKernel::kBlockedAvx2 ? cpu::KernelIsa::kAvx2
+                                                            : cpu::KernelIsa::kAvx512);
   for (auto _ : state) {
     const absl::Status s =
         pairwise
@@ -362,6 +365,7 @@ void RunScoreRows(benchmark::State& state, ScoreKernel kernel) {
 void BM_ScoreRows(benchmark::State& state) { RunScoreRows(state, ScoreKernel::kBlocked); }
 void BM_ScoreRowsPairwise(benchmark::State& state) { RunScoreRows(state, ScoreKernel::kPairwise); }
 void BM_ScoreRowsPortable(benchmark::State& state) { RunScoreRows(state, ScoreKernel::kPortable); }
+void BM_ScoreRowsAvx2(benchmark::State& state) { RunScoreRows(state, ScoreKernel::kBlockedAvx2); }
 void BM_ScoreRowsPairwisePortable(benchmark::State& state) {
   RunScoreRows(state, ScoreKernel::kPairwisePortable);
 }
@@ -431,6 +435,7 @@ BENCHMARK(BM_MemoryBandwidth)->Apply(BaselineArgs);
 BENCHMARK(BM_ScoreRows)->Apply(ScoreRowsArgs);
 BENCHMARK(BM_ScoreRowsPairwise)->Apply(ScoreRowsArgs);
 BENCHMARK(BM_ScoreRowsPortable)->Apply(ScoreRowsArgs);
+BENCHMARK(BM_ScoreRowsAvx2)->Apply(ScoreRowsArgs);
 BENCHMARK(BM_ScoreRowsPairwisePortable)->Apply(ScoreRowsArgs);
 
 }  // namespace

@@ -36,8 +36,7 @@ absl::Status ScoreRowsFastPairwise(const PagedKVView& kv, const ScoreRowsParams&
                                    int64_t* causal_entries);
 
 // The instruction sets the fast kernels have code for, in increasing order. The best one the CPU
-// supports is picked at run time (decode: AVX-512 > AVX2/FMA/F16C > portable; row scoring uses
-// its AVX2 code under kAvx512 too).
+// supports is picked at run time (AVX-512 > AVX2/FMA/F16C > portable), for decode and row scoring.
 enum class KernelIsa { kPortable = 0, kAvx2 = 1, kAvx512 = 2 };
 
 // Testing and benchmarking hook: the fast kernels use at most `cap` (a cap above what the CPU

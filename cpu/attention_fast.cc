@@ -28,8 +28,9 @@
 // target("avx512f,avx512bw,avx512vl,avx512dq,...") with `flatten`, so the whole task body is
 // re-generated for each — and the best copy the CPU supports is picked at run time
 // (LimitKernelIsa caps it for tests and benchmarks; see docs/BENCHMARKS.md for what each buys).
-// Row scoring uses its AVX2 intrinsics (Avx2Ops: F16C conversion, register-tiled logits) under
-// both AVX2 and AVX-512; PortableOps is the same arithmetic in plain loops.
+// Row scoring uses its AVX2 intrinsics (Avx2Ops: F16C conversion, register-tiled logits, masked
+// softmax), with 512-bit logit tiles on AVX-512 (Avx512RowOps); PortableOps is the same
+// arithmetic in plain loops. (The pairwise benchmark baseline stays AVX2 / portable.)
 
 #include <algorithm>
 #include <atomic>
@@ -407,6 +408,58 @@ struct Avx2Ops {
       _mm256_storeu_ps(scores + t, _mm256_add_ps(_mm256_loadu_ps(scores + t), a));
     }
     for (int64_t t = n8; t < n; ++t) scores[t] += AggregateGqa(probs + t, n, group, aggregation);
+  }
+};
+
+// Row scoring on AVX-512: the logit tiles of Avx2Ops twice as wide per FMA — 12 query vectors x
+// the 16 keys of a tile, one zmm accumulator each (per channel: one load of the transposed tile,
+// 12 broadcasts, 12 FMAs). The softmax and aggregation passes are Avx2Ops's.
+#define KVC_AVX512_INLINE \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c"))) static inline
+
+struct Avx512RowOps : Avx2Ops {
+  template <int kRows>
+  KVC_AVX512_INLINE void TileRowsLogits512(const float* q, int kw, const float* kt, int nb,
+                                           float* logits, int64_t stride) {
+    static_assert(kKeyTile == 16, "one zmm register per tile row");
+    __m512 acc[kRows];
+#pragma GCC unroll 16
+    for (int i = 0; i < kRows; ++i) acc[i] = _mm512_setzero_ps();
+    for (int c = 0; c < kw; ++c) {
+      const __m512 k = _mm512_loadu_ps(kt + c * kKeyTile);
+#pragma GCC unroll 16
+      for (int i = 0; i < kRows; ++i) {
+        acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(q[int64_t{i} * kw + c]), k, acc[i]);
+      }
+    }
+    const __mmask16 valid = static_cast<__mmask16>((1u << nb) - 1u);
+#pragma GCC unroll 16
+    for (int i = 0; i < kRows; ++i) _mm512_mask_storeu_ps(logits + i * stride, valid, acc[i]);
+  }
+  KVC_AVX512_INLINE void TileLogits(const float* q, int64_t heads, const float* kt, int kw, int nb,
+                                    float* logits, int64_t stride) {
+    int64_t h = 0;
+    for (; h + 12 <= heads; h += 12) {
+      TileRowsLogits512<12>(q + h * kw, kw, kt, nb, logits + h * stride, stride);
+    }
+    const float* qh = q + h * kw;
+    float* lh = logits + h * stride;
+    const int64_t rest = heads - h;
+    if (rest >= 8) {
+      TileRowsLogits512<8>(qh, kw, kt, nb, lh, stride);
+      qh += 8 * kw;
+      lh += 8 * stride;
+    }
+    switch (rest & 7) {
+      case 7: TileRowsLogits512<7>(qh, kw, kt, nb, lh, stride); break;
+      case 6: TileRowsLogits512<6>(qh, kw, kt, nb, lh, stride); break;
+      case 5: TileRowsLogits512<5>(qh, kw, kt, nb, lh, stride); break;
+      case 4: TileRowsLogits512<4>(qh, kw, kt, nb, lh, stride); break;
+      case 3: TileRowsLogits512<3>(qh, kw, kt, nb, lh, stride); break;
+      case 2: TileRowsLogits512<2>(qh, kw, kt, nb, lh, stride); break;
+      case 1: TileRowsLogits512<1>(qh, kw, kt, nb, lh, stride); break;
+      default: break;
+    }
   }
 };
 #endif
@@ -1253,6 +1306,15 @@ KVC_TARGET_AVX2 void RowTaskAvx2F16(const ScoreContext& c, const RowTask& t) {
 KVC_TARGET_AVX2 void RowTaskAvx2BF16(const ScoreContext& c, const RowTask& t) {
   RunRowTask<DType::kBF16, Avx2Ops>(c, t);
 }
+KVC_TARGET_AVX512 void RowTaskAvx512F32(const ScoreContext& c, const RowTask& t) {
+  RunRowTask<DType::kF32, Avx512RowOps>(c, t);
+}
+KVC_TARGET_AVX512 void RowTaskAvx512F16(const ScoreContext& c, const RowTask& t) {
+  RunRowTask<DType::kF16, Avx512RowOps>(c, t);
+}
+KVC_TARGET_AVX512 void RowTaskAvx512BF16(const ScoreContext& c, const RowTask& t) {
+  RunRowTask<DType::kBF16, Avx512RowOps>(c, t);
+}
 KVC_TARGET_AVX2 void RowTaskPairwiseAvx2F32(const ScoreContext& c, const RowTask& t) {
   RunRowTaskPairwise<DType::kF32>(c, t);
 }
@@ -1271,6 +1333,11 @@ RowTaskFn SelectRowTask(DType t, bool pairwise) {
       return t == DType::kF32   ? RowTaskPairwiseAvx2F32
              : t == DType::kF16 ? RowTaskPairwiseAvx2F16
                                 : RowTaskPairwiseAvx2BF16;
+    }
+    if (CurrentIsa() == KernelIsa::kAvx512) {
+      return t == DType::kF32   ? RowTaskAvx512F32
+             : t == DType::kF16 ? RowTaskAvx512F16
+                                : RowTaskAvx512BF16;
     }
     return t == DType::kF32 ? RowTaskAvx2F32 : t == DType::kF16 ? RowTaskAvx2F16 : RowTaskAvx2BF16;
   }

@@ -651,6 +651,19 @@ TEST_CASE("score rows: fast and reference equal dense softmax with the causal ru
         for (size_t t = 0; t < ref.scores.size(); ++t) {
           REQUIRE(std::abs(portable.scores[t] - ref.scores[t]) <= 1e-7 + 1e-5 * ref.scores[t]);
         }
+        for (cpu::KernelIsa isa : AvailableIsas()) {  // every vector code path on this CPU
+          if (isa == cpu::KernelIsa::kPortable) continue;
+          ScoreRun limited;
+          {
+            IsaLimit limit(isa);
+            limited = RunScoreRows(true, kv.view(), params, queries, rows, total);
+          }
+          INFO("kernel " << cpu::KernelIsaName(isa));
+          CHECK(limited.causal == ref.causal);
+          for (size_t t = 0; t < ref.scores.size(); ++t) {
+            REQUIRE(std::abs(limited.scores[t] - ref.scores[t]) <= 1e-7 + 1e-5 * ref.scores[t]);
+          }
+        }
         CHECK(fast.causal == ref.causal);
         const double scale = 1.0 / std::sqrt(static_cast<double>(d));
         int64_t base = 0;
