@@ -168,29 +168,6 @@ void BM_Plan(benchmark::State& state, std::string spec) {
   World& w = GetWorld(static_cast<int>(state.range(0)));
   auto policy = kp::CreatePolicy(spec);
   double total = 0;
-  int64_t kept = 0;
-  for (auto _ : state) {
-    const double t0 = Now();
-    auto plan = (*policy)->Plan(w.snap);
-    total += Now() - t0;
-    if (!plan.ok()) {
-      state.SkipWithError(std::string(plan.status().message()).c_str());
-      break;
-    }
-    kept = plan->KeptTokens();
-  }
-  SetRatio(state, total, w);
-  state.counters["streams_kept_tokens"] = static_cast<double>(kept);
-}
-
-// The merging policies (prumerge's kNN, LOOK-M's nearest kept key) under each similarity
-// implementation (src/policy/similarity.h), in this binary: kReference is the code before the
-// blocked search (one DotProduct per pair, streams one after another) — the baseline.
-void BM_PlanSimilarity(benchmark::State& state, std::string spec, kp::SimilarityKernel kernel) {
-  World& w = GetWorld(static_cast<int>(state.range(0)));
-  auto policy = kp::CreatePolicy(spec);
-  kp::SetSimilarityKernel(kernel);
-  double total = 0;
   int64_t kept = 0, merges = 0;
   for (auto _ : state) {
     const double t0 = Now();
@@ -204,10 +181,18 @@ void BM_PlanSimilarity(benchmark::State& state, std::string spec, kp::Similarity
     merges = 0;
     for (const kvcache::StreamPlan& sp : plan->streams) merges += static_cast<int64_t>(sp.merges.size());
   }
-  kp::SetSimilarityKernel(kp::SimilarityKernel::kBlocked);
   SetRatio(state, total, w);
   state.counters["streams_kept_tokens"] = static_cast<double>(kept);
-  state.counters["merges"] = static_cast<double>(merges);
+  if (merges > 0) state.counters["merges"] = static_cast<double>(merges);
+}
+
+// The merging policies (prumerge's kNN, LOOK-M's nearest kept key) under each similarity
+// implementation (src/policy/similarity.h), in this binary: kReference is the code before the
+// blocked search (one DotProduct per pair, streams one after another) — the baseline.
+void BM_PlanSimilarity(benchmark::State& state, std::string spec, kp::SimilarityKernel kernel) {
+  kp::SetSimilarityKernel(kernel);
+  BM_Plan(state, std::move(spec));
+  kp::SetSimilarityKernel(kp::SimilarityKernel::kBlocked);
 }
 
 // Apply of `spec`'s plan on a copy-on-write fork; `backend` "cpu" plans from the snapshot (and
