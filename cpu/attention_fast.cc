@@ -154,17 +154,6 @@ inline void Scale(float alpha, int n, float* y) {
   for (int i = 0; i < n; ++i) y[i] *= alpha;
 }
 
-// A stored row as f32: f32 rows are used in place, f16/bf16 rows are converted into `buffer`.
-template <DType kT>
-inline const float* RowAsFloat(const uint8_t* row, int n, float* buffer) {
-  if constexpr (kT == DType::kF32) {
-    return reinterpret_cast<const float*>(row);
-  } else {
-    LoadRow<kT>(row, n, buffer);
-    return buffer;
-  }
-}
-
 // ---- Block kernels: portable loops, and AVX2/F16C intrinsics selected at run time ------------
 //
 // A block is nb <= kBlock consecutive rows of one page: keys [nb, kw] and values [nb, vw] are
@@ -519,12 +508,7 @@ struct V {
   static Reg Fmadd(Reg a, Reg b, Reg c) { return _mm256_fmadd_ps(a, b, c); }
   static Reg Add(Reg a, Reg b) { return _mm256_add_ps(a, b); }
   static Reg Max(Reg x, Reg m) { return _mm256_max_ps(x, m); }  // x > m ? x : m (NaN x: m)
-  static float ReduceMax(Reg v) {
-    __m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    x = _mm_max_ps(x, _mm_movehl_ps(x, x));
-    x = _mm_max_ss(x, _mm_movehdup_ps(x));
-    return _mm_cvtss_f32(x);
-  }
+  static float ReduceMax(Reg v) { return Avx2Ops::HorizontalMax(v); }
   template <DType kT>
   static Reg Load(const uint8_t* p) {
     if constexpr (kT == DType::kF32) {
@@ -547,12 +531,7 @@ struct V {
     _mm256_store_ps(lanes, r);
     std::memcpy(p, lanes, static_cast<size_t>(n) * sizeof(float));
   }
-  static float ReduceAdd(Reg v) {
-    __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    x = _mm_add_ps(x, _mm_movehl_ps(x, x));
-    x = _mm_add_ss(x, _mm_movehdup_ps(x));
-    return _mm_cvtss_f32(x);
-  }
+  static float ReduceAdd(Reg v) { return Avx2Ops::HorizontalSum(v); }
   // Transposed reduction of kWidth registers: out[ReducedLane(n)] = sum of x[n]'s lanes, in 14
   // shuffles + 7 adds (kWidth separate ReduceAdds: 24 + 24).
   static constexpr int ReducedLane(int n) { return 4 * (n % 2) + n / 2; }
@@ -590,13 +569,9 @@ struct V {
   static Reg Fmadd(Reg a, Reg b, Reg c) { return _mm512_fmadd_ps(a, b, c); }
   static Reg Add(Reg a, Reg b) { return _mm512_add_ps(a, b); }
   static Reg Max(Reg x, Reg m) { return _mm512_maskz_max_ps(0xFFFF, x, m); }  // x > m ? x : m
-  static float ReduceMax(Reg v) {
-    const __m256 half = _mm256_max_ps(_mm512_maskz_extractf32x8_ps(0xFF, v, 0),
-                                      _mm512_maskz_extractf32x8_ps(0xFF, v, 1));
-    __m128 x = _mm_max_ps(_mm256_castps256_ps128(half), _mm256_extractf128_ps(half, 1));
-    x = _mm_max_ps(x, _mm_movehl_ps(x, x));
-    x = _mm_max_ss(x, _mm_movehdup_ps(x));
-    return _mm_cvtss_f32(x);
+  static float ReduceMax(Reg v) {  // fold to 256 bits, then the AVX2 reduction
+    return Avx2Ops::HorizontalMax(_mm256_max_ps(_mm512_maskz_extractf32x8_ps(0xFF, v, 0),
+                                                _mm512_maskz_extractf32x8_ps(0xFF, v, 1)));
   }
   static __mmask16 FirstLanes(int n) { return static_cast<__mmask16>((1u << n) - 1u); }
   // The maskz forms with a full mask: the plain intrinsics start from _mm512_undefined_*, which
@@ -627,13 +602,9 @@ struct V {
     }
   }
   static void StorePartial(float* p, Reg r, int n) { _mm512_mask_storeu_ps(p, FirstLanes(n), r); }
-  static float ReduceAdd(Reg v) {
-    const __m256 half = _mm256_add_ps(_mm512_maskz_extractf32x8_ps(0xFF, v, 0),
-                                      _mm512_maskz_extractf32x8_ps(0xFF, v, 1));
-    __m128 x = _mm_add_ps(_mm256_castps256_ps128(half), _mm256_extractf128_ps(half, 1));
-    x = _mm_add_ps(x, _mm_movehl_ps(x, x));
-    x = _mm_add_ss(x, _mm_movehdup_ps(x));
-    return _mm_cvtss_f32(x);
+  static float ReduceAdd(Reg v) {  // fold to 256 bits, then the AVX2 reduction
+    return Avx2Ops::HorizontalSum(_mm256_add_ps(_mm512_maskz_extractf32x8_ps(0xFF, v, 0),
+                                                _mm512_maskz_extractf32x8_ps(0xFF, v, 1)));
   }
   // Transposed reduction of kWidth registers: out[ReducedLane(n)] = sum of x[n]'s lanes, in 30
   // shuffles + 15 adds (kWidth separate ReduceAdds: ~80 + 64).
@@ -1148,7 +1119,8 @@ inline void RunRowTaskPairwise(const ScoreContext& ctx, const RowTask& task) {
       }
     }
     for (int32_t t = 0; t < s.length; ++t) {
-      const float* k = RowAsFloat<kT>(SegmentKeyRow(kv.pool, s, t), kw, scratch.row.data());
+      const float* k =
+          BlockAsFloat<kT, PortableOps>(SegmentKeyRow(kv.pool, s, t), kw, scratch.row.data());
       for (int64_t h = 0; h < heads; ++h) {
         logits[h * n + segment_start + t] = Dot(scratch.q.data() + h * kw, k, kw);
       }

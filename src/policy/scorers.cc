@@ -9,6 +9,8 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 
+#include "src/policy/similarity.h"
+
 namespace kvcache::policy {
 namespace {
 
@@ -73,22 +75,10 @@ absl::StatusOr<std::vector<float>> ScoreTokens(TokenScore kind, const SequenceSn
             "stream (layer ", layer, ", kv_head ", kv_head, ") has no keys (", s.keys.size(),
             " values for ", n, " tokens); collect the snapshot with keys"));
       }
+      std::vector<double> squared(n);
+      SquaredRowNorms(s.keys, static_cast<size_t>(d), squared);
       std::vector<float> out(n);
-      for (int32_t j = 0; j < n; ++j) {
-        // Eight independent partial sums (in double): one serial chain of double adds was a
-        // latency-bound loop (~10 decode steps for a LLaVA-sized snapshot); this vectorises.
-        constexpr int kLanes = 8;
-        double lanes[kLanes] = {};
-        const float* key = s.keys.data() + size_t(j) * d;
-        int32_t c = 0;
-        for (; c + kLanes <= d; c += kLanes) {
-          for (int i = 0; i < kLanes; ++i) lanes[i] += double{key[c + i]} * key[c + i];
-        }
-        double sq = 0.0;
-        for (; c < d; ++c) sq += double{key[c]} * key[c];
-        for (int i = 0; i < kLanes; ++i) sq += lanes[i];
-        out[j] = -static_cast<float>(std::sqrt(sq));
-      }
+      for (int32_t j = 0; j < n; ++j) out[j] = -static_cast<float>(std::sqrt(squared[j]));
       return out;
     }
     case TokenScore::kRandom: {

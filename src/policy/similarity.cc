@@ -20,40 +20,43 @@
 
 namespace kvcache::policy {
 
-void UnitRowsInto(std::span<const float> rows, size_t d, std::vector<float>& unit) {
-  unit.resize(rows.size());
+void SquaredRowNorms(std::span<const float> rows, size_t d, std::span<double> out) {
   if (d == 0) return;
   const size_t n = rows.size() / d;
-  std::copy(rows.begin() + n * d, rows.end(), unit.begin() + n * d);  // a partial last row
-  // Four rows at a time, each row's norm still summed over c in order (the same value as one
-  // row at a time): four independent chains of double adds instead of one (latency-bound).
-  auto scale = [&](size_t j, double sq) {
-    const float* src = rows.data() + j * d;
-    float* dst = unit.data() + j * d;
-    const float inv = sq > 0.0 ? static_cast<float>(1.0 / std::sqrt(sq)) : 0.0f;
-    for (size_t c = 0; c < d; ++c) dst[c] = src[c] * inv;
-  };
+  // Eight rows at a time, each row's norm still summed over c in order (the same value as one
+  // row at a time): eight independent chains of double adds instead of one (latency-bound).
+  constexpr size_t kRows = 8;
   size_t j = 0;
-  for (; j + 4 <= n; j += 4) {
-    const float* r0 = rows.data() + j * d;
-    const float *r1 = r0 + d, *r2 = r1 + d, *r3 = r2 + d;
-    double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0;
+  for (; j + kRows <= n; j += kRows) {
+    const float* r = rows.data() + j * d;
+    double sums[kRows] = {};
     for (size_t c = 0; c < d; ++c) {
-      s0 += double{r0[c]} * r0[c];
-      s1 += double{r1[c]} * r1[c];
-      s2 += double{r2[c]} * r2[c];
-      s3 += double{r3[c]} * r3[c];
+#pragma GCC unroll 8
+      for (size_t i = 0; i < kRows; ++i) sums[i] += double{r[i * d + c]} * r[i * d + c];
     }
-    scale(j, s0);
-    scale(j + 1, s1);
-    scale(j + 2, s2);
-    scale(j + 3, s3);
+    for (size_t i = 0; i < kRows; ++i) out[j + i] = sums[i];
   }
   for (; j < n; ++j) {
     const float* r = rows.data() + j * d;
     double sq = 0.0;
     for (size_t c = 0; c < d; ++c) sq += double{r[c]} * r[c];
-    scale(j, sq);
+    out[j] = sq;
+  }
+}
+
+void UnitRowsInto(std::span<const float> rows, size_t d, std::vector<float>& unit) {
+  unit.resize(rows.size());
+  if (d == 0) return;
+  const size_t n = rows.size() / d;
+  std::copy(rows.begin() + n * d, rows.end(), unit.begin() + n * d);  // a partial last row
+  thread_local std::vector<double> squared;  // reused across calls (streams of one thread)
+  squared.resize(n);
+  SquaredRowNorms(rows, d, squared);
+  for (size_t j = 0; j < n; ++j) {
+    const float* src = rows.data() + j * d;
+    float* dst = unit.data() + j * d;
+    const float inv = squared[j] > 0.0 ? static_cast<float>(1.0 / std::sqrt(squared[j])) : 0.0f;
+    for (size_t c = 0; c < d; ++c) dst[c] = src[c] * inv;
   }
 }
 

@@ -28,6 +28,10 @@
 
 namespace kvcache::policy {
 
+// rows [n, d] -> out[j] = sum over c of rows[j][c]^2 in double, summed in channel order (out:
+// [n]). Used for unit rows and for the knorm score.
+void SquaredRowNorms(std::span<const float> rows, size_t d, std::span<double> out);
+
 // rows [n, d] -> the same rows scaled to unit L2 norm (a zero row stays zero, so its similarity
 // to anything is 0). The norm is accumulated in double.
 std::vector<float> UnitRows(std::span<const float> rows, size_t d);
