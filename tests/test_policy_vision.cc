@@ -252,6 +252,18 @@ TEST_CASE("LOOK-M merge: evicted tokens join their most similar kept key", "[pol
   REQUIRE(plan.ok());
   CHECK(plan->streams[0].merges.size() == 3);
   CHECK((*kp::CreatePolicy("h2o:merge=pivot"))->Needs().keys);
+  // Its input check, alone and through AddLookMMerges (plan unchanged on error).
+  CHECK(kp::CheckLookMInputs(st, 2, 3, 1).ok());
+  kp::StreamSnapshot no_keys = st;
+  no_keys.keys.pop_back();  // not [length, head_dim]
+  const absl::Status bad = kp::CheckLookMInputs(no_keys, 2, 3, 1);
+  CHECK(bad.code() == absl::StatusCode::kFailedPrecondition);
+  CHECK(std::string(bad.message()).find("layer 3, kv_head 1") != std::string::npos);
+  kvcache::StreamPlan untouched{.layer = 3, .kv_head = 1, .kept = {0, 2}};
+  CHECK(kp::AddLookMMerges(no_keys, 2, kp::MergeMode::kPivot, untouched).code() ==
+        absl::StatusCode::kFailedPrecondition);
+  CHECK(untouched.merges.empty());
+  CHECK(untouched.kept_key_weight.empty());
 }
 
 TEST_CASE("Dynamic-LLaVA admission: layers < s admit all; deciders", "[policy][admission]") {

@@ -11,15 +11,23 @@
 
 namespace kvcache::policy {
 
+absl::Status CheckLookMInputs(const StreamSnapshot& stream, int32_t head_dim, int32_t layer,
+                              int32_t kv_head) {
+  if (stream.keys.size() != static_cast<size_t>(stream.length()) * static_cast<size_t>(head_dim)) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "LOOK-M merge of stream (layer ", layer, ", kv_head ", kv_head,
+        ") needs its keys; collect the snapshot with keys"));
+  }
+  return absl::OkStatus();
+}
+
 absl::Status AddLookMMerges(const StreamSnapshot& stream, int32_t head_dim, MergeMode mode,
                             StreamPlan& plan) {
   if (mode == MergeMode::kNone) return absl::OkStatus();
   const int32_t n = stream.length();
   const size_t d = static_cast<size_t>(head_dim);
-  if (stream.keys.size() != static_cast<size_t>(n) * d) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "LOOK-M merge of stream (layer ", plan.layer, ", kv_head ", plan.kv_head,
-        ") needs its keys; collect the snapshot with keys"));
+  if (absl::Status s = CheckLookMInputs(stream, head_dim, plan.layer, plan.kv_head); !s.ok()) {
+    return s;
   }
   const int32_t kept = static_cast<int32_t>(plan.kept.size());
   if (kept == 0 || kept == n) return absl::OkStatus();

@@ -295,10 +295,8 @@ absl::StatusOr<EvictionPlan> TokenPolicy::Plan(const SequenceSnapshot& snap) con
         sp.kept = std::move(*kept);
         if (o_.merge != MergeMode::kNone) {
           // The merge itself runs below, all streams in parallel; its input check runs here so
-          // the first error is the one the serial loop would report. (AddLookMMerges checks the
-          // keys first and returns before any work for a plan that keeps nothing.)
-          StreamPlan probe{.layer = l, .kv_head = h};
-          if (absl::Status s = AddLookMMerges(st, snap.head_dim, o_.merge, probe); !s.ok()) {
+          // the first error is the one the serial loop would report.
+          if (absl::Status s = CheckLookMInputs(st, snap.head_dim, l, h); !s.ok()) {
             return Wrap(o_, s);
           }
         }

@@ -24,6 +24,11 @@
 
 namespace kvcache::policy {
 
+// OK when `stream` carries what AddLookMMerges needs (its keys, [length, head_dim]); otherwise
+// FailedPrecondition naming the stream (layer, kv_head).
+[[nodiscard]] absl::Status CheckLookMInputs(const StreamSnapshot& stream, int32_t head_dim,
+                                            int32_t layer, int32_t kv_head);
+
 // Adds merges of every token of `stream` not in plan.kept. Needs stream.keys. A plan that keeps
 // nothing, or keeps everything, is left unchanged.
 [[nodiscard]] absl::Status AddLookMMerges(const StreamSnapshot& stream, int32_t head_dim,
