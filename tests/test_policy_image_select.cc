@@ -12,6 +12,7 @@
 #include "kvcache/policy/image_select.h"
 #include "kvcache/policy/registry.h"
 #include "policy_test_util.h"
+#include "src/policy/similarity.h"
 
 namespace kp = kvcache::policy;
 using kp::testing::MustPlan;
@@ -170,6 +171,34 @@ TEST_CASE("DivPrune: hand example, oracle on random rows, NaN and zero rows",
   CHECK(*o == V{3, 0, 4, 1, 2});
   CHECK_FALSE(kp::DivPruneSelect(odd, 3, 1).ok());  // 10 values are not rows of 3
   CHECK_FALSE(kp::DivPruneSelect(odd, 2, 6).ok());  // k > N
+}
+
+TEST_CASE("DivPrune: the fast path (early abandon, lazy max-min) picks what the plain loops pick",
+          "[policy][divprune]") {
+  // Clustered rows with exact duplicates (ties everywhere) and near copies, as image tokens are.
+  std::mt19937 rng(21);
+  std::normal_distribution<float> nd;
+  for (int trial = 0; trial < 20; ++trial) {
+    const int n = 50 + static_cast<int>(rng() % 300), dim = 4 + static_cast<int>(rng() % 29);
+    const int prototypes = 1 + static_cast<int>(rng() % 20);
+    auto protos = Gaussian(prototypes, dim, 100 + trial);
+    std::vector<float> x(static_cast<size_t>(n) * dim);
+    const float noise = trial % 3 == 0 ? 0.0f : 0.05f * static_cast<float>(trial % 5);
+    for (int j = 0; j < n; ++j) {
+      const int p = static_cast<int>(rng() % prototypes);
+      for (int c = 0; c < dim; ++c) x[j * dim + c] = protos[p * dim + c] + noise * nd(rng);
+    }
+    const int k = 1 + static_cast<int>(rng() % n);
+    INFO("trial " << trial << " n " << n << " dim " << dim << " k " << k);
+    kp::SetSimilarityKernel(kp::SimilarityKernel::kReference);
+    auto plain = kp::DivPruneSelect(x, dim, k);
+    kp::SetSimilarityKernel(kp::SimilarityKernel::kBlocked);
+    auto fast = kp::DivPruneSelect(x, dim, k);
+    REQUIRE(plain.ok());
+    REQUIRE(fast.ok());
+    CHECK(*fast == *plain);
+    if (noise > 0.0f && k <= 12) CHECK(*fast == DivPruneOracle(x, dim, k));
+  }
 }
 
 TEST_CASE("DivPrune standalone reducer: round(ratio*N) rows, ascending, features gathered",
