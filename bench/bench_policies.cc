@@ -199,16 +199,18 @@ void BM_PlanSimilarity(benchmark::State& state, std::string spec, kp::Similarity
 // DivPrune on one image as the cache policy sees it per stream (and as the standalone reducer
 // on visual features): N = 2880 rows of D = 128, k = 288. The first pick needs every row's
 // nearest other row (O(N^2 D): the blocked exact search of similarity.h, or with kReference the
-// per-pair loop, the baseline); the max-min loop is O(k N D) either way.
+// per-pair loop, the baseline); the max-min loop is O(k N D) either way. Arg: k (k = 1 times
+// the first pick alone).
 void BM_DivPruneSelect(benchmark::State& state, kp::SimilarityKernel kernel) {
-  constexpr int32_t kN = 2880, kD = 128, kK = 288;
+  constexpr int32_t kN = 2880, kD = 128;
+  const int32_t k = static_cast<int32_t>(state.range(0));
   std::mt19937 rng(4);
   std::normal_distribution<float> nd;
   std::vector<float> rows(static_cast<size_t>(kN) * kD);
   for (float& x : rows) x = nd(rng);
   kp::SetSimilarityKernel(kernel);
   for (auto _ : state) {
-    auto order = kp::DivPruneSelect(rows, kD, kK);
+    auto order = kp::DivPruneSelect(rows, kD, k);
     if (!order.ok()) state.SkipWithError(std::string(order.status().message()).c_str());
     benchmark::DoNotOptimize(order);
   }
@@ -299,10 +301,10 @@ const char* kSpecs[] = {
 void Register() {
   benchmark::RegisterBenchmark("BM_DivPruneSelect/reference", BM_DivPruneSelect,
                                kp::SimilarityKernel::kReference)
-      ->Unit(benchmark::kMillisecond)->UseRealTime();
+      ->Arg(1)->Arg(288)->Unit(benchmark::kMillisecond)->UseRealTime();
   benchmark::RegisterBenchmark("BM_DivPruneSelect/blocked", BM_DivPruneSelect,
                                kp::SimilarityKernel::kBlocked)
-      ->Unit(benchmark::kMillisecond)->UseRealTime();
+      ->Arg(1)->Arg(288)->Unit(benchmark::kMillisecond)->UseRealTime();
   for (int scale : {1, 4}) {
     benchmark::RegisterBenchmark("BM_DecodeStep", BM_DecodeStep)
         ->Arg(scale)->Unit(benchmark::kMillisecond)->UseRealTime();
