@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "kvcache/cache.h"
+#include "kvcache/policy/image_select.h"
 #include "kvcache/policy/registry.h"
 #include "kvcache/policy/snapshot.h"
 #include "src/policy/similarity.h"
@@ -195,6 +196,27 @@ void BM_PlanSimilarity(benchmark::State& state, std::string spec, kp::Similarity
   kp::SetSimilarityKernel(kp::SimilarityKernel::kBlocked);
 }
 
+// DivPrune on one image as the cache policy sees it per stream (and as the standalone reducer
+// on visual features): N = 2880 rows of D = 128, k = 288. The first pick needs every row's
+// nearest other row (O(N^2 D): the blocked exact search of similarity.h, or with kReference the
+// per-pair loop, the baseline); the max-min loop is O(k N D) either way. Arg: k (k = 1 times
+// the first pick alone).
+void BM_DivPruneSelect(benchmark::State& state, kp::SimilarityKernel kernel) {
+  constexpr int32_t kN = 2880, kD = 128;
+  const int32_t k = static_cast<int32_t>(state.range(0));
+  std::mt19937 rng(4);
+  std::normal_distribution<float> nd;
+  std::vector<float> rows(static_cast<size_t>(kN) * kD);
+  for (float& x : rows) x = nd(rng);
+  kp::SetSimilarityKernel(kernel);
+  for (auto _ : state) {
+    auto order = kp::DivPruneSelect(rows, kD, k);
+    if (!order.ok()) state.SkipWithError(std::string(order.status().message()).c_str());
+    benchmark::DoNotOptimize(order);
+  }
+  kp::SetSimilarityKernel(kp::SimilarityKernel::kBlocked);
+}
+
 // Apply of `spec`'s plan on a copy-on-write fork; `backend` "cpu" plans from the snapshot (and
 // keeps the plan for the baseline), other backends reuse that plan.
 void BM_Apply(benchmark::State& state, std::string spec, std::string backend) {
@@ -270,11 +292,19 @@ const char* kSpecs[] = {
     "vlcache:keep=0.1",
     "fastv:layer=2,ratio=0.5",
     "prumerge",
+    "downsample:keep=0.1",
+    "divprune:keep=0.1",
     "think:lambda=0.4",
     "snapkv:keep=0.1,window=32,think=0.4",
 };
 
 void Register() {
+  benchmark::RegisterBenchmark("BM_DivPruneSelect/reference", BM_DivPruneSelect,
+                               kp::SimilarityKernel::kReference)
+      ->Arg(1)->Arg(288)->Unit(benchmark::kMillisecond)->UseRealTime();
+  benchmark::RegisterBenchmark("BM_DivPruneSelect/blocked", BM_DivPruneSelect,
+                               kp::SimilarityKernel::kBlocked)
+      ->Arg(1)->Arg(288)->Unit(benchmark::kMillisecond)->UseRealTime();
   for (int scale : {1, 4}) {
     benchmark::RegisterBenchmark("BM_DecodeStep", BM_DecodeStep)
         ->Arg(scale)->Unit(benchmark::kMillisecond)->UseRealTime();

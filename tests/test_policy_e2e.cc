@@ -208,8 +208,10 @@ TEST_CASE("Every policy: Apply gives the planned cache, frees pages, attention m
   for (const char* spec :
        {"snapkv:keep=0.3,window=8", "pyramidkv:keep=0.2,window=8", "adakv:keep=0.3,window=8",
         "h2o", "tova:keep=0.3", "knorm:keep=0.3", "random:keep=0.3,seed=3",
-        "streamingllm:keep=0.3", "vlcache:keep=0.3", "vlcache:keep=0.3,shared=1,renorm=1",
-        "fastv:layer=1", "prumerge:knn=4", "prumerge:knn=4,plus=1,merge_keys=1",
+        "streamingllm:keep=0.3", "vlcache:keep=0.3", "vlcache:keep=0.3,shared=1,renorm=0",
+        "fastv:layer=1", "fastv:layer=1,keep=0.6", "downsample:keep=0.3",
+        "divprune:keep=0.3", "divprune:ratio=0.5", "prumerge:knn=4",
+        "prumerge:knn=4,plus=1,merge_keys=1",
         "think:lambda=0.5,window=8,recent=8", "snapkv:keep=0.3,window=8,merge=pivot",
         "h2o:merge=average", "snapkv:keep=0.3,window=8,think=0.25,think_window=8,think_recent=4",
         "streamingllm:keep=0.5,protect_text=1,keep_image=0.1"}) {

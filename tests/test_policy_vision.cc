@@ -56,6 +56,14 @@ TEST_CASE("FastV drops the lowest-attention image tokens from layer K on", "[pol
   late.accumulated.assign(8, 0.0f);
   plan = MustPlan("fastv", s);
   CHECK(plan.streams.back().kept == V{0, 2, 4, 6, 7});  // positions 100, 103, 105, 107, 109
+  // keep = a share of the prompt KV: (K*n + (L-K)(n_text + kept)) / (L*n) = keep. L 4, K 2,
+  // n 10, 4 text: keep 0.85 -> (34 - 20)/2 - 4 = 3 image tokens (as ratio 0.5); keep 0.75 -> 1;
+  // keep 0.5 (below reach: layers 0-1 and the text are 0.7 of the KV) -> still 1.
+  plan = MustPlan("fastv:keep=0.85", s);
+  CHECK(plan.streams.front().kept == V{0, 1, 3, 5, 7, 8, 9});
+  CHECK(plan.policy.find("keep=0.85") != std::string::npos);
+  CHECK(MustPlan("fastv:keep=0.75", s).streams.front().kept == V{0, 1, 7, 8, 9});
+  CHECK(MustPlan("fastv:keep=0.5", s).streams.front().kept == V{0, 1, 7, 8, 9});
   // Ratio 0: nothing dropped; ratio that drops every image: error; no image: documented no-op.
   CHECK(MustPlan("fastv:ratio=0", s).streams.empty());
   auto p = kp::CreatePolicy("fastv:ratio=0.95");
@@ -162,7 +170,8 @@ TEST_CASE("PruMerge cache policy: text kept, image runs reduced, merges into val
   CHECK(MustPlan("prumerge", text).streams.empty());
 }
 
-TEST_CASE("ThinK: channel ranking equals ranking by ||Q[:,c] K[:,c]^T||_F", "[policy][think]") {
+TEST_CASE("ThinK: channel ranking equals ranking by sum_g ||Q_g[:,c] K[:,c]^T||_F^2",
+          "[policy][think]") {
   std::mt19937 rng(17);
   std::normal_distribution<float> nd;
   const int rows = 6, hq = 4, h = 2, g = 2, d = 16, n = 40;
@@ -174,15 +183,16 @@ TEST_CASE("ThinK: channel ranking equals ranking by ||Q[:,c] K[:,c]^T||_F", "[po
   for (int head = 0; head < h; ++head) {
     auto scores = kp::ThinkChannelScores(q, rows, hq, d, head, g, k, {});
     REQUIRE(scores.ok());
-    // Oracle: Frobenius norm of the rank-1 channel contribution qbar[:,c] k[:,c]^T.
+    // Oracle: the sum over the group's query heads g of ||Q_g[:,c] K[:,c]^T||_F^2, the squared
+    // Frobenius norm of each head's rank-1 channel contribution q_g[:,c] k[:,c]^T.
     std::vector<double> frob(d);
     for (int c = 0; c < d; ++c) {
       double sum = 0;
-      for (int r = 0; r < rows; ++r) {
-        double qbar = 0;
-        for (int gg = 0; gg < g; ++gg) qbar += q[(r * hq + head * g + gg) * d + c];
-        qbar /= g;
-        for (int j = 0; j < n; ++j) sum += (qbar * k[j * d + c]) * (qbar * k[j * d + c]);
+      for (int gg = 0; gg < g; ++gg) {
+        for (int r = 0; r < rows; ++r) {
+          const double qc = q[(r * hq + head * g + gg) * d + c];
+          for (int j = 0; j < n; ++j) sum += (qc * k[j * d + c]) * (qc * k[j * d + c]);
+        }
       }
       frob[c] = std::sqrt(sum);
     }
@@ -220,6 +230,30 @@ TEST_CASE("ThinK: channel ranking equals ranking by ||Q[:,c] K[:,c]^T||_F", "[po
   s.layers[0].window_rows = 2;
   s.layers[0].window_queries.resize(2 * hq * d);
   CHECK_FALSE((*kp::CreatePolicy("think:window=4"))->Plan(s).ok());
+}
+
+TEST_CASE("ThinK with G > 1: query heads of opposite sign add up, never cancel",
+          "[policy][think]") {
+  // One kv head, two query heads, two rows, 2 channels. Channel 0: the heads' queries are +3 and
+  // -3 (their mean is 0, so squaring the mean would score it 0 and prune it); channel 1: both 1.
+  const int rows = 2, hq = 2, d = 2, n = 3;
+  const std::vector<float> q = {3, 1, -3, 1,   // row 0: head 0 (c0, c1), head 1 (c0, c1)
+                                3, 1, -3, 1};  // row 1
+  const std::vector<float> k = {1, 1, 1, 1, 1, 1};
+  auto scores = kp::ThinkChannelScores(q, rows, hq, d, /*kv_head=*/0, /*group=*/2, k, {});
+  REQUIRE(scores.ok());
+  // mean over heads and rows of q^2 times mean over tokens of k^2: 9 and 1.
+  CHECK((*scores)[0] == Approx(9.0));
+  CHECK((*scores)[1] == Approx(1.0));
+  CHECK(kp::ThinkKeptChannels(*scores, 0.5) == V{0});
+  // Through the policy: channel 0 is the one kept.
+  auto s = Uniform(1, 1, hq, d, n);
+  s.stream(0, 0).keys = k;
+  s.layers[0].window_rows = rows;
+  s.layers[0].window_queries = q;
+  auto plan = MustPlan("think:lambda=0.5,window=2,recent=0", s);
+  REQUIRE(plan.streams.size() == 1);
+  CHECK(plan.streams[0].key_channels == V{0});
 }
 
 TEST_CASE("LOOK-M merge: evicted tokens join their most similar kept key", "[policy][lookm]") {

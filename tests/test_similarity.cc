@@ -283,3 +283,36 @@ TEST_CASE("LOOK-M's missing-keys error is the serial one", "[policy][similarity]
     CHECK(std::string(plan.status().message()).find("layer 1, kv_head 0") != std::string::npos);
   }
 }
+
+TEST_CASE("DotProducts equals DotProduct bit for bit (every copy, any width, any count)",
+          "[policy][similarity]") {
+  KernelGuard guard;
+  std::mt19937 rng(41);
+  std::normal_distribution<float> nd;
+  for (size_t d : {1, 7, 8, 9, 16, 31, 64, 127, 128, 130}) {
+    const int rows = 37;
+    std::vector<float> a(d), x(rows * d);
+    for (float& v : a) v = nd(rng);
+    for (float& v : x) v = nd(rng) * (1.0f + static_cast<float>(rng() % 1000));
+    x[3 * d] = std::numeric_limits<float>::infinity();  // non-finite rows too
+    x[5 * d] = std::nanf("");
+    std::vector<const float*> ptr(rows);
+    for (int i = 0; i < rows; ++i) ptr[i] = x.data() + i * d;
+    for (SimilarityKernel k : {SimilarityKernel::kBlocked, SimilarityKernel::kPortable}) {
+      kp::SetSimilarityKernel(k);
+      for (int count : {0, 1, 3, 4, 8, 9, 16, 37}) {
+        INFO("d " << d << " kernel " << Name(k) << " count " << count);
+        std::vector<float> out(count, -1.0f);
+        kp::DotProducts(a.data(), ptr.data(), count, d, out.data());
+        for (int i = 0; i < count; ++i) {
+          const float want = kp::DotProduct(a.data(), ptr[i], d);
+          if (std::isnan(want)) {
+            CHECK(std::isnan(out[i]));
+          } else {
+            CHECK(std::memcmp(&out[i], &want, sizeof(float)) == 0);
+          }
+        }
+      }
+    }
+  }
+}

@@ -13,8 +13,8 @@
 namespace kvcache::policy {
 namespace {
 
-// Python's //: floor, also for negative operands (PyramidKV's step can be negative when the
-// cap at n - w bites; every layer is then capped at n anyway).
+// Python's //: floor, also for negative operands (PyramidKV's operands are non-negative once the
+// uniform fallback has taken n < 2(C - w), but the pyramid is written as the official code's).
 int64_t FloorDiv(int64_t a, int64_t b) {
   int64_t q = a / b;
   if ((a % b != 0) && ((a < 0) != (b < 0))) --q;
@@ -27,6 +27,43 @@ absl::Status CheckKeep(const char* who, double keep) {
         absl::StrCat(who, ": keep ratio ", keep, " is outside (0, 1]"));
   }
   return absl::OkStatus();
+}
+
+// Exact water-filling: the level t with sum_l clip(t * d_l, lo, hi) = target. The sum is a
+// continuous, non-decreasing, piecewise-linear function of t whose kinks are the points where a
+// layer leaves the floor (t = lo/d_l) or reaches the ceiling (t = hi/d_l); the level lies on the
+// segment between the last kink below the target and the first one at or above it, where the
+// sum is linear. Every layer's share is recomputed from the final t, so a layer that sat at the
+// floor for a smaller level is released when the level rises (the old pin-and-repeat loop never
+// released it). An infeasible target is met as closely as the clip allows: below L * lo every
+// layer is at the floor (t = 0); above the largest reachable sum every dense layer is at the
+// ceiling and a layer of density 0 stays at the floor (t = the last kink).
+double WaterLevel(std::span<const double> density, double target, double lo, double hi) {
+  auto total = [&](double t) {
+    double s = 0.0;
+    for (double d : density) s += std::clamp(t * d, lo, hi);
+    return s;
+  };
+  std::vector<double> kinks;
+  for (double d : density) {
+    if (d > 0.0) {
+      kinks.push_back(lo / d);
+      kinks.push_back(hi / d);
+    }
+  }
+  std::sort(kinks.begin(), kinks.end());
+  double prev_t = 0.0, prev_sum = total(0.0);
+  if (target <= prev_sum) return 0.0;
+  for (double t : kinks) {
+    const double s = total(t);
+    if (s >= target) {
+      // Linear on [prev_t, t]; s > prev_sum here because target lies strictly between them.
+      return prev_t + (target - prev_sum) * (t - prev_t) / (s - prev_sum);
+    }
+    prev_t = t;
+    prev_sum = s;
+  }
+  return prev_t;
 }
 
 }  // namespace
@@ -62,18 +99,25 @@ absl::StatusOr<std::vector<int32_t>> PyramidKVBudgets(int32_t n, int32_t num_lay
   if (beta < 1) {
     return absl::InvalidArgumentError(absl::StrCat("PyramidKVBudgets: beta ", beta, " < 1"));
   }
-  const int64_t total = std::llround(keep * n);  // C - w
+  const int64_t capacity = std::llround(keep * n);  // C, the window inside it
+  if (capacity < window) {
+    return absl::InvalidArgumentError(absl::StrCat("PyramidKVBudgets: capacity round(keep ",
+                                                   keep, " * n ", n, ") = ", capacity,
+                                                   " is below the window ", window));
+  }
   std::vector<int32_t> out(num_layers);
   auto cap = [&](int64_t x) { return static_cast<int32_t>(std::clamp<int64_t>(x, 1, n)); };
-  if (num_layers == 1) {
-    out[0] = cap(total + window);
+  const int64_t shaped = capacity - window;  // C - w: what the pyramid distributes
+  if (num_layers == 1 || int64_t{n} < 2 * shaped) {
+    // One layer, or too few tokens to shape a pyramid: the official uniform fallback.
+    std::fill(out.begin(), out.end(), cap(capacity));
     return out;
   }
-  int64_t min_tokens = FloorDiv(total, beta);
-  int64_t max_tokens = 2 * total - min_tokens;
+  int64_t min_tokens = FloorDiv(shaped, beta);
+  int64_t max_tokens = 2 * shaped - min_tokens;
   if (max_tokens >= int64_t{n} - window) {
     max_tokens = int64_t{n} - window;
-    min_tokens = 2 * total - max_tokens;
+    min_tokens = 2 * shaped - max_tokens;
   }
   const int64_t step = FloorDiv(max_tokens - min_tokens, num_layers - 1);
   for (int32_t l = 0; l < num_layers; ++l) out[l] = cap(max_tokens - l * step + window);
@@ -125,30 +169,11 @@ absl::StatusOr<VlCacheBudget> VlCacheLayerBudgets(std::span<const double> densit
     out.unclipped[l] = sum > 0.0 ? density[l] / sum * mass : alpha;
   }
   out.ratio.resize(num_layers);
-  for (size_t l = 0; l < num_layers; ++l) out.ratio[l] = std::clamp(out.unclipped[l], kLo, kHi);
   if (renormalize && sum > 0.0) {
-    // Water filling: pin the layers the clip touched, share what is left of alpha*L among the
-    // others by density, repeat until nothing new is pinned.
-    std::vector<uint8_t> pinned(num_layers, 0);
-    for (size_t iter = 0; iter <= num_layers; ++iter) {
-      double free_density = 0.0, pinned_mass = 0.0;
-      for (size_t l = 0; l < num_layers; ++l) {
-        if (pinned[l]) pinned_mass += out.ratio[l];
-        else free_density += density[l];
-      }
-      if (free_density <= 0.0) break;
-      bool changed = false;
-      for (size_t l = 0; l < num_layers; ++l) {
-        if (pinned[l]) continue;
-        const double r = density[l] / free_density * (mass - pinned_mass);
-        out.ratio[l] = std::clamp(r, kLo, kHi);
-        if (r < kLo || r > kHi) {
-          pinned[l] = 1;
-          changed = true;
-        }
-      }
-      if (!changed) break;
-    }
+    const double t = WaterLevel(density, mass, kLo, kHi);
+    for (size_t l = 0; l < num_layers; ++l) out.ratio[l] = std::clamp(t * density[l], kLo, kHi);
+  } else {
+    for (size_t l = 0; l < num_layers; ++l) out.ratio[l] = std::clamp(out.unclipped[l], kLo, kHi);
   }
   out.tokens.resize(num_layers);
   for (size_t l = 0; l < num_layers; ++l) {

@@ -13,6 +13,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
+#include "kvcache/policy/image_select.h"
 #include "kvcache/policy/prumerge.h"
 
 namespace kvcache::policy {
@@ -240,7 +241,7 @@ const std::vector<Entry>& Entries() {
                    return BuildToken(a, o);
                  }});
     e.push_back({"vlcache", "VL-Cache: sparsity-aware layer budgets + post-vision attention",
-                 With({{"keep", "0.1"}, {"p", "0.01"}, {"recent", "0.1"}, {"renorm", "0"},
+                 With({{"keep", "0.1"}, {"p", "0.01"}, {"recent", "0.1"}, {"renorm", "1"},
                        {"shared", "0"}}),
                  [](const Args& a) -> absl::StatusOr<std::unique_ptr<Policy>> {
                    TokenPolicyOptions o;
@@ -256,11 +257,12 @@ const std::vector<Entry>& Entries() {
                    return BuildToken(a, o);
                  }});
     e.push_back({"fastv", "FastV: drop low-attention image tokens from layer K on",
-                 {{"layer", "2"}, {"ratio", "0.5"}},
+                 {{"layer", "2"}, {"ratio", "0.5"}, {"keep", "0"}},
                  [](const Args& a) -> absl::StatusOr<std::unique_ptr<Policy>> {
                    FastVOptions o;
                    KVC_ASSIGN(o.layer, a.Int("layer", 1, 1 << 16));
                    KVC_ASSIGN(o.ratio, a.Real("ratio", 0.0, 1.0, false, true));
+                   KVC_ASSIGN(o.keep, a.Real("keep", 0.0, 1.0));
                    return MakeFastVPolicy(o);
                  }});
     e.push_back({"prumerge", "LLaVA-PruMerge: IQR outlier image tokens + kNN merge",
@@ -277,6 +279,22 @@ const std::vector<Entry>& Entries() {
                    o.engine_scores = scores == 1;
                    return MakePruMergePolicy(o);
                  }});
+    // The image-token baselines: keep is the share of the prompt KV (text kept, the image tokens
+    // get the rest), ratio > 0 the share of each image's tokens (the papers' knob).
+    auto image_select = [](auto make) {
+      return [make](const Args& a) -> absl::StatusOr<std::unique_ptr<Policy>> {
+        ImageSelectOptions o;
+        KVC_ASSIGN(o.keep, a.Real("keep", 0.0, 1.0, true));
+        KVC_ASSIGN(o.ratio, a.Real("ratio", 0.0, 1.0));
+        return make(o);
+      };
+    };
+    e.push_back({"downsample", "uniform stride of each image's tokens, text kept (baseline)",
+                 {{"keep", "0.1"}, {"ratio", "0"}}, image_select(MakeDownsamplePolicy)});
+    e.push_back({"divprune",
+                 "DivPrune: max-min key-cosine diversity of each image's tokens per kv head, "
+                 "text kept (baseline)",
+                 {{"keep", "0.1"}, {"ratio", "0"}}, image_select(MakeDivPrunePolicy)});
     e.push_back({"think", "ThinK key-channel pruning (all tokens kept)",
                  {{"lambda", "0.4"}, {"window", "32"}, {"recent", "32"}},
                  [](const Args& a) -> absl::StatusOr<std::unique_ptr<Policy>> {

@@ -42,6 +42,13 @@ void UnitRowsInto(std::span<const float> rows, size_t d, std::vector<float>& uni
 // -ffast-math (the sum order is fixed, so results are deterministic across runs and threads).
 float DotProduct(const float* a, const float* b, size_t d);
 
+// out[i] = DotProduct(a, rows[i], d) for i in [0, count), bit for bit (the same per-lane sums in
+// the same order; no FMA), but `count` dot products at a time as independent chains, so a
+// batch of them is throughput- rather than latency-bound (src/policy/similarity_dots.cc). With
+// the AVX2 copy (run-time dispatch; kPortable: the baseline-ISA copy only). rows: [count]
+// pointers to d floats; out: [count].
+void DotProducts(const float* a, const float* const* rows, int32_t count, size_t d, float* out);
+
 // unit: [n, d] unit rows (UnitRows). For each queries[q] (a row index), the index s into
 // `candidates` (row indices) maximising DotProduct(row queries[q], row candidates[s]): strict
 // maximum, so ties keep the smaller s; NaN never wins; 0 when every similarity is NaN.

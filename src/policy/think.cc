@@ -37,12 +37,15 @@ absl::StatusOr<std::vector<float>> ThinkChannelScores(std::span<const float> que
   std::vector<double> qs(d, 0.0), ks(d, 0.0);
   for (int32_t r = 0; r < rows; ++r) {
     for (size_t c = 0; c < d; ++c) {
-      double qbar = 0.0;  // mean over the head's G query heads, then squared
+      // Squares first, then the mean over the head's G query heads: heads of opposite sign
+      // add up instead of cancelling (the sum of each head's Frobenius criterion).
+      double q2 = 0.0;
       for (int32_t g = 0; g < group_size; ++g) {
-        qbar += queries[(static_cast<size_t>(r) * num_q_heads + kv_head * group_size + g) * d + c];
+        const double q =
+            queries[(static_cast<size_t>(r) * num_q_heads + kv_head * group_size + g) * d + c];
+        q2 += q * q;
       }
-      qbar /= group_size;
-      qs[c] += qbar * qbar;
+      qs[c] += q2 / group_size;
     }
   }
   const int64_t count = tokens.empty() ? n : static_cast<int64_t>(tokens.size());

@@ -328,6 +328,9 @@ class FastVPolicy final : public Policy {
   explicit FastVPolicy(FastVOptions o) : o_(o) {}
   std::string_view name() const override { return "fastv"; }
   std::string Describe() const override {
+    if (o_.keep > 0.0) {
+      return absl::StrCat("fastv layer=", o_.layer, " keep=", o_.keep, " (share of prompt KV)");
+    }
     return absl::StrCat("fastv layer=", o_.layer, " ratio=", o_.ratio);
   }
   SnapshotRequest Needs() const override {
@@ -391,7 +394,12 @@ class FastVPolicy final : public Policy {
       absl::StrAppend(&plan.policy, " (no image tokens: no-op)");
       return plan;
     }
-    const int32_t keep = static_cast<int32_t>(std::round(n_img * (1.0 - o_.ratio)));
+    int32_t keep = static_cast<int32_t>(std::round(n_img * (1.0 - o_.ratio)));
+    if (o_.keep > 0.0) {
+      const double n = snap.MaxLength(), layers = snap.num_layers, k = o_.layer;
+      const double image = (o_.keep * layers * n - k * n) / (layers - k) - (n - n_img);
+      keep = static_cast<int32_t>(std::clamp<double>(std::round(image), 1.0, n_img));
+    }
     if (keep == 0) {
       return absl::InvalidArgumentError(absl::StrCat("fastv: ratio=", o_.ratio, " drops all ",
                                                      n_img, " image tokens"));
@@ -441,6 +449,10 @@ absl::StatusOr<std::unique_ptr<Policy>> MakeFastVPolicy(const FastVOptions& opti
   if (!(options.ratio >= 0.0 && options.ratio < 1.0)) {
     return absl::InvalidArgumentError(
         absl::StrCat("fastv: ratio=", options.ratio, " is outside [0, 1)"));
+  }
+  if (!(options.keep >= 0.0 && options.keep <= 1.0)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("fastv: keep=", options.keep, " is outside [0, 1] (0 = use ratio)"));
   }
   return std::unique_ptr<Policy>(new FastVPolicy(options));
 }

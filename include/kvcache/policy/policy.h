@@ -50,7 +50,7 @@ class Policy {
 enum class LayerBudgetKind : uint8_t {
   kFull = 0,     // keep every token (channel pruning alone, or the no-op baseline)
   kUniform = 1,  // round(keep * n_l) (or `tokens`)
-  kPyramid = 2,  // PyramidKV over the sequence length n
+  kPyramid = 2,  // PyramidKV over the sequence length n (keep = capacity, window inside)
   kVlCache = 3,  // VL-Cache sparsity-aware ratios
   kH2O = 4,      // floor(heavy * n_l) + floor(recent * n_l), the recent part protected
 };
@@ -71,7 +71,7 @@ struct TokenPolicyOptions {
   int32_t tokens = 0;      // > 0: absolute per-stream budget (kUniform only), overrides keep
   int32_t pyramid_beta = 20;
   float sparsity_threshold = 0.01f;  // VL-Cache p (used when collecting)
-  bool renormalize = false;          // VL-Cache: renormalise after clipping
+  bool renormalize = true;           // VL-Cache: exact water-filling (false: literal clip)
   double h2o_heavy = 0.1;
   double h2o_recent = 0.1;
   // Head budget.
@@ -105,9 +105,15 @@ struct TokenPolicyOptions {
 // tokens; the lowest `ratio` fraction is dropped from every layer >= K (same tokens, by
 // position); text tokens and layers < K are untouched. A sequence without image/video tokens
 // gives an empty plan (documented no-op).
+// keep > 0 replaces ratio by a share of the prompt KV, like every other token policy: with L
+// layers, n prompt tokens of which n_img are image tokens, the image tokens kept in layers >= K
+// are round((keep*L*n - K*n) / (L-K) - (n - n_img)), clamped to [1, n_img], so that (K*n + (L-K)
+// * (n - n_img + kept)) / (L*n) = keep. Below keep = (K + (L-K)(n - n_img + 1)/n) / L that is out
+// of reach (layers < K and the text are never dropped) and one image token is kept.
 struct FastVOptions {
   int32_t layer = 2;   // K >= 1
   double ratio = 0.5;  // R in [0, 1)
+  double keep = 0.0;   // share of the prompt KV in (0, 1]; 0 = use ratio
 };
 [[nodiscard]] absl::StatusOr<std::unique_ptr<Policy>> MakeFastVPolicy(const FastVOptions& options);
 

@@ -1,12 +1,14 @@
 // kvcache/policy/think.h — ThinK query-driven key-channel pruning with real storage savings.
 //
-// Per kv head h and channel c: score_c = mean_rows(qbar[:, c]^2) * mean_tokens(k[:, c]^2), where
-// qbar is the mean of the head's G query heads over the observation rows and the tokens are the
-// ones the plan keeps. Because ||Q[:,c] K[:,c]^T||_F^2 = sum_i q_ic^2 * sum_j k_jc^2, this ranks
-// channels exactly as the Frobenius norm of their contribution to QK^T. The top
-// D - floor(lambda * D) channels (ties: lower channel id) go into StreamPlan::key_channels, so
-// Cache::Apply stores those keys narrower; the last `recent` kept tokens keep full width
-// (StreamPlan::full_width_recent), and decode tokens appended later are full width anyway.
+// Per kv head h and channel c: score_c = mean over the head's G query heads and the observation
+// rows of q[:, c]^2, times mean_tokens(k[:, c]^2), the tokens being the ones the plan keeps
+// (squares first: query heads of opposite sign never cancel; kvpress's ThinKPress). Because
+// ||Q_g[:,c] K[:,c]^T||_F^2 = sum_i q_gic^2 * sum_j k_jc^2, this ranks channels exactly as the
+// sum over the group of each query head's squared Frobenius norm of the channel's contribution
+// to Q_g K^T. The top D - floor(lambda * D) channels (ties: lower channel id) go into
+// StreamPlan::key_channels, so Cache::Apply stores those keys narrower; the last `recent` kept
+// tokens keep full width (StreamPlan::full_width_recent), and decode tokens appended later are
+// full width anyway.
 //
 // Example:
 //   auto scores = kvcache::policy::ThinkChannelScores(window_q, rows, num_q_heads, head_dim,
