@@ -27,8 +27,9 @@ std::string Name(const std::string& spec) { return spec.substr(0, spec.find(':')
 bool IsReadPolicy(const std::string& name) { return name == "quest" || name == "retrieval"; }
 
 // Whether the spec sets its budget itself (then --keep does not apply to it). Only h2o's
-// heavy/recent and fastv's ratio are budgets; vlcache's and think's "recent" and the read
-// policies' "recent" are windows inside a budget.
+// heavy/recent and a "ratio" (fastv's dropped image share; the image keep ratio of the image
+// baselines) are budgets; vlcache's and think's "recent" and the read policies' "recent" are
+// windows inside a budget.
 bool SetsBudget(const std::string& spec) {
   const size_t colon = spec.find(':');
   if (colon == std::string::npos) return false;
@@ -38,8 +39,7 @@ bool SetsBudget(const std::string& spec) {
     const absl::string_view key = item.substr(0, item.find('='));
     if (key == "keep" || key == "tokens") return true;
     if (read ? key == "top_k"
-             : ((name == "h2o" && (key == "heavy" || key == "recent")) ||
-                (name == "fastv" && key == "ratio"))) {
+             : ((name == "h2o" && (key == "heavy" || key == "recent")) || key == "ratio")) {
       return true;
     }
   }

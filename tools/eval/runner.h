@@ -41,8 +41,8 @@ struct RunSpec {
 // policy's own budget knob: keep=r for the token policies, heavy=r/2,recent=r/2 for h2o,
 // ratio=1-r (the dropped share of image tokens) for fastv. A spec that already sets its budget
 // (keep, tokens, heavy, recent, ratio), and a policy without one (full, prumerge, think), runs
-// once (for h2o, heavy= and recent= are its budget; for vlcache or think, recent= is a window
-// and --keep still applies). Errors (InvalidArgument) name the bad spec or ratio; every spec is
+// once (for h2o, heavy= and recent= are its budget, and ratio= is a budget wherever it appears;
+// for vlcache or think, recent= is a window and --keep still applies). Errors (InvalidArgument) name the bad spec or ratio; every spec is
 // test-built here.
 [[nodiscard]] absl::StatusOr<std::vector<RunSpec>> ExpandRuns(
     const std::vector<std::string>& policies, const std::vector<double>& keeps);
