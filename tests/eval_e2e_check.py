@@ -74,6 +74,9 @@ def main():
     check(w["prompt_by_modality"]["image"] == 120, "image tokens")
     full = res["full"]
     check(full["cosine"] == 1.0 and full["rel_l2"] == 0.0, "full fidelity exactly 1")
+    check(full["attn_recall"] == 1.0 and full["norm_ratio"] == 1.0 and full["kept_share"] == 1.0,
+          "full recall, norm ratio and kept share exactly 1")
+    check(w["model"].endswith("/llava"), f"default profile llava in the model name: {w['model']}")
     specs = [x["spec"] for x in res["runs"]]
     expected = ["snapkv:window=8,keep=0.3", "snapkv:window=8,keep=0.6",
                 "h2o:heavy=0.15,recent=0.15", "h2o:heavy=0.3,recent=0.3",
@@ -84,7 +87,9 @@ def main():
             "kv_bytes_end", "kv_saving", "tokens_kept", "tokens_total", "kept_by_modality",
             "total_by_modality", "kept_by_layer", "kept_map", "collect_ms", "plan_ms", "apply_ms",
             "plan_apply_ms", "decode_ms_per_step", "decode_time_ratio", "cosine", "rel_l2",
-            "min_cosine", "layer_cosine", "layer_rel_l2"]
+            "min_cosine", "layer_cosine", "layer_rel_l2", "kept_share", "rel_l2_worst",
+            "rel_l2_worst_layer", "norm_ratio", "layer_norm_ratio", "attn_recall",
+            "attn_recall_worst", "attn_recall_worst_layer", "layer_attn_recall"]
     for run_ in res["runs"] + [full]:
         missing = [k for k in keys if k not in run_]
         check(not missing, f"{run_['spec']}: missing {missing}")
@@ -92,6 +97,10 @@ def main():
               f"{run_['spec']}: per-layer arrays")
         check(0.0 <= run_["kv_saving"] < 1.0, f"{run_['spec']}: saving in [0, 1)")
         check(-1.0 <= run_["cosine"] <= 1.0, f"{run_['spec']}: cosine range")
+        check(0.0 < run_["attn_recall"] <= 1.0 and len(run_["layer_attn_recall"]) == 3,
+              f"{run_['spec']}: recall in (0, 1] per layer")
+        check(abs(run_["kept_share"] - run_["tokens_kept"] / run_["tokens_total"]) < 1e-12,
+              f"{run_['spec']}: kept share")
         check(run_["kv_bytes"] == run_["pages"] * res["cache"]["page_bytes"],
               f"{run_['spec']}: bytes = pages x page bytes")
     by_spec = {x["spec"]: x for x in res["runs"]}
@@ -128,12 +137,26 @@ def main():
             check(a["kv_bytes"] == b["kv_bytes"] and a["cosine"] == b["cosine"] and
                   a["tokens_kept"] == b["tokens_kept"], f"trace run {a['spec']} matches")
 
+    # The diffuse profile and a calibration knob run, and change the workload.
+    json3 = os.path.join(work, "diffuse.json")
+    r3 = run(exe, TINY + ["--profile", "diffuse", "--sink", "0.2", "--policy", "snapkv:window=8",
+                          "--keep", "0.3", "--json", json3])
+    check(r3.returncode == 0, f"--profile diffuse exit status {r3.returncode}: {r3.stderr}")
+    if r3.returncode == 0:
+        with open(json3, encoding="utf-8") as f:
+            res3 = json.load(f)
+        check(res3["workload"]["model"].endswith("/diffuse+knobs"), "diffuse profile named")
+        check(res3["runs"][0]["rel_l2"] != by_spec["snapkv:window=8,keep=0.3"]["rel_l2"],
+              "the profile changes the result")
+
     # Usage errors: exit status 2, the bad value named.
     for args, needle in [(["--keep", "1.5"], "1.5"), (["--policy", "nosuch"], "nosuch"),
                          (["--layers", "zero"], "zero"), (["--bogus"], "--bogus"),
                          (["--policy", "snapkv:window=abc"], "abc"),
                          (["--dtype", "f64"], "f64"), (["--layers"], "needs a value"),
-                         (["--report-policy", "tova", "--policy", "h2o"], "tova")]:
+                         (["--report-policy", "tova", "--policy", "h2o"], "tova"),
+                         (["--profile", "sparse"], "sparse"), (["--sink", "2"], "sink=2"),
+                         (["--k90", "abc"], "abc")]:
         e = run(exe, TINY + args)
         check(e.returncode == 2, f"{args}: exit status {e.returncode}, expected 2")
         check(needle in e.stderr, f"{args}: message {e.stderr!r} names {needle!r}")

@@ -3,8 +3,12 @@
 // expansion maps --keep onto each policy's budget knob.
 #include <catch2/catch.hpp>
 
+#include <algorithm>
+#include <cmath>
 #include <string>
 #include <vector>
+
+#include "absl/strings/str_cat.h"
 
 #include "tools/eval/report.h"
 #include "tools/eval/runner.h"
@@ -202,4 +206,111 @@ TEST_CASE("Read policies: reading every key equals the full cache; a small budge
   auto bad_keep = ke::ExpandRuns({"retrieval:keep=2"}, {0.1});
   REQUIRE_FALSE(bad_keep.ok());
   CHECK(std::string(bad_keep.status().message()).find("keep=2") != std::string::npos);
+}
+
+TEST_CASE("ExpandRuns: only h2o's heavy/recent and fastv's ratio set the budget",
+          "[eval][runner]") {
+  // vlcache's and think's recent= are windows inside the budget: --keep still applies.
+  auto runs = ke::ExpandRuns({"vlcache:recent=0.2", "h2o:recent=0.1", "snapkv:window=8"},
+                             {0.1, 0.25});
+  REQUIRE(runs.ok());
+  std::vector<std::string> specs;
+  for (const auto& r : *runs) specs.push_back(r.spec);
+  CHECK(specs == std::vector<std::string>{"vlcache:recent=0.2,keep=0.1",
+                                          "vlcache:recent=0.2,keep=0.25", "h2o:recent=0.1",
+                                          "snapkv:window=8,keep=0.1", "snapkv:window=8,keep=0.25"});
+}
+
+// Attention-mass recall against an independent computation: the full cache's softmax of every
+// decode query over the prompt and the decode tokens so far (f32 cache, so the kernel and this
+// double-precision reference agree closely), summed over the tokens streamingllm keeps (the 4
+// sinks and the last tokens-4 prompt tokens), averaged over query heads, steps and layers.
+TEST_CASE("Attention-mass recall, norm ratio and kept share are what they claim",
+          "[eval][runner][metrics]") {
+  const ke::Workload w = Small(9);
+  const int kTokens = 60, kSinks = 4;
+  auto runs = ke::ExpandRuns({"full", absl::StrCat("streamingllm:tokens=", kTokens),
+                              "snapkv:window=8", "random"},
+                             {0.25});
+  REQUIRE(runs.ok());
+  ke::EvalOptions o;
+  o.dtype = kvcache::DType::kF32;
+  auto res = ke::RunEval(w, *runs, o);
+  REQUIRE(res.ok());
+  // The reference and "full" as a policy: recall and norm ratio exactly 1, no error anywhere.
+  for (const ke::RunResult* r : {&res->full, &res->runs[0]}) {
+    CHECK(r->attn_recall == 1.0);
+    CHECK(r->attn_recall_worst == 1.0);
+    CHECK(r->norm_ratio == 1.0);
+    CHECK(r->rel_l2_worst == 0.0);
+    CHECK(r->kept_share == 1.0);
+  }
+  const ke::RunResult& stream = res->runs[1];
+  const int n = w.prompt_len, L = w.num_layers, H = w.num_kv_heads, QH = w.num_q_heads;
+  const int D = w.head_dim, G = QH / H;
+  double expected = 0;
+  std::vector<double> layer_expected(L, 0.0);
+  for (int l = 0; l < L; ++l) {
+    for (int t = 0; t < w.decode_steps; ++t) {
+      for (int qh = 0; qh < QH; ++qh) {
+        const int h = qh / G;
+        const float* q = &w.decode_queries[l][(static_cast<size_t>(t) * QH + qh) * D];
+        std::vector<double> logit;
+        for (int j = 0; j < n + t + 1; ++j) {
+          const float* k = j < n ? &w.keys[l][(static_cast<size_t>(j) * H + h) * D]
+                                 : &w.decode_keys[l][(static_cast<size_t>(j - n) * H + h) * D];
+          double dot = 0;
+          for (int c = 0; c < D; ++c) dot += double{q[c]} * k[c];
+          logit.push_back(dot / std::sqrt(static_cast<double>(D)));
+        }
+        const double m = *std::max_element(logit.begin(), logit.end());
+        double z = 0, kept = 0;
+        for (int j = 0; j < n + t + 1; ++j) {
+          const double p = std::exp(logit[j] - m);
+          z += p;
+          if (j < kSinks || j >= n - (kTokens - kSinks)) kept += p;
+        }
+        layer_expected[l] += kept / z / (static_cast<double>(QH) * w.decode_steps);
+      }
+    }
+    expected += layer_expected[l] / L;
+  }
+  INFO("recall " << stream.attn_recall << " expected " << expected);
+  CHECK(stream.attn_recall == Approx(expected).epsilon(1e-4));
+  REQUIRE(stream.layer_attn_recall.size() == static_cast<size_t>(L));
+  const double worst = *std::min_element(layer_expected.begin(), layer_expected.end());
+  CHECK(stream.attn_recall_worst == Approx(worst).epsilon(1e-4));
+  CHECK(stream.kept_share == Approx(static_cast<double>(kTokens) / n));
+  // Every eviction run: recall in (0, 1), the worst layer no better than the mean, rel L2's worst
+  // layer no better than its mean, and kept share within 0.02 of keep for the token policies.
+  for (size_t i = 1; i < res->runs.size(); ++i) {
+    const ke::RunResult& r = res->runs[i];
+    INFO(r.spec << " recall " << r.attn_recall << " kept " << r.kept_share << " norm "
+                << r.norm_ratio);
+    CHECK(r.attn_recall > 0.0);
+    CHECK(r.attn_recall < 1.0);
+    CHECK(r.attn_recall_worst <= r.attn_recall);
+    CHECK(r.rel_l2_worst >= r.rel_l2);
+    CHECK(r.norm_ratio > 0.0);
+    CHECK(r.layer_norm_ratio.size() == static_cast<size_t>(L));
+    if (r.keep > 0) CHECK(std::abs(r.kept_share - r.keep) <= 0.02);
+  }
+  const std::string json = ke::ToJson(*res);
+  for (const char* field : {"\"attn_recall\"", "\"attn_recall_worst\"", "\"layer_attn_recall\"",
+                            "\"norm_ratio\"", "\"layer_norm_ratio\"", "\"rel_l2_worst\"",
+                            "\"rel_l2_worst_layer\"", "\"kept_share\""}) {
+    CHECK(json.find(field) != std::string::npos);
+  }
+}
+
+TEST_CASE("Read policies report no recall (they keep every token)", "[eval][runner][metrics]") {
+  const ke::Workload w = Small();
+  auto runs = ke::ExpandRuns({"quest"}, {0.2});
+  REQUIRE(runs.ok());
+  auto res = ke::RunEval(w, *runs, {});
+  REQUIRE(res.ok());
+  CHECK(std::isnan(res->runs[0].attn_recall));
+  CHECK(res->runs[0].kept_share == 1.0);
+  CHECK(ke::ToJson(*res).find("\"attn_recall\": null") != std::string::npos);
+  CHECK(ke::FormatTable(*res).find("quest:keep=0.2") != std::string::npos);
 }

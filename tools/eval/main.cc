@@ -3,7 +3,9 @@
 // explains the measurements, the default workload and the trace format.
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdio>
+#include <cmath>
 #include <cstdlib>
 #include <filesystem>
 #include <iostream>
@@ -28,9 +30,29 @@ namespace {
 
 constexpr int kUsageError = 2;
 
-constexpr const char* kDefaultPolicies =
-    "streamingllm,h2o,snapkv,pyramidkv,adakv,tova,vlcache,fastv,prumerge,random,quest";
+// The default policy set, in table order. A name the registry does not know (a policy added on
+// another branch) is skipped with a note, so extending this list never breaks the default run.
+constexpr const char* kDefaultPolicyList[] = {
+    "streamingllm", "h2o",    "snapkv", "pyramidkv", "adakv",      "tova",      "vlcache",
+    "fastv",        "prumerge", "random", "downsample", "divprune", "quest"};
 constexpr const char* kDefaultKeeps = "0.1,0.25";
+
+// The default set as one comma-separated spec, without names the registry does not know.
+std::string DefaultPolicies(std::vector<std::string>* skipped = nullptr) {
+  std::vector<std::string> known;
+  for (const auto& info : kvcache::policy::ListPolicies()) known.push_back(info.name);
+  std::string out;
+  for (const char* name : kDefaultPolicyList) {
+    const std::string n = name;
+    const bool read_policy = n == "quest" || n == "retrieval";
+    if (!read_policy && std::find(known.begin(), known.end(), n) == known.end()) {
+      if (skipped != nullptr) skipped->push_back(n);
+      continue;
+    }
+    absl::StrAppend(&out, out.empty() ? "" : ",", n);
+  }
+  return out;
+}
 
 const char* kUsage = R"(usage: kvcache-eval [flags]
 
@@ -60,6 +82,25 @@ Workload (synthetic, LLaVA-1.6-7B-shaped; docs/EVAL.md)
   --image-tiles N      image tiles (default 5)
   --question-tokens N  question tokens = observation rows (default 64)
   --steps N            decode steps (default 32)
+Calibration (attention statistics of decode queries; docs/EVAL.md cites each default)
+  --profile NAME       llava (default: published LLaVA-1.5/1.6 measurements) or diffuse
+                       (the pre-calibration workload: weak sinks, diffuse attention, a stress
+                       case); the knobs below override the profile's values
+  --early-layers K     layers before FastV's K: dense, no sink (llava 2)
+  --early-sink X       sink (BOS) share of attention in layers < K (llava 0.03)
+  --early-image-share X  image share in layers < K (llava 0.56)
+  --early-k90 X        share of the prompt holding 90%% of non-sink mass, layers < K (0.6)
+  --sink X             sink share in layers >= K (llava 0.70)
+  --anchors N          persistent text anchors (heavy hitters) per kv head (llava 8)
+  --anchor-share X     attention share on the anchors in layers >= K (llava 0.20)
+  --image-share X      mean image share over layers >= K (llava 0.033)
+  --image-floor X      image share after the fade (llava 0.005)
+  --image-fade-end X   depth (layer / (L-1)) where the fade ends (llava 0.75)
+  --k90 X              90%%-of-non-sink-mass share in layers >= K, per-layer centre (0.09)
+  --k90-spread X       per-layer k90 varies by up to this factor either way (llava 2)
+  --near-duplicate X   share of image tokens with a near-duplicate key (llava 0.30)
+  --persistence X      weight of a query head's persistent interest, 0..1 (llava 0.9)
+  --recency X          AR(1) coefficient of query interest across rows, 0..1 (llava 0.9)
   --trace DIR          read a recorded trace instead (docs/EVAL.md, tools/capture_trace.py)
   --write-trace DIR    also save the workload used as a trace in DIR (the trace format)
 Cache
@@ -81,6 +122,7 @@ struct Args {
   bool list = false, quiet = false, help = false;
   ke::SyntheticSpec spec;
   std::string trace, write_trace, json, report, report_policy;
+  std::vector<std::string> skipped_defaults;  // default policies the registry does not have
   kvcache::DType dtype = kvcache::DType::kF16;
   int32_t page_tokens = 16;
   int32_t threads = 0;
@@ -124,6 +166,27 @@ absl::StatusOr<Args> Parse(int argc, char** argv) {
       {"--image-tiles", &a.spec.image_tiles},   {"--question-tokens", &a.spec.question_tokens},
       {"--steps", &a.spec.decode_steps},        {"--page-tokens", &a.page_tokens},
       {"--threads", &a.threads}};
+  // Calibration knobs: applied over the --profile's values after every flag was read.
+  const std::map<std::string, double ke::AttentionTargets::*> reals = {
+      {"--early-sink", &ke::AttentionTargets::early_sink},
+      {"--early-image-share", &ke::AttentionTargets::early_image},
+      {"--early-k90", &ke::AttentionTargets::early_k90},
+      {"--sink", &ke::AttentionTargets::sink},
+      {"--anchor-share", &ke::AttentionTargets::anchor_share},
+      {"--image-share", &ke::AttentionTargets::image},
+      {"--image-floor", &ke::AttentionTargets::image_floor},
+      {"--image-fade-end", &ke::AttentionTargets::image_fade_end},
+      {"--k90", &ke::AttentionTargets::k90},
+      {"--k90-spread", &ke::AttentionTargets::k90_spread},
+      {"--near-duplicate", &ke::AttentionTargets::near_duplicate},
+      {"--persistence", &ke::AttentionTargets::persistence},
+      {"--recency", &ke::AttentionTargets::recency}};
+  const std::map<std::string, int32_t ke::AttentionTargets::*> target_ints = {
+      {"--early-layers", &ke::AttentionTargets::early_layers},
+      {"--anchors", &ke::AttentionTargets::anchors}};
+  std::vector<std::pair<double ke::AttentionTargets::*, double>> real_overrides;
+  std::vector<std::pair<int32_t ke::AttentionTargets::*, int32_t>> int_overrides;
+  std::string profile = "llava";
   std::vector<std::string> policy_texts, keep_texts;
   for (int i = 1; i < argc; ++i) {
     std::string flag = argv[i], value;
@@ -136,7 +199,9 @@ absl::StatusOr<Args> Parse(int argc, char** argv) {
     if (flag == "--help" || flag == "-h") { a.help = true; continue; }
     if (flag == "--list-policies") { a.list = true; continue; }
     if (flag == "--quiet") { a.quiet = true; continue; }
-    const bool known = ints.count(flag) > 0 || flag == "--policy" || flag == "--keep" ||
+    const bool known = ints.count(flag) > 0 || reals.count(flag) > 0 ||
+                       target_ints.count(flag) > 0 || flag == "--profile" ||
+                       flag == "--policy" || flag == "--keep" ||
                        flag == "--seed" || flag == "--trace" || flag == "--write-trace" || flag == "--json" ||
                        flag == "--report" || flag == "--report-policy" || flag == "--dtype";
     if (!known) return absl::InvalidArgumentError(absl::StrCat("unknown flag '", flag, "' (see --help)"));
@@ -146,6 +211,18 @@ absl::StatusOr<Args> Parse(int argc, char** argv) {
     }
     if (auto it = ints.find(flag); it != ints.end()) {
       if (absl::Status s = ParseInt(flag, value, flag == "--threads" ? 0 : 1, *it->second); !s.ok()) return s;
+    } else if (auto r = reals.find(flag); r != reals.end()) {
+      double x = 0;
+      if (!absl::SimpleAtod(value, &x) || !std::isfinite(x)) {
+        return absl::InvalidArgumentError(absl::StrCat(flag, " '", value, "' is not a number"));
+      }
+      real_overrides.emplace_back(r->second, x);
+    } else if (auto ti = target_ints.find(flag); ti != target_ints.end()) {
+      int32_t x = 0;
+      if (absl::Status st = ParseInt(flag, value, 0, x); !st.ok()) return st;
+      int_overrides.emplace_back(ti->second, x);
+    } else if (flag == "--profile") {
+      profile = value;
     } else if (flag == "--policy") {
       policy_texts.push_back(value);
     } else if (flag == "--keep") {
@@ -171,7 +248,14 @@ absl::StatusOr<Args> Parse(int argc, char** argv) {
       else return absl::InvalidArgumentError(absl::StrCat("--dtype '", value, "' is not one of f16, bf16, f32"));
     }
   }
-  if (policy_texts.empty()) policy_texts.push_back(kDefaultPolicies);
+  auto targets = ke::ProfileTargets(profile);
+  if (!targets.ok()) return targets.status();
+  a.spec.profile = profile == "default" ? "llava" : profile;
+  a.spec.targets = *targets;
+  for (const auto& [member, x] : real_overrides) a.spec.targets.*member = x;
+  for (const auto& [member, x] : int_overrides) a.spec.targets.*member = x;
+  if (!real_overrides.empty() || !int_overrides.empty()) absl::StrAppend(&a.spec.profile, "+knobs");
+  if (policy_texts.empty()) policy_texts.push_back(DefaultPolicies(&a.skipped_defaults));
   if (keep_texts.empty()) keep_texts.push_back(kDefaultKeeps);
   for (const std::string& t : policy_texts) {
     if (absl::Status s = SplitPolicies(t, a.policies); !s.ok()) return s;
@@ -215,7 +299,7 @@ int main(int argc, char** argv) {
     return kUsageError;
   }
   if (args->help) {
-    std::printf(kUsage, kDefaultPolicies, kDefaultKeeps);
+    std::printf(kUsage, DefaultPolicies().c_str(), kDefaultKeeps);
     return 0;
   }
   if (args->list) {
@@ -230,6 +314,10 @@ int main(int argc, char** argv) {
                 "read policy: IceFormer top-k key retrieval, hnswlib (all tokens kept)", "",
                 "keep=0.1,exact=0,ef=0,sinks=0,recent=0,dense_layers=2 (top_k=N overrides keep)");
     return 0;
+  }
+  for (const std::string& name : args->skipped_defaults) {
+    std::fprintf(stderr, "kvcache-eval: default policy '%s' is not in this build's registry; "
+                 "skipped\n", name.c_str());
   }
   auto runs = ke::ExpandRuns(args->policies, args->keeps);
   if (!runs.ok()) {

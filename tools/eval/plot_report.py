@@ -3,8 +3,9 @@
 
 Usage: plot_report.py RESULTS_JSON OUT_DIR [POLICY]
 
-Writes OUT_DIR/fidelity_vs_keep.png (cosine similarity and relative L2 error of the decode
-attention output against the fraction of prompt KV tokens kept, one line per policy),
+Writes OUT_DIR/fidelity_vs_keep.png (relative L2 error of the decode attention output,
+attention-mass recall and cosine similarity against the ACTUAL share of prompt KV each run kept,
+one line per policy: equal memory is the same x),
 OUT_DIR/kept_by_layer.png (tokens kept per layer by modality for POLICY, one panel per keep ratio)
 and OUT_DIR/kept_map.png (layer x prompt position share of kv heads keeping each token, for
 POLICY's tightest run). Exit status 0 on success, 1 on bad input.
@@ -24,8 +25,8 @@ MODALITY_COLORS = {"text": "#4C72B0", "image": "#DD8452", "video": "#55A868", "a
 
 
 def fidelity_plot(res, path):
-    fig, (ax_cos, ax_l2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax in (ax_cos, ax_l2):  # more than the default 10 colours: one per policy
+    fig, (ax_l2, ax_rec, ax_cos) = plt.subplots(1, 3, figsize=(15, 4.4))
+    for ax in (ax_l2, ax_rec, ax_cos):  # more than the default 10 colours: one per policy
         ax.set_prop_cycle(color=plt.cm.tab20.colors)
     by_policy = {}
     for run in res["runs"]:
@@ -37,7 +38,7 @@ def fidelity_plot(res, path):
     def share(r):
         if r["policy"] in read_policies and (r.get("keep") or -1) > 0:
             return r["keep"]
-        return r["tokens_kept"] / max(r["tokens_total"], 1)
+        return r.get("kept_share", r["tokens_kept"] / max(r["tokens_total"], 1))
 
     for name, runs in by_policy.items():
         runs = sorted(runs, key=share)
@@ -47,13 +48,18 @@ def fidelity_plot(res, path):
         label = f"{name} (read share; all kept)" if reads else name
         ax_cos.plot(x, [r["cosine"] for r in runs], style, label=label)
         ax_l2.plot(x, [r["rel_l2"] for r in runs], style, label=label)
-    for ax, title in ((ax_cos, "cosine similarity (mean over layers, steps)"),
-                      (ax_l2, "relative L2 error")):
-        ax.set_xlabel("share of prompt KV tokens kept (read, for read policies)")
+        if not reads:
+            ax_rec.plot(x, [r.get("attn_recall") for r in runs], style, label=label)
+    for ax, title in ((ax_l2, "relative L2 error of the attention output (log)"),
+                      (ax_rec, "attention-mass recall (full cache's mass kept)"),
+                      (ax_cos, "cosine similarity")):
+        ax.set_xlabel("actual share of prompt KV kept (read share for read policies)")
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
     ax_cos.axhline(1.0, color="gray", lw=0.8, ls="--")
-    ax_l2.legend(fontsize=8, loc="upper right")
+    ax_rec.axhline(1.0, color="gray", lw=0.8, ls="--")
+    ax_l2.set_yscale("log")
+    ax_l2.legend(fontsize=7, loc="upper right")
     w = res["workload"]
     fig.suptitle(f"Decode attention fidelity vs the full cache — {w['model']}, "
                  f"{w['num_layers']} layers, prompt {w['prompt_len']}", fontsize=11)

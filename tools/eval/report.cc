@@ -4,6 +4,7 @@
 #include <sys/wait.h>
 
 #include <cstdio>
+#include <cmath>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -20,6 +21,10 @@ namespace {
 constexpr double kMiB = 1024.0 * 1024.0;
 
 std::string KeepText(double keep) { return keep < 0 ? std::string("-") : absl::StrFormat("%.2f", keep); }
+
+std::string RecallText(double x, const char* format) {
+  return std::isnan(x) ? std::string("-") : absl::StrFormat(format, x);
+}
 
 double Share(int64_t kept, int64_t total) {
   return total > 0 ? static_cast<double>(kept) / static_cast<double>(total) : 0.0;
@@ -38,6 +43,7 @@ nlohmann::json RunJson(const RunResult& r, const RunResult& full) {
   j["kv_saving"] = 1.0 - Share(r.kv_bytes, full.kv_bytes);
   j["tokens_kept"] = r.tokens_kept;
   j["tokens_total"] = r.tokens_total;
+  j["kept_share"] = r.kept_share;
   nlohmann::json km = nlohmann::json::object(), tm = nlohmann::json::object();
   for (int m = 0; m < kNumModalities; ++m) {
     km[ModalityName(static_cast<Modality>(m))] = r.kept_by_modality[m];
@@ -66,6 +72,19 @@ nlohmann::json RunJson(const RunResult& r, const RunResult& full) {
   j["min_cosine"] = r.min_cosine;
   j["layer_cosine"] = r.layer_cosine;
   j["layer_rel_l2"] = r.layer_rel_l2;
+  j["rel_l2_worst"] = r.rel_l2_worst;
+  j["rel_l2_worst_layer"] = r.rel_l2_worst_layer;
+  j["norm_ratio"] = r.norm_ratio;
+  j["layer_norm_ratio"] = r.layer_norm_ratio;
+  // Recall is undefined (null) for read policies, which keep every token.
+  auto number = [](double x) { return std::isnan(x) ? nlohmann::json(nullptr) : nlohmann::json(x); };
+  j["attn_recall"] = number(r.attn_recall);
+  j["attn_recall_worst"] = number(r.attn_recall_worst);
+  j["attn_recall_worst_layer"] =
+      std::isnan(r.attn_recall) ? nlohmann::json(nullptr) : nlohmann::json(r.attn_recall_worst_layer);
+  nlohmann::json recall = nlohmann::json::array();
+  for (double x : r.layer_attn_recall) recall.push_back(number(x));
+  j["layer_attn_recall"] = recall;
   return j;
 }
 
@@ -101,18 +120,22 @@ std::string FormatTable(const EvalResults& res) {
   size_t width = 6;
   for (const RunResult& r : res.runs) width = std::max(width, r.spec.size());
   const std::string header = absl::StrFormat(
-      "%-*s %5s %9s %6s %9s %6s %8s %8s %8s %8s %7s %6s %6s", static_cast<int>(width),
-      "policy", "keep", "KV MiB", "saved", "attn ms", "x full", "score ms", "plan ms", "cos", "min cos", "rel L2",
+      "%-*s %5s %6s %8s %6s %8s %6s %8s %8s %7s %7s %6s %6s %6s %6s %6s %6s",
+      static_cast<int>(width), "policy", "keep", "kept%", "KV MiB", "saved", "attn ms",
+      "x full", "score ms", "plan ms", "rel L2", "worst", "recall", "worst", "norm", "cos",
       "text%", "image%");
   os << header << "\n" << std::string(header.size(), '-') << "\n";
   auto row = [&](const RunResult& r, const std::string& name) {
     const RunResult& f = res.full;
     os << absl::StrFormat(
-        "%-*s %5s %9.2f %5.1f%% %9.3f %6.2f %8.1f %8.1f %8.4f %8.4f %7.4f %5.1f%% %5.1f%%\n",
-        static_cast<int>(width), name, KeepText(r.keep), r.kv_bytes / kMiB,
+        "%-*s %5s %5.1f%% %8.2f %5.1f%% %8.3f %6.2f %8.1f %8.1f %7.4f %7.4f %6s %6s %6.3f %6.4f "
+        "%5.1f%% %5.1f%%\n",
+        static_cast<int>(width), name, KeepText(r.keep), 100.0 * r.kept_share, r.kv_bytes / kMiB,
         100.0 * (1.0 - Share(r.kv_bytes, f.kv_bytes)), r.decode_ms_per_step,
         f.decode_ms_per_step > 0 ? r.decode_ms_per_step / f.decode_ms_per_step : 0.0,
-        r.collect_ms, r.plan_ms + r.apply_ms, r.cosine, r.min_cosine, r.rel_l2,
+        r.collect_ms, r.plan_ms + r.apply_ms, r.rel_l2, r.rel_l2_worst,
+        RecallText(r.attn_recall, "%.4f"), RecallText(r.attn_recall_worst, "%.4f"),
+        r.norm_ratio, r.cosine,
         100.0 * Share(r.kept_by_modality[static_cast<int>(Modality::kText)],
                       r.total_by_modality[static_cast<int>(Modality::kText)]),
         100.0 * Share(r.kept_by_modality[static_cast<int>(Modality::kImage)],
@@ -229,23 +252,28 @@ absl::StatusOr<std::string> WriteReport(const EvalResults& res, const std::strin
       res.prompt_by_modality[static_cast<int>(Modality::kImage)], res.decode_steps,
       res.query_rows);
   md << "Fidelity compares each decode step's attention output (all query heads of a layer) "
-        "with the full cache's: cosine similarity and relative L2 error, averaged over steps "
-        "and layers; `min cos` is the worst (layer, step). Times are wall-clock on this "
+        "with the full cache's: relative L2 error (the headline; `worst` is the worst layer), "
+        "attention-mass recall (the full cache's attention mass on the tokens the run kept; "
+        "`worst` is the worst layer), output-norm ratio and cosine, averaged over steps and "
+        "layers. `kept` is the share of prompt KV the run actually kept. Times are wall-clock on this "
         "machine: `attn ms` is Cache::DecodeAttention over all layers per decode step, "
         "`score ms` is collecting what the policy reads (scoring the observation rows, reading "
         "keys), `plan ms` is Plan + Apply. See docs/EVAL.md.\n\n";
-  md << "| policy | keep | KV MiB | saved | attn ms/step | x full | score ms | plan+apply ms | cos "
-        "| min cos | rel L2 | text kept | image kept |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n";
+  md << "| policy | keep | kept | KV MiB | saved | attn ms/step | x full | score ms | "
+        "plan+apply ms | rel L2 | worst L2 | recall | worst recall | norm | cos | text kept | "
+        "image kept |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n";
   auto row = [&](const RunResult& r, const std::string& name) {
     const RunResult& f = res.full;
     md << absl::StrFormat(
-        "| `%s` | %s | %.2f | %.1f%% | %.3f | %.2f | %.1f | %.1f | %.4f | %.4f | %.4f | %.1f%% | "
-        "%.1f%% |\n",
-        name, KeepText(r.keep), r.kv_bytes / kMiB, 100.0 * (1.0 - Share(r.kv_bytes, f.kv_bytes)),
-        r.decode_ms_per_step,
+        "| `%s` | %s | %.1f%% | %.2f | %.1f%% | %.3f | %.2f | %.1f | %.1f | %.4f | %.4f | %s | "
+        "%s | %.3f | %.4f | %.1f%% | %.1f%% |\n",
+        name, KeepText(r.keep), 100.0 * r.kept_share, r.kv_bytes / kMiB,
+        100.0 * (1.0 - Share(r.kv_bytes, f.kv_bytes)), r.decode_ms_per_step,
         f.decode_ms_per_step > 0 ? r.decode_ms_per_step / f.decode_ms_per_step : 0.0,
-        r.collect_ms, r.plan_ms + r.apply_ms, r.cosine, r.min_cosine, r.rel_l2,
+        r.collect_ms, r.plan_ms + r.apply_ms, r.rel_l2, r.rel_l2_worst,
+        RecallText(r.attn_recall, "%.4f"), RecallText(r.attn_recall_worst, "%.4f"),
+        r.norm_ratio, r.cosine,
         100.0 * Share(r.kept_by_modality[0], r.total_by_modality[0]),
         100.0 * Share(r.kept_by_modality[1], r.total_by_modality[1]));
   };
@@ -253,7 +281,7 @@ absl::StatusOr<std::string> WriteReport(const EvalResults& res, const std::strin
   for (const RunResult& r : res.runs) row(r, r.spec);
   md << "\n";
   if (plotted) {
-    md << "## Fidelity against keep ratio\n\n![fidelity](fidelity_vs_keep.png)\n\n";
+    md << "## Fidelity against the kept share of prompt KV\n\n![fidelity](fidelity_vs_keep.png)\n\n";
     md << "## Tokens kept per layer by modality (`" << policy << "`)\n\n"
        << "![kept per layer](kept_by_layer.png)\n\n";
     md << "## Kept tokens, layer x prompt position (`" << policy << "`)\n\n"
@@ -267,13 +295,18 @@ absl::StatusOr<std::string> WriteReport(const EvalResults& res, const std::strin
     for (const RunResult& r : res.runs) {
       if (r.policy == policy) sel.push_back(&r);
     }
-    for (const RunResult* r : sel) md << " cos keep " << KeepText(r->keep) << " |";
+    for (const RunResult* r : sel) {
+      md << " rel L2 / recall keep " << KeepText(r->keep) << " |";
+    }
     md << "\n|---|";
     for (size_t i = 0; i < sel.size(); ++i) md << "---|";
     md << "\n";
     for (int32_t l = 0; l < res.num_layers; ++l) {
       md << "| " << l << " |";
-      for (const RunResult* r : sel) md << absl::StrFormat(" %.4f |", r->layer_cosine[l]);
+      for (const RunResult* r : sel) {
+        md << absl::StrFormat(" %.4f / %s |", r->layer_rel_l2[l],
+                              RecallText(r->layer_attn_recall[l], "%.4f"));
+      }
       md << "\n";
     }
   }

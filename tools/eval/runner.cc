@@ -26,8 +26,10 @@ std::string Name(const std::string& spec) { return spec.substr(0, spec.find(':')
 
 bool IsReadPolicy(const std::string& name) { return name == "quest" || name == "retrieval"; }
 
-// Whether the spec sets its budget itself (then --keep does not apply to it). For the read
-// policies "recent" is the always-read window, not a budget.
+// Whether the spec sets its budget itself (then --keep does not apply to it). Only h2o's
+// heavy/recent and a "ratio" (fastv's dropped image share; the image keep ratio of the image
+// baselines) are budgets; vlcache's and think's "recent" and the read policies' "recent" are
+// windows inside a budget.
 bool SetsBudget(const std::string& spec) {
   const size_t colon = spec.find(':');
   if (colon == std::string::npos) return false;
@@ -37,7 +39,7 @@ bool SetsBudget(const std::string& spec) {
     const absl::string_view key = item.substr(0, item.find('='));
     if (key == "keep" || key == "tokens") return true;
     if (read ? key == "top_k"
-             : (key == "heavy" || key == "recent" || (key == "ratio" && name == "fastv"))) {
+             : ((name == "h2o" && (key == "heavy" || key == "recent")) || key == "ratio")) {
       return true;
     }
   }
@@ -109,6 +111,18 @@ absl::StatusOr<ReadPolicy> ParseReadPolicy(const std::string& spec, int32_t prom
 // as an engine running H2O during prefill would have them.
 using Accumulators = std::vector<std::vector<float>>;  // [layer * kv_heads][prompt_len]
 
+// The full cache's attention probabilities of every decode query, recorded on the reference run
+// (ScoreRows with the step's query right after the step's Append): the denominator and the
+// weights of attention-mass recall.
+struct Reference {
+  int32_t steps = 0, layers = 0, kv_heads = 0, prompt_len = 0;
+  std::vector<float> prompt_scores;  // [steps, layers, kv_heads, prompt_len]
+  std::vector<float> decode_mass;    // [steps, layers, kv_heads] mass on decode tokens so far
+  float* prompt(int32_t t, int32_t l, int32_t h) {
+    return &prompt_scores[((static_cast<size_t>(t) * layers + l) * kv_heads + h) * prompt_len];
+  }
+};
+
 struct Prepared {
   std::unique_ptr<Cache> cache;
   SequenceId seq = 0;
@@ -169,7 +183,8 @@ absl::StatusOr<Accumulators> ComputeAccumulators(const Workload& w, Cache& cache
 }
 
 absl::Status RunOne(const Workload& w, const EvalOptions& o, const Accumulators& acc,
-                    const std::string& spec, RunResult& r, int64_t& done, int64_t total) {
+                    const std::string& spec, RunResult& r, int64_t& done, int64_t total,
+                    Reference* record) {
   const bool read_only = IsReadPolicy(Name(spec));
   DecodeOptions decode_options;
   r.spec = spec;
@@ -252,15 +267,18 @@ absl::Status RunOne(const Workload& w, const EvalOptions& o, const Accumulators&
   for (Modality m : w.modalities) r.total_by_modality[static_cast<int>(m)] += int64_t{L} * H;
   r.tokens_total = int64_t{w.prompt_len} * L * H;
   r.tokens_kept = 0;
+  r.kept.assign(static_cast<size_t>(L) * H, std::vector<uint8_t>(w.prompt_len, 0));
   for (int32_t l = 0; l < L; ++l) {
     std::vector<int64_t> bin_kept(bins, 0);
     for (int32_t h = 0; h < H; ++h) {
       auto c = cache.ReadStream(seq, l, h, /*with_kv=*/false);
       if (!c.ok()) return c.status();
+      std::vector<uint8_t>& kept = r.kept[static_cast<size_t>(l) * H + h];
       for (int32_t t = 0; t < c->length; ++t) {
         const auto it = std::lower_bound(w.positions.begin(), w.positions.end(), c->positions[t]);
         if (it == w.positions.end() || *it != c->positions[t]) continue;  // not a prompt token
         const int64_t idx = it - w.positions.begin();
+        kept[idx] = 1;
         const int m = static_cast<int>(c->modalities[t]);
         ++r.kept_by_modality[m];
         ++r.kept_by_layer[l][m];
@@ -272,6 +290,15 @@ absl::Status RunOne(const Workload& w, const EvalOptions& o, const Accumulators&
       r.kept_map[l][b] = static_cast<float>(static_cast<double>(bin_kept[b]) /
                                             (static_cast<double>(bin_total[b]) * H));
     }
+  }
+  r.kept_share = static_cast<double>(r.tokens_kept) / static_cast<double>(r.tokens_total);
+  if (record != nullptr) {
+    record->steps = w.decode_steps;
+    record->layers = L;
+    record->kv_heads = H;
+    record->prompt_len = w.prompt_len;
+    record->prompt_scores.assign(static_cast<size_t>(w.decode_steps) * L * H * w.prompt_len, 0);
+    record->decode_mass.assign(static_cast<size_t>(w.decode_steps) * L * H, 0);
   }
 
   // Decode: each step appends its token to every layer, then attends with its query.
@@ -318,6 +345,26 @@ absl::Status RunOne(const Workload& w, const EvalOptions& o, const Accumulators&
                                                    " layer ", l, ": ", s.message()));
       }
       decode_ms += NowMs() - a;
+      if (record != nullptr) {
+        // The full cache's probabilities of this query (untimed): prompt tokens, then the
+        // decode tokens appended so far.
+        ScoreRequest sr;
+        sr.queries = q;
+        sr.positions = std::span<const int32_t>(&w.decode_positions[t], 1);
+        auto scores = cache.ScoreRows(seq, l, sr);
+        if (!scores.ok()) return scores.status();
+        for (int32_t h = 0; h < H; ++h) {
+          const std::vector<float>& ts = scores->token_scores[h];
+          if (ts.size() != static_cast<size_t>(w.prompt_len + t + 1)) {
+            return absl::InternalError(absl::StrCat("reference scores of layer ", l, " head ", h,
+                                                    " have ", ts.size(), " tokens"));
+          }
+          std::copy(ts.begin(), ts.begin() + w.prompt_len, record->prompt(t, l, h));
+          double tail = 0;
+          for (size_t i = w.prompt_len; i < ts.size(); ++i) tail += ts[i];
+          record->decode_mass[(static_cast<size_t>(t) * L + l) * H + h] = static_cast<float>(tail);
+        }
+      }
     }
     ++done;
     if (o.progress) o.progress(done, total, spec);
@@ -329,11 +376,14 @@ absl::Status RunOne(const Workload& w, const EvalOptions& o, const Accumulators&
   return absl::OkStatus();
 }
 
-void ScoreFidelity(const Workload& w, const RunResult& full, RunResult& r) {
-  const int32_t L = w.num_layers;
+void ScoreFidelity(const Workload& w, const RunResult& full, Reference& ref, bool read_policy,
+                   RunResult& r) {
+  const int32_t L = w.num_layers, H = w.num_kv_heads, n = w.prompt_len;
   const size_t qsize = static_cast<size_t>(w.num_q_heads) * w.head_dim;
   r.layer_cosine.assign(L, 0.0);
   r.layer_rel_l2.assign(L, 0.0);
+  r.layer_norm_ratio.assign(L, 0.0);
+  r.layer_attn_recall.assign(L, 0.0);
   r.min_cosine = 1.0;
   for (int32_t t = 0; t < w.decode_steps; ++t) {
     for (int32_t l = 0; l < L; ++l) {
@@ -341,20 +391,53 @@ void ScoreFidelity(const Workload& w, const RunResult& full, RunResult& r) {
       const Fidelity f = Compare(&full.outputs[off], &r.outputs[off], qsize);
       r.layer_cosine[l] += f.cosine;
       r.layer_rel_l2[l] += f.rel_l2;
+      r.layer_norm_ratio[l] += f.norm_ratio;
       r.min_cosine = std::min(r.min_cosine, f.cosine);
+      if (read_policy) continue;
+      double recall = 0;
+      for (int32_t h = 0; h < H; ++h) {
+        const float* p = ref.prompt(t, l, h);
+        const std::vector<uint8_t>& kept = r.kept[static_cast<size_t>(l) * H + h];
+        double mass = ref.decode_mass[(static_cast<size_t>(t) * L + l) * H + h];
+        double total = mass;
+        for (int32_t i = 0; i < n; ++i) {
+          total += p[i];
+          if (kept[i]) mass += p[i];
+        }
+        recall += total > 0 ? mass / total : 1.0;
+      }
+      r.layer_attn_recall[l] += recall / H;
     }
   }
-  r.cosine = 0;
-  r.rel_l2 = 0;
+  r.cosine = r.rel_l2 = r.norm_ratio = r.attn_recall = 0;
+  r.rel_l2_worst = -1;
+  r.attn_recall_worst = 2;
   // Sums first, one division each: identical outputs then give exactly 1 and 0.
   for (int32_t l = 0; l < L; ++l) {
     r.layer_cosine[l] /= w.decode_steps;
     r.layer_rel_l2[l] /= w.decode_steps;
+    r.layer_norm_ratio[l] /= w.decode_steps;
+    r.layer_attn_recall[l] = read_policy ? std::nan("") : r.layer_attn_recall[l] / w.decode_steps;
     r.cosine += r.layer_cosine[l];
     r.rel_l2 += r.layer_rel_l2[l];
+    r.norm_ratio += r.layer_norm_ratio[l];
+    r.attn_recall += r.layer_attn_recall[l];
+    if (r.layer_rel_l2[l] > r.rel_l2_worst) {
+      r.rel_l2_worst = r.layer_rel_l2[l];
+      r.rel_l2_worst_layer = l;
+    }
+    if (!read_policy && r.layer_attn_recall[l] < r.attn_recall_worst) {
+      r.attn_recall_worst = r.layer_attn_recall[l];
+      r.attn_recall_worst_layer = l;
+    }
   }
   r.cosine /= L;
   r.rel_l2 /= L;
+  r.norm_ratio /= L;
+  r.attn_recall /= L;
+  if (read_policy) r.attn_recall = r.attn_recall_worst = std::nan("");
+  r.kept.clear();
+  r.kept.shrink_to_fit();
 }
 
 }  // namespace
@@ -372,6 +455,7 @@ Fidelity Compare(const float* a, const float* b, size_t n) {
   Fidelity f;
   f.cosine = (aa > 0 && bb > 0) ? ab / std::sqrt(aa * bb) : 0.0;
   f.rel_l2 = aa > 0 ? std::sqrt(dd / aa) : std::sqrt(dd);
+  f.norm_ratio = aa > 0 ? std::sqrt(bb / aa) : 0.0;
   return f;
 }
 
@@ -463,13 +547,14 @@ absl::StatusOr<EvalResults> RunEval(const Workload& w, const std::vector<RunSpec
   }
   const int64_t total = int64_t{w.decode_steps} * static_cast<int64_t>(runs.size() + 1);
   int64_t done = 0;
-  if (absl::Status s = RunOne(w, o, acc, "full", res.full, done, total); !s.ok()) return s;
-  ScoreFidelity(w, res.full, res.full);
+  Reference ref;
+  if (absl::Status s = RunOne(w, o, acc, "full", res.full, done, total, &ref); !s.ok()) return s;
+  ScoreFidelity(w, res.full, ref, false, res.full);
   for (const RunSpec& spec : runs) {
     RunResult r;
     r.keep = spec.keep;
-    if (absl::Status s = RunOne(w, o, acc, spec.spec, r, done, total); !s.ok()) return s;
-    ScoreFidelity(w, res.full, r);
+    if (absl::Status s = RunOne(w, o, acc, spec.spec, r, done, total, nullptr); !s.ok()) return s;
+    ScoreFidelity(w, res.full, ref, IsReadPolicy(Name(spec.spec)), r);
     r.outputs.clear();
     r.outputs.shrink_to_fit();
     res.runs.push_back(std::move(r));

@@ -41,7 +41,9 @@ struct RunSpec {
 // policy's own budget knob: keep=r for the token policies, heavy=r/2,recent=r/2 for h2o,
 // ratio=1-r (the dropped share of image tokens) for fastv. A spec that already sets its budget
 // (keep, tokens, heavy, recent, ratio), and a policy without one (full, prumerge, think), runs
-// once. Errors (InvalidArgument) name the bad spec or ratio; every spec is test-built here.
+// once (for h2o, heavy= and recent= are its budget, and ratio= is a budget wherever it appears;
+// for vlcache or think, recent= is a window and --keep still applies). Errors (InvalidArgument) name the bad spec or ratio; every spec is
+// test-built here.
 [[nodiscard]] absl::StatusOr<std::vector<RunSpec>> ExpandRuns(
     const std::vector<std::string>& policies, const std::vector<double>& keeps);
 
@@ -52,18 +54,33 @@ struct RunResult {
   double keep = -1.0;
   // Memory after the policy was applied to the prompt (before decode) and at the end of decode.
   int64_t pages = 0, kv_bytes = 0, pages_end = 0, kv_bytes_end = 0;
-  // Prompt tokens stored, summed over all (layer, kv head) streams, after Apply.
+  // Prompt tokens stored, summed over all (layer, kv head) streams, after Apply; kept_share is
+  // their ratio: the share of prompt KV the run actually kept (what comparisons use).
   int64_t tokens_kept = 0, tokens_total = 0;
+  double kept_share = 0;
   std::array<int64_t, kNumModalities> kept_by_modality{}, total_by_modality{};
   std::vector<std::array<int64_t, kNumModalities>> kept_by_layer;  // [layer][modality]
   // kept_map[l][b]: share of (kv head, prompt token) pairs of position bin b kept in layer l.
   std::vector<std::vector<float>> kept_map;  // [layer][bins]
   double collect_ms = 0, plan_ms = 0, apply_ms = 0;
   double decode_ms_per_step = 0;  // DecodeAttention over all layers, mean over steps
-  // Fidelity of each decode step's attention output [q_heads * head_dim] against the full run.
-  std::vector<double> layer_cosine, layer_rel_l2;  // [layer] mean over steps
-  double cosine = 0, rel_l2 = 0;                    // mean over layers
-  double min_cosine = 0;                            // worst (layer, step)
+  // Fidelity of each decode step's attention output [q_heads * head_dim] against the full run:
+  // relative L2 error ||o - o_full|| / ||o_full|| (the headline), output-norm ratio
+  // ||o|| / ||o_full||, cosine similarity. Per layer: mean over steps; overall: mean over layers.
+  std::vector<double> layer_cosine, layer_rel_l2, layer_norm_ratio;  // [layer]
+  double cosine = 0, rel_l2 = 0, norm_ratio = 0;
+  double min_cosine = 0;           // worst (layer, step)
+  double rel_l2_worst = 0;         // the worst layer's mean rel L2
+  int32_t rel_l2_worst_layer = 0;
+  // Attention-mass recall: per decode query, the share of the FULL cache's attention mass
+  // (prompt and decode tokens, probabilities averaged over the kv head's query heads) that lies
+  // on tokens this run kept. NaN for read policies (they keep every token). Per layer: mean over
+  // steps and kv heads; overall: mean over layers; worst: the lowest layer.
+  std::vector<double> layer_attn_recall;  // [layer]
+  double attn_recall = 0, attn_recall_worst = 0;
+  int32_t attn_recall_worst_layer = 0;
+  // kept[l * kv_heads + h][i]: prompt token i survived in that stream (cleared after scoring).
+  std::vector<std::vector<uint8_t>> kept;
   std::vector<float> outputs;  // [steps, layers, q_heads, head_dim] attention outputs
 };
 
@@ -92,11 +109,12 @@ struct EvalResults {
                                                   const std::vector<RunSpec>& runs,
                                                   const EvalOptions& options);
 
-// Cosine similarity and relative L2 error ||b - a|| / ||a|| of b against reference a; identical
-// vectors give exactly (1, 0).
+// Cosine similarity, relative L2 error ||b - a|| / ||a|| and norm ratio ||b|| / ||a|| of b
+// against reference a; identical vectors give exactly (1, 0, 1).
 struct Fidelity {
   double cosine = 1.0;
   double rel_l2 = 0.0;
+  double norm_ratio = 1.0;  // ||other|| / ||reference|| (0 when the reference is 0)
 };
 Fidelity Compare(const float* reference, const float* other, size_t n);
 

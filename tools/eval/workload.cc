@@ -1,15 +1,19 @@
 // The synthetic LLaVA-like workload generator (docs/EVAL.md, "The default workload").
 //
-// Per (layer, kv head) the head dimension is split into semantic channels (a sink channel, an
-// image channel, a text channel, one channel per image patch prototype) and content channels;
-// a seeded signed permutation then scatters them over the head's channels. Logits are designed
-// in these coordinates: a query q = sqrt(D) * (sum of semantic coefficients + s_l * w) against a
-// key k = (semantic coefficients) + content z gives q.k / sqrt(D) = designed bias + s_l * (w.z).
+// Per (layer, kv head) the head dimension is split into semantic channels (sink, image, text,
+// anchor) and content channels; a seeded signed permutation scatters them over the head's
+// channels. A query q = sqrt(D) * (biases + sigma_l * w) against a key k = (channel coefficients)
+// + content z gives q.k / sqrt(D) = bias of the token's kind + sigma_l * (w.z), where w.z ~ N(0, 1)
+// over tokens (|w| = sqrt(C), z ~ N(0, I / C)). The biases are derived from the layer's target
+// shares and the token counts: a kind with share m over N tokens gets ln(m / N) - sigma^2 / 2,
+// so its expected softmax mass is m at any prompt length; sigma_l is solved so that the expected
+// share of the prompt holding 90% of the non-sink mass is the layer's k90 target.
 #include "tools/eval/workload.h"
 
 #include <algorithm>
 #include <cmath>
 #include <numeric>
+#include <utility>
 
 #include "absl/strings/str_cat.h"
 
@@ -59,18 +63,14 @@ Rng StreamRng(uint64_t seed, uint64_t a, uint64_t b = 0, uint64_t c = 0) {
   return Rng(s);
 }
 
-enum class Kind : uint8_t { kSink, kText, kImage };
+enum class Kind : uint8_t { kSink, kText, kAnchor, kImage };
 
-// Layout of one head's semantic channels (before the per-head permutation).
-struct Channels {
-  int32_t dim = 0;
-  int32_t prototypes = 0;
-  static constexpr int32_t kSink = 0, kImage = 1, kText = 2, kFirstPrototype = 3;
-  int32_t first_content() const { return kFirstPrototype + prototypes; }
-  int32_t content() const { return dim - first_content(); }
-};
+// Logical channels of one head (before the per-head permutation).
+constexpr int32_t kSinkChannel = 0, kImageChannel = 1, kTextChannel = 2, kAnchorChannel = 3;
+constexpr int32_t kFirstContent = 4;
 
-int32_t NumPrototypes(int32_t head_dim) { return std::clamp(head_dim / 4, 2, 32); }
+// Upper tail of the standard normal.
+double NormalTail(double x) { return 0.5 * std::erfc(x / std::sqrt(2.0)); }
 
 // Per (layer, kv head): where each logical channel lands, and its sign.
 struct HeadFrame {
@@ -87,13 +87,6 @@ HeadFrame MakeFrame(uint64_t seed, int32_t layer, int32_t head, int32_t dim) {
   f.sign.resize(dim);
   for (float& s : f.sign) s = (rng.Next() & 1) ? 1.0f : -1.0f;
   return f;
-}
-
-// Unit-norm (in expectation) random vector over the content channels.
-void RandomContent(Rng& rng, int32_t n, float scale, std::vector<float>& out) {
-  out.resize(n);
-  const float s = scale / std::sqrt(static_cast<float>(n));
-  for (float& x : out) x = s * rng.Normal();
 }
 
 }  // namespace
@@ -185,6 +178,146 @@ absl::Status Workload::Validate() const {
   return absl::OkStatus();
 }
 
+absl::StatusOr<AttentionTargets> ProfileTargets(const std::string& name) {
+  AttentionTargets t;  // the struct's defaults are the "llava" profile
+  if (name == "llava" || name == "default") return t;
+  if (name == "diffuse") {
+    // The pre-calibration workload's statistics, measured at the default scale (2,979 tokens;
+    // issue 14): no sink in layers 0-1 and image-dominated attention there, a weak sink after,
+    // image attention fading linearly over the whole depth (64-91% still in layers 2-10), the
+    // 90% mass spread over 16-70% of the prompt, no anchors, image keys near copies of each
+    // other, decode queries as similar to the first prompt rows as to the last.
+    t.early_sink = 0.01;
+    t.early_image = 0.95;
+    t.early_k90 = 0.75;
+    t.sink = 0.15;
+    t.anchor_share = 0.0;
+    t.anchors = 0;
+    t.image = 0.42;
+    t.image_floor = 0.05;
+    t.image_fade_end = 1.0;
+    t.k90 = 0.33;
+    t.k90_spread = 2.1;
+    t.near_duplicate = 0.99;
+    t.persistence = 0.8;
+    t.recency = 0.0;
+    return t;
+  }
+  return absl::InvalidArgumentError(absl::StrCat("--profile '", name, "' is not one of: llava (default), diffuse"));
+}
+
+std::vector<std::string> ProfileNames() { return {"llava", "diffuse"}; }
+
+namespace {
+
+struct TokenCounts {
+  int32_t prompt = 0, image = 0, text_tail = 0, anchors = 0;
+};
+
+TokenCounts Counts(const SyntheticSpec& s) {
+  TokenCounts c;
+  c.prompt = s.system_tokens + s.image_tokens + s.question_tokens;
+  c.image = s.image_tokens;
+  const int32_t text = s.system_tokens - 1 + s.question_tokens;  // without the BOS sink
+  c.anchors = std::clamp(s.targets.anchors, 0, std::max(0, text - 1));
+  c.text_tail = text - c.anchors;
+  return c;
+}
+
+// The image share of layer l >= K: linear fade from its value at K to image_floor at depth
+// image_fade_end, constant after; the start value makes the mean over layers >= K the target.
+double FadedImageShare(const SyntheticSpec& s, int32_t layer) {
+  const AttentionTargets& t = s.targets;
+  const int32_t L = s.num_layers, K = t.early_layers;
+  auto depth = [&](int32_t l) { return L > 1 ? static_cast<double>(l) / (L - 1) : 0.0; };
+  auto shape = [&](int32_t l) {  // 1 at K, 0 from the fade end on
+    const double span = t.image_fade_end - depth(K);
+    if (span <= 0) return l == K ? 1.0 : 0.0;
+    return std::max(0.0, 1.0 - (depth(l) - depth(K)) / span);
+  };
+  double mean_shape = 0;
+  for (int32_t l = K; l < L; ++l) mean_shape += shape(l);
+  mean_shape /= std::max(1, L - K);
+  const double start =
+      mean_shape > 0 ? t.image_floor + (t.image - t.image_floor) / mean_shape : t.image;
+  return std::clamp(t.image_floor + (start - t.image_floor) * shape(layer), 0.0, 0.97);
+}
+
+}  // namespace
+
+double ExpectedK90(const LayerTargets& t, int32_t anchors, int32_t image_count,
+                   int32_t text_tail_count, int32_t prompt_len) {
+  const double target = 0.9 * (1.0 - t.sink);
+  const double sg = std::max(t.sigma, 1e-6);
+  struct Tail {
+    double mass, count, mu;
+  };
+  std::vector<Tail> tails;
+  for (auto [m, n] : {std::pair<double, int32_t>{t.image, image_count}, {t.text, text_tail_count}}) {
+    if (m > 0 && n > 0) tails.push_back({m, static_cast<double>(n), std::log(m / n) - sg * sg / 2});
+  }
+  // Log-weights of a tail are N(mu, sg^2); mass above u is m * P(Z > (u - mu) / sg - sg).
+  auto tail_mass = [&](double u) {
+    double x = 0;
+    for (const Tail& g : tails) x += g.mass * NormalTail((u - g.mu) / sg - sg);
+    return x;
+  };
+  auto tail_count = [&](double u) {
+    double x = 0;
+    for (const Tail& g : tails) x += g.count * NormalTail((u - g.mu) / sg);
+    return x;
+  };
+  const bool has_anchors = anchors > 0 && t.anchor > 0;
+  const double ua = has_anchors ? std::log(t.anchor / anchors) : -1e300;
+  if (has_anchors && tail_mass(ua) < target && tail_mass(ua) + t.anchor >= target) {
+    // 90% is reached inside the anchor step: a fraction of the anchors.
+    return (tail_count(ua) + (target - tail_mass(ua)) / (t.anchor / anchors)) / prompt_len;
+  }
+  auto mass = [&](double u) { return tail_mass(u) + (u <= ua ? t.anchor : 0.0); };
+  double lo = -200, hi = 50;  // mass(lo) ~ all non-sink mass >= target; mass(hi) ~ 0
+  for (int i = 0; i < 200; ++i) {
+    const double mid = (lo + hi) / 2;
+    (mass(mid) >= target ? lo : hi) = mid;
+  }
+  return (tail_count(lo) + (lo <= ua ? anchors : 0)) / prompt_len;
+}
+
+LayerTargets TargetsForLayer(const SyntheticSpec& s, int32_t layer) {
+  const AttentionTargets& t = s.targets;
+  const TokenCounts c = Counts(s);
+  LayerTargets lt;
+  lt.anchors = c.anchors;
+  if (layer < t.early_layers) {
+    // No sink and no anchors yet: anchors are ordinary text tokens (the mean text token's mass).
+    lt.sink = t.early_sink;
+    lt.image = c.image > 0 ? t.early_image : 0.0;
+    const double text = 1.0 - lt.sink - lt.image;
+    lt.anchor = text * c.anchors / std::max(1, c.anchors + c.text_tail);
+    lt.text = text - lt.anchor;
+    lt.k90 = t.early_k90;
+  } else {
+    lt.sink = t.sink;
+    lt.anchor = c.anchors > 0 ? t.anchor_share : 0.0;
+    lt.image = c.image > 0 ? FadedImageShare(s, layer) : 0.0;
+    lt.text = 1.0 - lt.sink - lt.anchor - lt.image;
+    Rng rng = StreamRng(s.seed, 6, layer);
+    lt.k90 = std::clamp(t.k90 * std::pow(t.k90_spread, 2.0 * rng.Uniform() - 1.0), 1e-4, 0.9);
+  }
+  // Solve sigma: the expected k90 falls as the tail's log-normal scale grows.
+  double lo = 0.01, hi = 8.0;
+  for (int i = 0; i < 60; ++i) {
+    lt.sigma = (lo + hi) / 2;
+    (ExpectedK90(lt, c.anchors, c.image, c.text_tail, c.prompt) > lt.k90 ? lo : hi) = lt.sigma;
+  }
+  lt.sigma = (lo + hi) / 2;
+  // Where the targets leave too little mass outside the text tokens for the k90 target (deep
+  // layers at the image floor: 90% of the non-sink mass lies in the anchors and text whatever
+  // the tail's shape), the closest attainable value is the layer's target.
+  lt.k90_requested = lt.k90;
+  lt.k90 = ExpectedK90(lt, c.anchors, c.image, c.text_tail, c.prompt);
+  return lt;
+}
+
 absl::Status ValidateSpec(const SyntheticSpec& s) {
   auto bad = [](const char* knob, int64_t v, const char* why) {
     return absl::InvalidArgumentError(absl::StrCat(knob, "=", v, " ", why));
@@ -202,13 +335,51 @@ absl::Status ValidateSpec(const SyntheticSpec& s) {
   }
   if (s.question_tokens < 1 || s.question_tokens > 100000) return bad("question-tokens", s.question_tokens, "is outside [1, 100000]");
   if (s.decode_steps < 1 || s.decode_steps > 100000) return bad("steps", s.decode_steps, "is outside [1, 100000]");
+  const AttentionTargets& t = s.targets;
+  auto bad_share = [](const char* knob, double v, const char* why) {
+    return absl::InvalidArgumentError(absl::StrCat(knob, "=", v, " ", why));
+  };
+  auto share = [&](const char* knob, double v, double lo, double hi) -> absl::Status {
+    if (!(v >= lo && v <= hi)) {
+      return bad_share(knob, v, absl::StrCat("is outside [", lo, ", ", hi, "]").c_str());
+    }
+    return absl::OkStatus();
+  };
+  for (const absl::Status& st :
+       {share("early-sink", t.early_sink, 1e-4, 0.95), share("early-image-share", t.early_image, 0, 0.97),
+        share("early-k90", t.early_k90, 1e-3, 0.9), share("sink", t.sink, 1e-4, 0.95),
+        share("anchor-share", t.anchor_share, 0, 0.95), share("image-share", t.image, 0, 0.97),
+        share("image-floor", t.image_floor, 0, 0.97), share("image-fade-end", t.image_fade_end, 0, 1),
+        share("k90", t.k90, 1e-3, 0.9), share("k90-spread", t.k90_spread, 1, 10),
+        share("near-duplicate", t.near_duplicate, 0, 0.99), share("persistence", t.persistence, 0, 1),
+        share("recency", t.recency, 0, 0.999)}) {
+    if (!st.ok()) return st;
+  }
+  if (t.early_layers < 0 || t.early_layers > s.num_layers) {
+    return bad("early-layers", t.early_layers, "is outside [0, layers]");
+  }
+  if (t.anchors < 0 || t.anchors > 4096) return bad("anchors", t.anchors, "is outside [0, 4096]");
+  if (t.early_sink + t.early_image > 0.99) {
+    return bad_share("early-image-share", t.early_image, "plus early-sink leaves under 1% for text");
+  }
+  // The fade's start value must keep room for text in every layer (checked per layer below).
+  for (int32_t l = t.early_layers; l < s.num_layers; ++l) {
+    const LayerTargets lt = TargetsForLayer(s, l);
+    if (lt.text < 0.01 - 1e-9) {
+      return bad_share("image-share", t.image,
+                       absl::StrCat("with sink=", t.sink, " and anchor-share=", t.anchor_share,
+                                    " leaves under 1% of the attention for text in layer ", l)
+                           .c_str());
+    }
+  }
   return absl::OkStatus();
 }
 
 absl::StatusOr<Workload> GenerateWorkload(const SyntheticSpec& spec) {
   if (absl::Status s = ValidateSpec(spec); !s.ok()) return s;
+  const AttentionTargets& tg = spec.targets;
   Workload w;
-  w.model = "synthetic-llava-1.6-7b";
+  w.model = absl::StrCat("synthetic-llava-1.6-7b/", spec.profile);
   w.num_layers = spec.num_layers;
   w.num_kv_heads = spec.num_kv_heads;
   w.num_q_heads = spec.num_q_heads;
@@ -217,62 +388,62 @@ absl::StatusOr<Workload> GenerateWorkload(const SyntheticSpec& spec) {
   w.decode_steps = spec.decode_steps;
   w.query_rows = spec.question_tokens;
   const int32_t n = w.prompt_len, L = w.num_layers, H = w.num_kv_heads, QH = w.num_q_heads;
-  const int32_t D = w.head_dim, G = QH / H, steps = w.decode_steps;
-  const Channels ch{D, NumPrototypes(D)};
-  const int32_t C = ch.content();
+  const int32_t D = w.head_dim, G = QH / H, steps = w.decode_steps, R = w.query_rows;
+  const int32_t C = D - kFirstContent;
+  const TokenCounts counts = Counts(spec);
 
   // Token layout: [BOS (sink) + system text][image tiles][question text]; positions 0..n-1.
-  std::vector<Kind> kind(n, Kind::kText);
-  std::vector<int32_t> proto(n, -1);
-  kind[0] = Kind::kSink;
+  const int32_t image_begin = spec.system_tokens, image_end = image_begin + spec.image_tokens;
   w.positions.resize(n);
   std::iota(w.positions.begin(), w.positions.end(), 0);
   w.modalities.assign(n, Modality::kText);
+  std::fill(w.modalities.begin() + image_begin, w.modalities.begin() + image_end,
+            Modality::kImage);
+  // Image patch j repeats patch j-1 (a near duplicate) with probability p; a patch then has a
+  // near duplicate when it repeats its left neighbour or its right neighbour repeats it, so the
+  // near-duplicate share 1 - (1 - p)^2 is the target.
+  const double repeat_p = 1.0 - std::sqrt(1.0 - tg.near_duplicate);
+  std::vector<uint8_t> repeats(n, 0);
   {
-    // Patches of a tile lie row-major on a near-square grid; each 3x3 block of patches shows one
-    // prototype (a region of similar content), so neighbours are near duplicates.
     Rng rng = StreamRng(spec.seed, 2);
-    const int32_t per_tile = spec.image_tokens / spec.image_tiles;
-    int32_t j = spec.system_tokens;
-    for (int32_t t = 0; t < spec.image_tiles; ++t) {
-      const int32_t count = t + 1 == spec.image_tiles
-                                ? spec.image_tokens - per_tile * (spec.image_tiles - 1)
-                                : per_tile;
-      const int32_t width = std::max(1, static_cast<int32_t>(std::ceil(std::sqrt(count))));
-      const int32_t blocks_per_row = (width + 2) / 3;
-      std::vector<int32_t> region_proto(static_cast<size_t>(blocks_per_row) * blocks_per_row + blocks_per_row + 1);
-      for (int32_t& p : region_proto) p = rng.Below(ch.prototypes);
-      for (int32_t i = 0; i < count; ++i, ++j) {
-        const int32_t region = (i / width / 3) * blocks_per_row + (i % width) / 3;
-        kind[j] = Kind::kImage;
-        proto[j] = region_proto[std::min<size_t>(region, region_proto.size() - 1)];
-        w.modalities[j] = Modality::kImage;
-      }
-    }
+    for (int32_t j = image_begin + 1; j < image_end; ++j) repeats[j] = rng.Uniform() < repeat_p;
   }
-  w.query_positions.assign(w.positions.end() - w.query_rows, w.positions.end());
+  // Candidate text anchors: system tokens after BOS first, then question tokens.
+  std::vector<int32_t> anchor_pool;
+  for (int32_t j = 1; j < spec.system_tokens; ++j) anchor_pool.push_back(j);
+  const size_t system_pool = anchor_pool.size();
+  for (int32_t j = image_end; j < n; ++j) anchor_pool.push_back(j);
+
+  w.query_positions.assign(w.positions.end() - R, w.positions.end());
   w.decode_positions.resize(steps);
   std::iota(w.decode_positions.begin(), w.decode_positions.end(), n);
-
   w.keys.resize(L);
   w.values.resize(L);
   w.queries.resize(L);
   w.decode_queries.resize(L);
   w.decode_keys.resize(L);
   w.decode_values.resize(L);
-  std::vector<float> logical(D), content;
+  const float root = std::sqrt(static_cast<float>(D));
+  constexpr float kRepeatNoise = 0.25f;  // content cosine ~0.97 to the repeated patch
+  const float keep_part = std::sqrt(1.0f - kRepeatNoise * kRepeatNoise);
+  std::vector<float> logical(D), content(C), value(D), prev_content(C), prev_value(D);
   for (int32_t l = 0; l < L; ++l) {
-    const double depth = L > 1 ? static_cast<double>(l) / (L - 1) : 0.0;
-    // Layer sharpness s_l: the first two layers are diffuse (dense attention, no sink, as in
-    // LLaMA-family models); the others draw s_l from [0.5, 2.5] -> sparsity differs per layer.
-    Rng layer_rng = StreamRng(spec.seed, 3, l);
-    const float sharp = l < 2 ? 0.3f : static_cast<float>(0.5 + 2.0 * layer_rng.Uniform());
-    const float image_bias = static_cast<float>(1.0 - 3.5 * depth);   // deep: image ignored
-    const float topic_bias = static_cast<float>(0.5 + 2.5 * (1.0 - depth));
-    constexpr float kTextBias = 0.5f;
+    const LayerTargets lt = TargetsForLayer(spec, l);
+    const double sg = lt.sigma;
+    // Logit biases (units of q.k / sqrt(D)) giving each kind its share of the softmax mass.
+    const float b_sink = static_cast<float>(std::log(lt.sink));
+    const float b_image = counts.image > 0 && lt.image > 0
+                              ? static_cast<float>(std::log(lt.image / counts.image) - sg * sg / 2)
+                              : -1e4f;
+    const float b_text = counts.text_tail > 0 && lt.text > 0
+                             ? static_cast<float>(std::log(lt.text / counts.text_tail) - sg * sg / 2)
+                             : -1e4f;
+    const float b_anchor = counts.anchors > 0 && lt.anchor > 0
+                               ? static_cast<float>(std::log(lt.anchor / counts.anchors)) - b_text
+                               : -1e4f;
     w.keys[l].resize(static_cast<size_t>(n) * H * D);
     w.values[l].resize(w.keys[l].size());
-    w.queries[l].resize(static_cast<size_t>(w.query_rows) * QH * D);
+    w.queries[l].resize(static_cast<size_t>(R) * QH * D);
     w.decode_queries[l].resize(static_cast<size_t>(steps) * QH * D);
     w.decode_keys[l].resize(static_cast<size_t>(steps) * H * D);
     w.decode_values[l].resize(w.decode_keys[l].size());
@@ -282,73 +453,100 @@ absl::StatusOr<Workload> GenerateWorkload(const SyntheticSpec& spec) {
         for (int32_t c = 0; c < D; ++c) out[frame.perm[c]] = frame.sign[c] * in[c];
       };
       Rng rng = StreamRng(spec.seed, 4, l, h);
-      // Prototype contents and values, shared by every patch showing that prototype.
-      std::vector<std::vector<float>> proto_content(ch.prototypes), proto_value(ch.prototypes);
-      for (int32_t p = 0; p < ch.prototypes; ++p) {
-        RandomContent(rng, C, 1.0f, proto_content[p]);
-        proto_value[p].resize(D);
-        for (float& x : proto_value[p]) x = rng.Normal();
+      // This head's anchors: a seeded choice, from the system prompt while it has room.
+      std::vector<uint8_t> is_anchor(n, 0);
+      {
+        std::vector<int32_t> pool = anchor_pool;
+        const size_t from_system = std::min<size_t>(counts.anchors, system_pool);
+        for (size_t i = 0; i < from_system; ++i) {
+          std::swap(pool[i], pool[i + rng.Below(static_cast<int32_t>(system_pool - i))]);
+          is_anchor[pool[i]] = 1;
+        }
+        for (size_t i = from_system; i < static_cast<size_t>(counts.anchors); ++i) {
+          std::swap(pool[i], pool[i + rng.Below(static_cast<int32_t>(pool.size() - i))]);
+          is_anchor[pool[i]] = 1;
+        }
       }
-      auto make_key = [&](Kind k, int32_t p, float* key, float* value) {
+      auto make_token = [&](Kind k, bool repeat, float* key, float* val) {
         std::fill(logical.begin(), logical.end(), 0.0f);
-        if (k == Kind::kSink) {
-          logical[Channels::kSink] = 1.0f;
-          RandomContent(rng, C, 0.2f, content);
-        } else if (k == Kind::kText) {
-          logical[Channels::kText] = 1.0f;
-          RandomContent(rng, C, 1.0f, content);
-        } else {
-          logical[Channels::kImage] = 1.0f;
-          logical[Channels::kFirstPrototype + p] = 1.0f;
-          RandomContent(rng, C, 0.25f, content);
-          for (int32_t c = 0; c < C; ++c) content[c] += proto_content[p][c];
+        const float cs = 1.0f / std::sqrt(static_cast<float>(C));
+        for (int32_t c = 0; c < C; ++c) content[c] = cs * rng.Normal();
+        for (int32_t c = 0; c < D; ++c) value[c] = rng.Normal();
+        if (repeat) {  // near duplicate of the previous patch, key and value
+          for (int32_t c = 0; c < C; ++c) content[c] = keep_part * prev_content[c] + kRepeatNoise * content[c];
+          for (int32_t c = 0; c < D; ++c) value[c] = keep_part * prev_value[c] + kRepeatNoise * value[c];
         }
-        for (int32_t c = 0; c < C; ++c) logical[ch.first_content() + c] = content[c];
+        switch (k) {
+          case Kind::kSink:  // the sink's logit is exactly its bias; its value is ~0 (observed)
+            logical[kSinkChannel] = 1.0f;
+            std::fill(content.begin(), content.end(), 0.0f);
+            for (float& x : value) x *= 0.05f;
+            break;
+          case Kind::kAnchor:  // an anchor's logit is exactly b_text + b_anchor
+            logical[kTextChannel] = 1.0f;
+            logical[kAnchorChannel] = 1.0f;
+            std::fill(content.begin(), content.end(), 0.0f);
+            break;
+          case Kind::kText:
+            logical[kTextChannel] = 1.0f;
+            break;
+          case Kind::kImage:
+            logical[kImageChannel] = 1.0f;
+            break;
+        }
+        prev_content = content;
+        prev_value = value;
+        for (int32_t c = 0; c < C; ++c) logical[kFirstContent + c] = content[c];
         scatter(logical, key);
-        // Values: sinks carry almost nothing (as observed); patches share their prototype's.
-        for (int32_t c = 0; c < D; ++c) {
-          const float noise = rng.Normal();
-          value[c] = k == Kind::kSink    ? 0.05f * noise
-                     : k == Kind::kImage ? proto_value[p][c] + 0.3f * noise
-                                         : noise;
-        }
+        for (int32_t c = 0; c < D; ++c) val[c] = value[c];
       };
       for (int32_t j = 0; j < n; ++j) {
         const size_t off = (static_cast<size_t>(j) * H + h) * D;
-        make_key(kind[j], proto[j], &w.keys[l][off], &w.values[l][off]);
+        const Kind k = j == 0                                    ? Kind::kSink
+                       : j >= image_begin && j < image_end       ? Kind::kImage
+                       : is_anchor[j]                            ? Kind::kAnchor
+                                                                 : Kind::kText;
+        make_token(k, repeats[j] != 0, &w.keys[l][off], &w.values[l][off]);
       }
       for (int32_t t = 0; t < steps; ++t) {
         const size_t off = (static_cast<size_t>(t) * H + h) * D;
-        make_key(Kind::kText, -1, &w.decode_keys[l][off], &w.decode_values[l][off]);
+        make_token(Kind::kText, false, &w.decode_keys[l][off], &w.decode_values[l][off]);
       }
-      // Queries of the G query heads of this kv head. Each q head has a persistent interest w0
-      // (the same tokens stay heavy hitters across rows) and two persistent topic prototypes;
-      // every row adds fresh interest and one random topic.
+      // Queries of the G query heads of this kv head. The content direction of row r is
+      // persistence * w0 + sqrt(1 - persistence^2) * f_r: w0 is the head's persistent interest
+      // (the same tokens stay heavy in the tail across rows); f_r is an AR(1) process over the
+      // observation rows and then the decode steps, so decode queries continue from the last
+      // prompt rows. Normalised to |w| = sqrt(C) so w.z ~ N(0, 1) over keys.
       for (int32_t g = 0; g < G; ++g) {
         const int32_t qh = h * G + g;
         Rng qrng = StreamRng(spec.seed, 5, l, qh);
-        const float sink_bias = l < 2 ? 1.0f : static_cast<float>(8.0 + qrng.Uniform());
-        std::vector<float> w0(C);
+        std::vector<float> w0(C), fresh(C), dir(C);
         for (float& x : w0) x = qrng.Normal();
-        const int32_t topic_a = qrng.Below(ch.prototypes), topic_b = qrng.Below(ch.prototypes);
+        for (float& x : fresh) x = qrng.Normal();
+        const float a = static_cast<float>(tg.recency);
+        const float a_new = std::sqrt(1.0f - a * a);
+        const float rho = static_cast<float>(tg.persistence);
+        const float rho_new = std::sqrt(1.0f - rho * rho);
         auto make_query = [&](float* q) {
-          std::fill(logical.begin(), logical.end(), 0.0f);
-          logical[Channels::kSink] = sink_bias;
-          logical[Channels::kImage] = image_bias;
-          logical[Channels::kText] = kTextBias;
-          for (int32_t p : {topic_a, topic_b, qrng.Below(ch.prototypes)}) {
-            logical[Channels::kFirstPrototype + p] += topic_bias;
-          }
+          for (float& x : fresh) x = a * x + a_new * qrng.Normal();
+          double norm = 0;
           for (int32_t c = 0; c < C; ++c) {
-            logical[ch.first_content() + c] = sharp * (0.8f * w0[c] + 0.6f * qrng.Normal());
+            dir[c] = rho * w0[c] + rho_new * fresh[c];
+            norm += double{dir[c]} * dir[c];
           }
-          const float root = std::sqrt(static_cast<float>(D));
+          const float unit = static_cast<float>(std::sqrt(C / std::max(norm, 1e-30)));
+          std::fill(logical.begin(), logical.end(), 0.0f);
+          logical[kSinkChannel] = b_sink;
+          logical[kImageChannel] = b_image;
+          logical[kTextChannel] = b_text;
+          logical[kAnchorChannel] = b_anchor;
+          for (int32_t c = 0; c < C; ++c) {
+            logical[kFirstContent + c] = static_cast<float>(sg) * unit * dir[c];
+          }
           for (float& x : logical) x *= root;
           scatter(logical, q);
         };
-        for (int32_t r = 0; r < w.query_rows; ++r) {
-          make_query(&w.queries[l][(static_cast<size_t>(r) * QH + qh) * D]);
-        }
+        for (int32_t r = 0; r < R; ++r) make_query(&w.queries[l][(static_cast<size_t>(r) * QH + qh) * D]);
         for (int32_t t = 0; t < steps; ++t) {
           make_query(&w.decode_queries[l][(static_cast<size_t>(t) * QH + qh) * D]);
         }
