@@ -86,8 +86,8 @@ absl::Status CheckAppendRequest(const CacheConfig& c, int32_t layer, const Appen
                                                    DTypeName(req.values.dtype)));
   }
   if (!req.modalities.empty() && static_cast<int64_t>(req.modalities.size()) != n) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "Append: modalities has ", req.modalities.size(), " entries for ", n, " tokens"));
+    return absl::InvalidArgumentError(absl::StrCat("Append: modalities has ", req.modalities.size(),
+                                                   " entries for ", n, " tokens"));
   }
   if (!req.admit.empty() && static_cast<int64_t>(req.admit.size()) != n) {
     return absl::InvalidArgumentError(
@@ -100,13 +100,12 @@ absl::Status CheckAppendRequest(const CacheConfig& c, int32_t layer, const Appen
     }
     if (i > 0 && req.positions[i] <= req.positions[i - 1]) {
       return absl::InvalidArgumentError(
-          absl::StrCat("Append: positions must strictly increase; positions[", i, "] = ",
-                       req.positions[i], " after ", req.positions[i - 1]));
+          absl::StrCat("Append: positions must strictly increase; positions[", i,
+                       "] = ", req.positions[i], " after ", req.positions[i - 1]));
     }
     if (!req.modalities.empty() && static_cast<int>(req.modalities[i]) >= kNumModalities) {
-      return absl::InvalidArgumentError(absl::StrCat("Append: modalities[", i,
-                                                     "] has unknown value ",
-                                                     static_cast<int>(req.modalities[i])));
+      return absl::InvalidArgumentError(absl::StrCat(
+          "Append: modalities[", i, "] has unknown value ", static_cast<int>(req.modalities[i])));
     }
   }
   return absl::OkStatus();
@@ -273,10 +272,10 @@ absl::Status Cache::Append(SequenceId seq_id, int32_t layer, const AppendRequest
   Sequence& seq = **locked;
   StreamTable& table = seq.table;
   if (req.positions[0] <= table.last_position(layer)) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "Append: positions[0] = ", req.positions[0],
-        " must exceed the last position appended to layer ", layer, " (",
-        table.last_position(layer), ")"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("Append: positions[0] = ", req.positions[0],
+                     " must exceed the last position appended to layer ", layer, " (",
+                     table.last_position(layer), ")"));
   }
 
   // Admitted tokens (the same for every head of the layer), as runs of consecutive indices.
@@ -425,8 +424,7 @@ absl::Status Cache::ApplyIfCurrent(const EvictionPlan& plan, const StreamStamp& 
   return ApplyLocked(**locked, plan, &stamp);
 }
 
-absl::Status Cache::ApplyLocked(Sequence& seq, const EvictionPlan& plan,
-                                const StreamStamp* stamp) {
+absl::Status Cache::ApplyLocked(Sequence& seq, const EvictionPlan& plan, const StreamStamp* stamp) {
   const CacheConfig& c = config_;
   StreamTable& table = seq.table;
   // A stale plan is refused as stale even when its indices no longer fit the stream.
@@ -499,8 +497,8 @@ absl::StatusOr<ScoreResult> Cache::ScoreRows(SequenceId seq_id, int32_t layer,
         absl::StrCat("ScoreRows: scale ", req.scale, " must be finite and >= 0"));
   }
   if (!(req.sparsity_threshold >= 0.0f && req.sparsity_threshold <= 1.0f)) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "ScoreRows: sparsity_threshold ", req.sparsity_threshold, " is outside [0, 1]"));
+    return absl::InvalidArgumentError(absl::StrCat("ScoreRows: sparsity_threshold ",
+                                                   req.sparsity_threshold, " is outside [0, 1]"));
   }
   for (size_t i = 0; i < req.positions.size(); ++i) {
     if (req.positions[i] < 0) {
@@ -509,7 +507,8 @@ absl::StatusOr<ScoreResult> Cache::ScoreRows(SequenceId seq_id, int32_t layer,
     }
   }
   if (!backend_->Supports(BackendOp::kScoreRows)) {
-    return absl::UnimplementedError(absl::StrCat(std::string(backend_->Name()), " backend has no ScoreRows"));
+    return absl::UnimplementedError(
+        absl::StrCat(std::string(backend_->Name()), " backend has no ScoreRows"));
   }
   absl::StatusOr<LockedSequence> locked = Lock("ScoreRows", seq_id);
   if (!locked.ok()) return locked.status();

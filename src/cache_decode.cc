@@ -17,13 +17,14 @@ namespace {
 absl::Status CheckReadPolicy(const ReadPolicy& rp) {
   const int kind = static_cast<int>(rp.kind);
   if (kind < 0 || kind > static_cast<int>(ReadPolicy::Kind::kRetrieval)) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "DecodeAttention: read_policy.kind ", kind, " is not dense (0), quest (1) or retrieval (2)"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("DecodeAttention: read_policy.kind ", kind,
+                     " is not dense (0), quest (1) or retrieval (2)"));
   }
   if (rp.dense_first_layers < 0) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "DecodeAttention: read_policy.dense_first_layers = ", rp.dense_first_layers,
-        " is negative"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("DecodeAttention: read_policy.dense_first_layers = ", rp.dense_first_layers,
+                     " is negative"));
   }
   if (rp.kind == ReadPolicy::Kind::kQuest && rp.token_budget <= 0) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -35,9 +36,9 @@ absl::Status CheckReadPolicy(const ReadPolicy& rp) {
           "DecodeAttention: read_policy.top_k = ", rp.top_k, " must be > 0 for retrieval"));
     }
     if (rp.sink_tokens < 0 || rp.recent_tokens < 0) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "DecodeAttention: read_policy.sink_tokens = ", rp.sink_tokens,
-          " and recent_tokens = ", rp.recent_tokens, " must be >= 0"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("DecodeAttention: read_policy.sink_tokens = ", rp.sink_tokens,
+                       " and recent_tokens = ", rp.recent_tokens, " must be >= 0"));
     }
     if (rp.ef_search < 0) {
       return absl::InvalidArgumentError(
@@ -48,9 +49,9 @@ absl::Status CheckReadPolicy(const ReadPolicy& rp) {
           "DecodeAttention: read_policy.index_m = ", rp.index_m, " is outside [2, 256]"));
     }
     if (rp.index_ef_construction < 1) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("DecodeAttention: read_policy.index_ef_construction = ",
-                       rp.index_ef_construction, " must be >= 1"));
+      return absl::InvalidArgumentError(absl::StrCat(
+          "DecodeAttention: read_policy.index_ef_construction = ", rp.index_ef_construction,
+          " must be >= 1"));
     }
   }
   return absl::OkStatus();
@@ -58,12 +59,12 @@ absl::Status CheckReadPolicy(const ReadPolicy& rp) {
 
 // The checks of a decode call that need no sequence: layer, buffer sizes, options, and whether
 // the backend implements the reads asked for (before anything is locked).
-absl::Status CheckDecodeArgs(const CacheConfig& c, const Backend& backend, int64_t b,
-                             int32_t layer, std::span<const float> q, std::span<float> out,
-                             std::span<float> lse, const DecodeOptions& options) {
+absl::Status CheckDecodeArgs(const CacheConfig& c, const Backend& backend, int64_t b, int32_t layer,
+                             std::span<const float> q, std::span<float> out, std::span<float> lse,
+                             const DecodeOptions& options) {
   if (layer < 0 || layer >= c.num_layers) {
-    return absl::OutOfRangeError(absl::StrCat("DecodeAttention: layer ", layer,
-                                              " is out of range [0, ", c.num_layers, ")"));
+    return absl::OutOfRangeError(
+        absl::StrCat("DecodeAttention: layer ", layer, " is out of range [0, ", c.num_layers, ")"));
   }
   const int64_t per_seq = int64_t{c.num_q_heads} * c.head_dim;
   if (static_cast<int64_t>(q.size()) != b * per_seq) {
@@ -72,8 +73,8 @@ absl::Status CheckDecodeArgs(const CacheConfig& c, const Backend& backend, int64
                                                    " (batch * num_q_heads * head_dim)"));
   }
   if (static_cast<int64_t>(out.size()) != b * per_seq) {
-    return absl::InvalidArgumentError(absl::StrCat("DecodeAttention: out has ", out.size(),
-                                                   " elements, expected ", b * per_seq));
+    return absl::InvalidArgumentError(
+        absl::StrCat("DecodeAttention: out has ", out.size(), " elements, expected ", b * per_seq));
   }
   if (!lse.empty() && static_cast<int64_t>(lse.size()) != b * c.num_q_heads) {
     return absl::InvalidArgumentError(absl::StrCat("DecodeAttention: lse has ", lse.size(),
@@ -99,12 +100,14 @@ absl::Status CheckDecodeArgs(const CacheConfig& c, const Backend& backend, int64
         absl::StrCat(std::string(backend.Name()), " backend has no DecodeAttention"));
   }
   if (sparse && !backend.Supports(BackendOp::kSparseDecodeAttention)) {
-    return absl::UnimplementedError(absl::StrCat(
-        std::string(backend.Name()), " backend has no sparse decode (Quest / retrieval read policies)"));
+    return absl::UnimplementedError(
+        absl::StrCat(std::string(backend.Name()),
+                     " backend has no sparse decode (Quest / retrieval read policies)"));
   }
   if (sparse && rp.kind == ReadPolicy::Kind::kRetrieval && !rp.exact_search &&
       !backend.Supports(BackendOp::kKeyIndex)) {
-    return absl::UnimplementedError(absl::StrCat(std::string(backend.Name()), " backend has no key index"));
+    return absl::UnimplementedError(
+        absl::StrCat(std::string(backend.Name()), " backend has no key index"));
   }
   return absl::OkStatus();
 }
@@ -154,8 +157,8 @@ absl::StatusOr<DecodePlan> Cache::PrepareLayers(absl::string_view fn,
             [](Sequence* a, Sequence* b) { return a->id < b->id; });
   for (size_t i = 1; i < st->lock_order.size(); ++i) {
     if (st->lock_order[i]->id == st->lock_order[i - 1]->id) {
-      return absl::InvalidArgumentError(absl::StrCat(fn, ": sequence ", st->lock_order[i]->id,
-                                                     " appears twice in the batch"));
+      return absl::InvalidArgumentError(
+          absl::StrCat(fn, ": sequence ", st->lock_order[i]->id, " appears twice in the batch"));
     }
   }
   const int32_t heads = config_.num_kv_heads;
@@ -250,11 +253,11 @@ absl::Status Cache::RunDecode(DecodePlan::State& st, int32_t layer, std::span<co
   absl::Status status = absl::OkStatus();
   for (Sequence* s : st.lock_order) {
     if (s->freed && status.ok()) {
-      status = one_shot ? absl::NotFoundError(
-                              absl::StrCat("DecodeAttention: unknown sequence ", s->id))
-                        : absl::FailedPreconditionError(absl::StrCat(
-                              "DecodeAttention: sequence ", s->id,
-                              " was freed after PrepareDecode; prepare again"));
+      status = one_shot
+                   ? absl::NotFoundError(absl::StrCat("DecodeAttention: unknown sequence ", s->id))
+                   : absl::FailedPreconditionError(
+                         absl::StrCat("DecodeAttention: sequence ", s->id,
+                                      " was freed after PrepareDecode; prepare again"));
     }
   }
   // Refresh the layer's views from the live streams: Append may have grown a tail (or opened a

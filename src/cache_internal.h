@@ -53,16 +53,16 @@ class Cache::LockedSequence {
 // Everything a DecodePlan holds (decode_plan.h). Layer slot l is layer first_layer + l.
 struct DecodePlan::State {
   const Cache* cache = nullptr;
-  std::vector<SequenceId> batch;                        // [batch]
-  std::vector<std::shared_ptr<Cache::Sequence>> seqs;   // [batch], batch order
-  std::vector<Cache::Sequence*> lock_order;             // [batch], ascending id
+  std::vector<SequenceId> batch;                       // [batch]
+  std::vector<std::shared_ptr<Cache::Sequence>> seqs;  // [batch], batch order
+  std::vector<Cache::Sequence*> lock_order;            // [batch], ascending id
   int32_t first_layer = 0;
   int32_t num_layers = 0;
   int32_t num_kv_heads = 0;
-  std::vector<uint64_t> versions;      // [num_layers, batch * kv_heads] at PrepareDecode
-  std::vector<int32_t> view_begin;     // [num_layers + 1] first view slot of each layer
-  std::vector<SegmentView> views;      // [view_begin[num_layers]] refreshed by each call
-  std::vector<int32_t> offsets;        // [batch * kv_heads + 1] CSR of the layer being run
+  std::vector<uint64_t> versions;            // [num_layers, batch * kv_heads] at PrepareDecode
+  std::vector<int32_t> view_begin;           // [num_layers + 1] first view slot of each layer
+  std::vector<SegmentView> views;            // [view_begin[num_layers]] refreshed by each call
+  std::vector<int32_t> offsets;              // [batch * kv_heads + 1] CSR of the layer being run
   std::vector<const KeyIndex*> key_indexes;  // [batch * kv_heads] retrieval decode only
 
   int32_t num_streams() const { return static_cast<int32_t>(batch.size()) * num_kv_heads; }

@@ -80,15 +80,17 @@ absl::StatusOr<std::vector<SegmentLayout>> Cache::StreamPages(SequenceId seq_id,
   std::vector<SegmentLayout> out;
   out.reserve(st.segments.size());
   for (const Segment& s : st.segments) {
-    out.push_back({.length = s.length(), .tokens_per_page = s.tokens_per_page,
-                   .key_width = s.key_width, .value_width = s.value_width, .pages = s.pages});
+    out.push_back({.length = s.length(),
+                   .tokens_per_page = s.tokens_per_page,
+                   .key_width = s.key_width,
+                   .value_width = s.value_width,
+                   .pages = s.pages});
   }
   return out;
 }
 
-absl::StatusOr<std::vector<PageSummary>> Cache::ReadPageSummaries(SequenceId seq_id,
-                                                                 int32_t layer,
-                                                                 int32_t kv_head) const {
+absl::StatusOr<std::vector<PageSummary>> Cache::ReadPageSummaries(SequenceId seq_id, int32_t layer,
+                                                                  int32_t kv_head) const {
   if (!config_.page_summaries) {
     return absl::FailedPreconditionError("ReadPageSummaries: CacheConfig::page_summaries is off");
   }
@@ -105,8 +107,7 @@ absl::Status Cache::AddScores(SequenceId seq_id, int32_t layer, int32_t kv_head,
   const int32_t length = table.stream(layer, kv_head).length();
   if (static_cast<int64_t>(delta.size()) != length) {
     return absl::InvalidArgumentError(absl::StrCat("AddScores: delta has ", delta.size(),
-                                                   " entries for a stream of ", length,
-                                                   " tokens"));
+                                                   " entries for a stream of ", length, " tokens"));
   }
   table.AddScores(table.Index(layer, kv_head), delta);
   return absl::OkStatus();
@@ -144,8 +145,8 @@ absl::StatusOr<PageTable> Cache::ExportPageTable(int32_t layer,
                                                  std::span<const SequenceId> batch) const {
   const CacheConfig& c = config_;
   if (layer < 0 || layer >= c.num_layers) {
-    return absl::OutOfRangeError(absl::StrCat("ExportPageTable: layer ", layer,
-                                              " is out of range [0, ", c.num_layers, ")"));
+    return absl::OutOfRangeError(
+        absl::StrCat("ExportPageTable: layer ", layer, " is out of range [0, ", c.num_layers, ")"));
   }
   if (batch.empty()) return absl::InvalidArgumentError("ExportPageTable: empty batch");
   const int32_t heads = c.num_kv_heads;
@@ -169,15 +170,14 @@ absl::StatusOr<PageTable> Cache::ExportPageTable(int32_t layer,
       for (int i = 0; i <= last_nonempty; ++i) {
         const Segment& s = segs[i];
         if (s.length() == 0) continue;
-        const std::string stream = absl::StrCat("ExportPageTable: stream (sequence ", batch[b],
-                                                ", layer ", layer, ", kv head ", h,
-                                                ") segment ", i);
-        if (s.key_width != c.head_dim || s.value_width != c.head_dim ||
-            s.tokens_per_page != tpp) {
+        const std::string stream =
+            absl::StrCat("ExportPageTable: stream (sequence ", batch[b], ", layer ", layer,
+                         ", kv head ", h, ") segment ", i);
+        if (s.key_width != c.head_dim || s.value_width != c.head_dim || s.tokens_per_page != tpp) {
           return absl::FailedPreconditionError(absl::StrCat(
               stream, " stores key_width ", s.key_width, ", value_width ", s.value_width, " at ",
-              s.tokens_per_page, " tokens per page; only full-width rows (", c.head_dim, ", ",
-              tpp, " tokens per page) can be exported (channel-pruned by a ThinK-style policy?)"));
+              s.tokens_per_page, " tokens per page; only full-width rows (", c.head_dim, ", ", tpp,
+              " tokens per page) can be exported (channel-pruned by a ThinK-style policy?)"));
         }
         if (i != last_nonempty && s.length() % tpp != 0) {
           return absl::FailedPreconditionError(absl::StrCat(
@@ -187,8 +187,8 @@ absl::StatusOr<PageTable> Cache::ExportPageTable(int32_t layer,
         }
         const int32_t used = static_cast<int32_t>(CeilDiv(s.length(), tpp));
         if (static_cast<int32_t>(s.pages.size()) < used) {
-          return absl::InternalError(absl::StrCat(stream, " has ", s.pages.size(), " pages for ",
-                                                  s.length(), " tokens"));
+          return absl::InternalError(
+              absl::StrCat(stream, " has ", s.pages.size(), " pages for ", s.length(), " tokens"));
         }
         table.indices.insert(table.indices.end(), s.pages.begin(), s.pages.begin() + used);
         last = s.length() - (used - 1) * tpp;

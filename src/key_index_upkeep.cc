@@ -14,8 +14,7 @@ bool HasKeyIndex(const Cache::Sequence& seq, int32_t index) {
   return !seq.key_indexes.empty() && seq.key_indexes[index] != nullptr;
 }
 
-void ExtendKeyIndex(Cache::Sequence& seq, int32_t index, const float* stored_keys,
-                    int32_t m) {
+void ExtendKeyIndex(Cache::Sequence& seq, int32_t index, const float* stored_keys, int32_t m) {
   if (!HasKeyIndex(seq, index)) return;
   if (!seq.key_indexes[index]->Add(stored_keys, m)) seq.key_indexes[index].reset();
 }
@@ -34,8 +33,8 @@ constexpr float kIndexNormHeadroom = 1.25f;
 
 }  // namespace
 
-absl::StatusOr<const KeyIndex*> Cache::EnsureKeyIndex(Sequence& seq, int32_t layer,
-                                                      int32_t kv_head, const ReadPolicy& rp) {
+absl::StatusOr<const KeyIndex*> Cache::EnsureKeyIndex(Sequence& seq, int32_t layer, int32_t kv_head,
+                                                      const ReadPolicy& rp) {
   const int32_t d = config_.head_dim;
   if (seq.key_indexes.empty()) seq.key_indexes.resize(seq.table.num_streams());
   const int32_t index = seq.table.Index(layer, kv_head);

@@ -16,8 +16,8 @@ absl::Status ValidatePlan(const CacheConfig& c, const EvictionPlan& plan,
   std::vector<uint8_t> seen(static_cast<size_t>(c.num_layers) * c.num_kv_heads, 0);
   for (size_t p = 0; p < plan.streams.size(); ++p) {
     const StreamPlan& sp = plan.streams[p];
-    const std::string where = absl::StrCat("Apply: streams[", p, "] (layer ", sp.layer,
-                                           ", kv_head ", sp.kv_head, "): ");
+    const std::string where =
+        absl::StrCat("Apply: streams[", p, "] (layer ", sp.layer, ", kv_head ", sp.kv_head, "): ");
     if (absl::Status s = CheckStreamIndex(c, sp.layer, sp.kv_head); !s.ok()) {
       return absl::OutOfRangeError(absl::StrCat(where, s.message()));
     }
@@ -37,8 +37,8 @@ absl::Status ValidatePlan(const CacheConfig& c, const EvictionPlan& plan,
     }
     for (size_t i = 0; i < sp.key_channels.size(); ++i) {
       if (sp.key_channels[i] < 0 || sp.key_channels[i] >= d) {
-        return absl::OutOfRangeError(absl::StrCat(where, "key_channels[", i, "] = ",
-                                                  sp.key_channels[i], " is outside [0, ", d, ")"));
+        return absl::OutOfRangeError(absl::StrCat(
+            where, "key_channels[", i, "] = ", sp.key_channels[i], " is outside [0, ", d, ")"));
       }
       if (i > 0 && sp.key_channels[i] <= sp.key_channels[i - 1]) {
         return absl::InvalidArgumentError(
@@ -46,9 +46,9 @@ absl::Status ValidatePlan(const CacheConfig& c, const EvictionPlan& plan,
       }
     }
     if (sp.full_width_recent < 0 || sp.full_width_recent > static_cast<int32_t>(sp.kept.size())) {
-      return absl::InvalidArgumentError(absl::StrCat(where, "full_width_recent = ",
-                                                     sp.full_width_recent, " is outside [0, ",
-                                                     sp.kept.size(), "]"));
+      return absl::InvalidArgumentError(absl::StrCat(where,
+                                                     "full_width_recent = ", sp.full_width_recent,
+                                                     " is outside [0, ", sp.kept.size(), "]"));
     }
     for (const auto* w : {&sp.kept_key_weight, &sp.kept_value_weight}) {
       if (!w->empty() && w->size() != sp.kept.size()) {
@@ -58,15 +58,16 @@ absl::Status ValidatePlan(const CacheConfig& c, const EvictionPlan& plan,
       }
       for (float x : *w) {
         if (!std::isfinite(x)) {
-          return absl::InvalidArgumentError(absl::StrCat(where, "kept weight ", x, " is not finite"));
+          return absl::InvalidArgumentError(
+              absl::StrCat(where, "kept weight ", x, " is not finite"));
         }
       }
     }
     for (size_t i = 0; i < sp.merges.size(); ++i) {
       const MergeTerm& t = sp.merges[i];
       if (t.kept_slot < 0 || t.kept_slot >= static_cast<int32_t>(sp.kept.size())) {
-        return absl::OutOfRangeError(absl::StrCat(where, "merges[", i, "].kept_slot = ",
-                                                  t.kept_slot, " is outside [0, ",
+        return absl::OutOfRangeError(absl::StrCat(where, "merges[", i,
+                                                  "].kept_slot = ", t.kept_slot, " is outside [0, ",
                                                   sp.kept.size(), ")"));
       }
       if (t.source < 0 || t.source >= len) {
@@ -90,10 +91,9 @@ absl::Status CheckStamp(const EvictionPlan& plan, const StreamStamp& stamp,
                                                    ", the plan of sequence ", plan.sequence));
   }
   if (stamp.lengths.size() != streams || stamp.versions.size() != streams) {
-    return absl::InvalidArgumentError(absl::StrCat("the stamp holds ", stamp.lengths.size(),
-                                                   " lengths and ", stamp.versions.size(),
-                                                   " versions; the sequence has ", streams,
-                                                   " streams"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("the stamp holds ", stamp.lengths.size(), " lengths and ",
+                     stamp.versions.size(), " versions; the sequence has ", streams, " streams"));
   }
   for (const StreamPlan& sp : plan.streams) {
     if (sp.kv_head < 0 || sp.kv_head >= table.num_kv_heads() || sp.layer < 0 ||
@@ -110,9 +110,9 @@ absl::Status CheckStamp(const EvictionPlan& plan, const StreamStamp& stamp,
           absl::StrCat(stream, " was rebuilt by Apply after the plan was made; plan again"));
     }
     if (st.length() != stamp.lengths[index]) {
-      return absl::FailedPreconditionError(
-          absl::StrCat(stream, " has ", st.length(), " tokens but had ", stamp.lengths[index],
-                       " when the plan was made; plan again"));
+      return absl::FailedPreconditionError(absl::StrCat(stream, " has ", st.length(),
+                                                        " tokens but had ", stamp.lengths[index],
+                                                        " when the plan was made; plan again"));
     }
   }
   return absl::OkStatus();
@@ -149,8 +149,7 @@ CompiledPlan CompilePlan(const CacheConfig& c, int64_t page_bytes, const Evictio
     const StreamPlan& sp = plan.streams[p];
     if (out.skip[p]) continue;
     const int32_t kept = static_cast<int32_t>(sp.kept.size());
-    const bool prune =
-        !sp.key_channels.empty() && static_cast<int32_t>(sp.key_channels.size()) < d;
+    const bool prune = !sp.key_channels.empty() && static_cast<int32_t>(sp.key_channels.size()) < d;
     const int32_t pruned_count = prune ? kept - sp.full_width_recent : 0;
     for (int part = 0; part < 2; ++part) {
       const bool pruned = part == 0;

@@ -39,9 +39,9 @@ namespace kvcache::internal {
                                       const StreamTable& table);
 
 struct NewSegment {
-  int32_t plan_index = 0;              // the StreamPlan it belongs to
-  int32_t first_slot = 0, count = 0;   // kept slots [first_slot, first_slot + count)
-  Segment segment;                     // format, side data, pages sized (ids not yet set)
+  int32_t plan_index = 0;             // the StreamPlan it belongs to
+  int32_t first_slot = 0, count = 0;  // kept slots [first_slot, first_slot + count)
+  Segment segment;                    // format, side data, pages sized (ids not yet set)
 };
 
 struct CompiledPlan {

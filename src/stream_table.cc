@@ -17,10 +17,11 @@ namespace {
 std::atomic<uint64_t> g_next_version{1};
 
 // pages.size() == ceil(length / tokens_per_page) and the side data has one entry per token.
-bool WellFormed(const Segment& s, bool page_summaries) {
+[[maybe_unused]] bool WellFormed(const Segment& s, bool page_summaries) {
   const size_t n = s.positions.size();
   return s.tokens_per_page > 0 && s.modalities.size() == n && s.scores.size() == n &&
-         static_cast<int64_t>(s.pages.size()) == CeilDiv(static_cast<int64_t>(n), s.tokens_per_page) &&
+         static_cast<int64_t>(s.pages.size()) ==
+             CeilDiv(static_cast<int64_t>(n), s.tokens_per_page) &&
          (!page_summaries || s.key_min.size() == s.pages.size() * static_cast<size_t>(s.key_width));
 }
 

@@ -136,7 +136,7 @@ class StreamTable {
   [[nodiscard]] std::vector<Segment> TakeAll();
 
  private:
-  std::vector<Stream> streams_;        // [num_layers * num_kv_heads]
+  std::vector<Stream> streams_;         // [num_layers * num_kv_heads]
   std::vector<int32_t> last_position_;  // [num_layers]
   int32_t num_kv_heads_ = 0;
   bool page_summaries_ = false;

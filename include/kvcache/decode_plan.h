@@ -1,11 +1,11 @@
-// kvcache/decode_plan.h — DecodePlan: the host half of a decode step, made once and run per layer.
+// kvcache/decode_plan.h — DecodePlan: the host half of a decode step, made once, run per layer.
 //
 // An engine decodes one token per sequence per step and calls attention once per layer. The
 // batch-wide host work (finding the sequences, checking the batch, choosing the lock order,
 // sizing the kernel views of every layer) does not change between the layers of a step, so
 // Cache::PrepareDecode does it once and returns a DecodePlan; Cache::DecodeAttention(plan,
 // layer, ...) then only locks, refreshes the layer's views into the plan's buffers and runs the
-// kernel: no heap allocation on the CPU backend (dense reads), tested with a counting operator
+// kernel: no heap allocation on the "cpu" backend (dense reads), tested with a counting operator
 // new (tests/test_decode_plan.cc).
 //
 // What a plan sees when the cache changes after PrepareDecode:
