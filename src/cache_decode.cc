@@ -130,12 +130,13 @@ int32_t DecodePlan::num_layers() const { return state_ == nullptr ? 0 : state_->
 // ---- Plan -------------------------------------------------------------------------------------
 
 absl::StatusOr<DecodePlan> Cache::PrepareDecode(std::span<const SequenceId> batch) {
-  return PrepareLayers("PrepareDecode", batch, 0, config_.num_layers);
+  return PrepareLayers("PrepareDecode", batch, 0, config_.num_layers, /*one_shot=*/false);
 }
 
 absl::StatusOr<DecodePlan> Cache::PrepareLayers(absl::string_view fn,
                                                 std::span<const SequenceId> batch,
-                                                int32_t first_layer, int32_t num_layers) {
+                                                int32_t first_layer, int32_t num_layers,
+                                                bool one_shot) {
   if (batch.empty()) return absl::InvalidArgumentError(absl::StrCat(fn, ": empty batch"));
   auto st = std::make_unique<DecodePlan::State>();
   st->cache = this;
@@ -163,6 +164,13 @@ absl::StatusOr<DecodePlan> Cache::PrepareLayers(absl::string_view fn,
   }
   const int32_t heads = config_.num_kv_heads;
   const int32_t streams = st->num_streams();
+  st->offsets.resize(static_cast<size_t>(streams) + 1);
+  st->key_indexes.resize(streams);
+  if (one_shot) {  // RunDecode sizes the views under the locks it takes anyway
+    DecodePlan plan;
+    plan.state_ = std::move(st);
+    return plan;
+  }
   absl::Status status = absl::OkStatus();
   for (Sequence* s : st->lock_order) s->mu.Lock();
   for (Sequence* s : st->lock_order) {
@@ -190,8 +198,6 @@ absl::StatusOr<DecodePlan> Cache::PrepareLayers(absl::string_view fn,
   for (auto it = st->lock_order.rbegin(); it != st->lock_order.rend(); ++it) (*it)->mu.Unlock();
   if (!status.ok()) return status;
   st->views.resize(st->view_begin[num_layers]);
-  st->offsets.resize(static_cast<size_t>(streams) + 1);
-  st->key_indexes.resize(streams);
   DecodePlan plan;
   plan.state_ = std::move(st);
   return plan;
@@ -232,7 +238,8 @@ absl::Status Cache::DecodeAttention(std::span<const SequenceId> batch, int32_t l
       !s.ok()) {
     return s;
   }
-  absl::StatusOr<DecodePlan> plan = PrepareLayers("DecodeAttention", batch, layer, 1);
+  absl::StatusOr<DecodePlan> plan =
+      PrepareLayers("DecodeAttention", batch, layer, 1, /*one_shot=*/true);
   if (!plan.ok()) return plan.status();
   return RunDecode(*plan->state_, layer, q, out, lse, options, /*one_shot=*/true);
 }
@@ -243,9 +250,6 @@ absl::Status Cache::RunDecode(DecodePlan::State& st, int32_t layer, std::span<co
   const int32_t heads = st.num_kv_heads;
   const int32_t streams = st.num_streams();
   const int32_t slot = layer - st.first_layer;
-  SegmentView* views = st.views.data() + st.view_begin[slot];
-  const int32_t capacity = st.view_begin[slot + 1] - st.view_begin[slot];
-  const uint64_t* versions = st.versions.data() + static_cast<size_t>(slot) * streams;
   const ReadPolicy& rp = options.read_policy;
   const bool sparse = rp.kind != ReadPolicy::Kind::kDense && layer >= rp.dense_first_layers;
 
@@ -260,6 +264,21 @@ absl::Status Cache::RunDecode(DecodePlan::State& st, int32_t layer, std::span<co
                                       " was freed after PrepareDecode; prepare again"));
     }
   }
+  if (one_shot && status.ok()) {  // a plan made for this call only: views sized to the streams
+    int32_t slots = 0;
+    for (const auto& seq : st.seqs) {
+      for (int32_t h = 0; h < heads; ++h) {
+        slots += static_cast<int32_t>(seq->table.stream(layer, h).segments.size());
+      }
+    }
+    st.views.resize(slots);
+    st.view_begin = {0, slots};
+  }
+  SegmentView* views = st.views.data() + (one_shot ? 0 : st.view_begin[slot]);
+  const int32_t capacity = one_shot ? static_cast<int32_t>(st.views.size())
+                                    : st.view_begin[slot + 1] - st.view_begin[slot];
+  const uint64_t* versions =
+      one_shot ? nullptr : st.versions.data() + static_cast<size_t>(slot) * streams;
   // Refresh the layer's views from the live streams: Append may have grown a tail (or opened a
   // segment) since PrepareDecode; Apply changes a version and is refused.
   int32_t at = 0;
@@ -269,7 +288,7 @@ absl::Status Cache::RunDecode(DecodePlan::State& st, int32_t layer, std::span<co
     for (int32_t h = 0; h < heads && status.ok(); ++h) {
       const int32_t i = b * heads + h;
       const int32_t index = table.Index(layer, h);
-      if (table.stream(index).version != versions[i]) {
+      if (versions != nullptr && table.stream(index).version != versions[i]) {
         status = absl::FailedPreconditionError(absl::StrCat(
             "DecodeAttention: stream (sequence ", st.batch[b], ", layer ", layer, ", kv head ", h,
             ") was rebuilt by Apply after PrepareDecode; prepare again"));

@@ -274,9 +274,10 @@ class Cache {
   // Lock, after checking that (layer, kv_head) names a stream of this config (OutOfRange).
   absl::StatusOr<LockedSequence> LockStream(absl::string_view fn, SequenceId seq, int32_t layer,
                                             int32_t kv_head) const;
-  // PrepareDecode of layers [first_layer, first_layer + num_layers).
+  // PrepareDecode of layers [first_layer, first_layer + num_layers). `one_shot`: for one call of
+  // the batch overload; versions and views are not recorded (RunDecode sizes the views).
   absl::StatusOr<DecodePlan> PrepareLayers(absl::string_view fn, std::span<const SequenceId> batch,
-                                           int32_t first_layer, int32_t num_layers);
+                                           int32_t first_layer, int32_t num_layers, bool one_shot);
   // The run half of both DecodeAttention overloads. `one_shot`: the plan was made inside this
   // call (a sequence freed meanwhile is NotFound, as before plans existed).
   absl::Status RunDecode(DecodePlan::State& plan, int32_t layer, std::span<const float> q,
