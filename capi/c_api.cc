@@ -116,6 +116,7 @@ struct PlanHandle {
   int32_t num_layers = 0;
   int32_t num_kv_heads = 0;
   std::vector<int32_t> lengths;  // [num_layers * num_kv_heads] stream lengths when planned
+  kvcache::StreamStamp stamp;    // what Cache::ApplyIfCurrent checks (the stale-plan check)
   std::atomic<bool> applied{false};
 };
 
@@ -212,6 +213,29 @@ std::shared_ptr<PlanHandle> LookupPlan(const char* fn, const kvc_plan* handle, k
   return h;
 }
 
+// The entry prologue of every call on a cache handle: Guard, then the handle lookup
+// (KVC_INVALID_ARGUMENT naming a bad handle), then body(handle).
+template <class Body>
+kvc_status WithCache(const char* fn, const kvc_cache* cache, Body&& body) {
+  return Guard(fn, [&]() -> kvc_status {
+    kvc_status status = KVC_OK;
+    std::shared_ptr<CacheHandle> h = LookupCache(fn, cache, &status);
+    if (h == nullptr) return status;
+    return body(h);
+  });
+}
+
+// The same for calls on a plan handle.
+template <class Body>
+kvc_status WithPlan(const char* fn, const kvc_plan* plan, Body&& body) {
+  return Guard(fn, [&]() -> kvc_status {
+    kvc_status status = KVC_OK;
+    std::shared_ptr<PlanHandle> p = LookupPlan(fn, plan, &status);
+    if (p == nullptr) return status;
+    return body(p);
+  });
+}
+
 kvc_status NullArg(const char* fn, const char* name) {
   return Fail(KVC_INVALID_ARGUMENT, fn, absl::StrCat(name, " is NULL"));
 }
@@ -284,10 +308,12 @@ kvc_status ConvertObservations(const char* fn, const kvcache::CacheConfig& c,
   return KVC_OK;
 }
 
-// Builds the policy, collects its snapshot and plans. *lengths receives every stream length.
+// Builds the policy, collects its snapshot and plans. *lengths receives every stream length of
+// the snapshot; *stamp what the plan must still match when applied (taken before the snapshot,
+// so an Append racing with planning makes the plan stale rather than silently dropped).
 kvc_status MakePlan(const char* fn, Cache& cache, kvc_seq seq, const char* name,
                     const char* params, const kvc_observations* observations, EvictionPlan* plan,
-                    std::vector<int32_t>* lengths) {
+                    std::vector<int32_t>* lengths, kvcache::StreamStamp* stamp) {
   if (name == nullptr) return NullArg(fn, "policy name");
   absl::StatusOr<std::unique_ptr<kvcache::policy::Policy>> policy =
       params == nullptr ? kvcache::policy::CreatePolicy(name)
@@ -297,33 +323,18 @@ kvc_status MakePlan(const char* fn, Cache& cache, kvc_seq seq, const char* name,
   if (kvc_status s = ConvertObservations(fn, cache.config(), observations, &obs); s != KVC_OK) {
     return s;
   }
+  absl::StatusOr<kvcache::StreamStamp> stamped = cache.Stamp(seq);
+  if (!stamped.ok()) return FromStatus(fn, stamped.status());
   absl::StatusOr<kvcache::policy::SequenceSnapshot> snap =
       kvcache::policy::CollectSnapshot(cache, seq, obs, (*policy)->Needs());
   if (!snap.ok()) return FromStatus(fn, snap.status());
   absl::StatusOr<EvictionPlan> planned = (*policy)->Plan(*snap);
   if (!planned.ok()) return FromStatus(fn, planned.status());
   *plan = *std::move(planned);
+  plan->sequence = seq;
+  *stamp = *std::move(stamped);
   lengths->clear();
   for (const kvcache::policy::StreamSnapshot& st : snap->streams) lengths->push_back(st.length());
-  return KVC_OK;
-}
-
-// Refuses a plan whose streams changed length since planning (an Append in between would make
-// Apply silently drop the new tokens, which are not in the kept list).
-kvc_status CheckPlanCurrent(const char* fn, Cache& cache, const EvictionPlan& plan,
-                            const std::vector<int32_t>& lengths) {
-  const int32_t heads = cache.config().num_kv_heads;
-  for (const kvcache::StreamPlan& sp : plan.streams) {
-    absl::StatusOr<int32_t> now = cache.StreamLength(plan.sequence, sp.layer, sp.kv_head);
-    if (!now.ok()) return FromStatus(fn, now.status());
-    const int32_t then = lengths[static_cast<size_t>(sp.layer) * heads + sp.kv_head];
-    if (*now != then) {
-      return Fail(KVC_FAILED_PRECONDITION, fn,
-                  absl::StrCat("stream (sequence ", plan.sequence, ", layer ", sp.layer,
-                               ", kv head ", sp.kv_head, ") has ", *now,
-                               " tokens but had ", then, " when the plan was made; plan again"));
-    }
-  }
   return KVC_OK;
 }
 
@@ -427,10 +438,7 @@ kvc_status kvc_cache_destroy(kvc_cache* cache) {
 
 kvc_status kvc_cache_get_config(const kvc_cache* cache, kvc_config* out) {
   static constexpr const char* fn = "kvc_cache_get_config";
-  return Guard(fn, [&]() -> kvc_status {
-    kvc_status status = KVC_OK;
-    auto h = LookupCache(fn, cache, &status);
-    if (h == nullptr) return status;
+  return WithCache(fn, cache, [&](const std::shared_ptr<CacheHandle>& h) -> kvc_status {
     if (out == nullptr) return NullArg(fn, "out");
     const kvcache::CacheConfig& c = h->cache->config();
     std::memset(out, 0, sizeof(*out));
@@ -451,10 +459,7 @@ kvc_status kvc_cache_get_config(const kvc_cache* cache, kvc_config* out) {
 
 kvc_status kvc_sequence_add(kvc_cache* cache, kvc_seq* out) {
   static constexpr const char* fn = "kvc_sequence_add";
-  return Guard(fn, [&]() -> kvc_status {
-    kvc_status status = KVC_OK;
-    auto h = LookupCache(fn, cache, &status);
-    if (h == nullptr) return status;
+  return WithCache(fn, cache, [&](const std::shared_ptr<CacheHandle>& h) -> kvc_status {
     if (out == nullptr) return NullArg(fn, "out");
     absl::StatusOr<SequenceId> id = h->cache->AddSequence();
     if (!id.ok()) return FromStatus(fn, id.status());
@@ -465,10 +470,7 @@ kvc_status kvc_sequence_add(kvc_cache* cache, kvc_seq* out) {
 
 kvc_status kvc_sequence_fork(kvc_cache* cache, kvc_seq parent, kvc_seq* out) {
   static constexpr const char* fn = "kvc_sequence_fork";
-  return Guard(fn, [&]() -> kvc_status {
-    kvc_status status = KVC_OK;
-    auto h = LookupCache(fn, cache, &status);
-    if (h == nullptr) return status;
+  return WithCache(fn, cache, [&](const std::shared_ptr<CacheHandle>& h) -> kvc_status {
     if (out == nullptr) return NullArg(fn, "out");
     absl::StatusOr<SequenceId> id = h->cache->Fork(parent);
     if (!id.ok()) return FromStatus(fn, id.status());
@@ -479,10 +481,7 @@ kvc_status kvc_sequence_fork(kvc_cache* cache, kvc_seq parent, kvc_seq* out) {
 
 kvc_status kvc_sequence_free(kvc_cache* cache, kvc_seq seq) {
   static constexpr const char* fn = "kvc_sequence_free";
-  return Guard(fn, [&]() -> kvc_status {
-    kvc_status status = KVC_OK;
-    auto h = LookupCache(fn, cache, &status);
-    if (h == nullptr) return status;
+  return WithCache(fn, cache, [&](const std::shared_ptr<CacheHandle>& h) -> kvc_status {
     return FromStatus(fn, h->cache->Free(seq));
   });
 }
@@ -491,10 +490,7 @@ kvc_status kvc_append(kvc_cache* cache, kvc_seq seq, int32_t layer, int32_t num_
                       int32_t dtype, const void* keys, const void* values,
                       const int32_t* positions, const uint8_t* modalities, const uint8_t* admit) {
   static constexpr const char* fn = "kvc_append";
-  return Guard(fn, [&]() -> kvc_status {
-    kvc_status status = KVC_OK;
-    auto h = LookupCache(fn, cache, &status);
-    if (h == nullptr) return status;
+  return WithCache(fn, cache, [&](const std::shared_ptr<CacheHandle>& h) -> kvc_status {
     const kvcache::CacheConfig& c = h->cache->config();
     if (layer < 0 || layer >= c.num_layers) {
       return Fail(KVC_OUT_OF_RANGE, fn,
@@ -542,10 +538,7 @@ kvc_status kvc_score_rows(kvc_cache* cache, kvc_seq seq, int32_t layer, int32_t 
                           float* token_scores, int64_t capacity, int64_t* required,
                           int64_t* below_threshold, int64_t* causal_entries) {
   static constexpr const char* fn = "kvc_score_rows";
-  return Guard(fn, [&]() -> kvc_status {
-    kvc_status status = KVC_OK;
-    auto h = LookupCache(fn, cache, &status);
-    if (h == nullptr) return status;
+  return WithCache(fn, cache, [&](const std::shared_ptr<CacheHandle>& h) -> kvc_status {
     const kvcache::CacheConfig& c = h->cache->config();
     if (kvc_status s = CheckLayerHead(fn, c, layer, 0); s != KVC_OK) return s;
     if (num_rows <= 0) {
@@ -615,10 +608,7 @@ kvc_status DecodeImpl(const char* fn, kvc_cache* cache, const kvc_seq* batch, in
                       int32_t layer, const float* q, float* out, float* lse, float scale,
                       int32_t aggregation, int32_t accumulate_scores,
                       const kvc_read_policy* policy) {
-  return Guard(fn, [&]() -> kvc_status {
-    kvc_status status = KVC_OK;
-    auto h = LookupCache(fn, cache, &status);
-    if (h == nullptr) return status;
+  return WithCache(fn, cache, [&](const std::shared_ptr<CacheHandle>& h) -> kvc_status {
     const kvcache::CacheConfig& c = h->cache->config();
     if (kvc_status s = CheckLayerHead(fn, c, layer, 0); s != KVC_OK) return s;
     if (batch_size <= 0) {
@@ -702,18 +692,14 @@ kvc_status kvc_decode_attention_sparse(kvc_cache* cache, const kvc_seq* batch,
 kvc_status kvc_policy_plan(kvc_cache* cache, kvc_seq seq, const char* name, const char* params,
                            const kvc_observations* observations, kvc_plan** out) {
   static constexpr const char* fn = "kvc_policy_plan";
-  return Guard(fn, [&]() -> kvc_status {
-    kvc_status status = KVC_OK;
-    auto h = LookupCache(fn, cache, &status);
-    if (h == nullptr) return status;
+  return WithCache(fn, cache, [&](const std::shared_ptr<CacheHandle>& h) -> kvc_status {
     if (out == nullptr) return NullArg(fn, "out");
     auto plan = std::make_shared<PlanHandle>();
     if (kvc_status s = MakePlan(fn, *h->cache, seq, name, params, observations, &plan->plan,
-                                &plan->lengths);
+                                &plan->lengths, &plan->stamp);
         s != KVC_OK) {
       return s;
     }
-    plan->plan.sequence = seq;
     plan->cache_id = h->id;
     plan->num_layers = h->cache->config().num_layers;
     plan->num_kv_heads = h->cache->config().num_kv_heads;
@@ -724,10 +710,7 @@ kvc_status kvc_policy_plan(kvc_cache* cache, kvc_seq seq, const char* name, cons
 
 kvc_status kvc_plan_num_streams(const kvc_plan* plan, int32_t* out) {
   static constexpr const char* fn = "kvc_plan_num_streams";
-  return Guard(fn, [&]() -> kvc_status {
-    kvc_status status = KVC_OK;
-    auto p = LookupPlan(fn, plan, &status);
-    if (p == nullptr) return status;
+  return WithPlan(fn, plan, [&](const std::shared_ptr<PlanHandle>& p) -> kvc_status {
     if (out == nullptr) return NullArg(fn, "out");
     *out = static_cast<int32_t>(p->plan.streams.size());
     return KVC_OK;
@@ -737,10 +720,7 @@ kvc_status kvc_plan_num_streams(const kvc_plan* plan, int32_t* out) {
 kvc_status kvc_plan_stream(const kvc_plan* plan, int32_t index, int32_t* layer, int32_t* kv_head,
                            int32_t* kept, int32_t* key_channels) {
   static constexpr const char* fn = "kvc_plan_stream";
-  return Guard(fn, [&]() -> kvc_status {
-    kvc_status status = KVC_OK;
-    auto p = LookupPlan(fn, plan, &status);
-    if (p == nullptr) return status;
+  return WithPlan(fn, plan, [&](const std::shared_ptr<PlanHandle>& p) -> kvc_status {
     const int32_t n = static_cast<int32_t>(p->plan.streams.size());
     if (index < 0 || index >= n) {
       return Fail(KVC_OUT_OF_RANGE, fn,
@@ -758,10 +738,7 @@ kvc_status kvc_plan_stream(const kvc_plan* plan, int32_t index, int32_t* layer, 
 kvc_status kvc_plan_kept_count(const kvc_plan* plan, int32_t layer, int32_t kv_head,
                                int32_t* out) {
   static constexpr const char* fn = "kvc_plan_kept_count";
-  return Guard(fn, [&]() -> kvc_status {
-    kvc_status status = KVC_OK;
-    auto p = LookupPlan(fn, plan, &status);
-    if (p == nullptr) return status;
+  return WithPlan(fn, plan, [&](const std::shared_ptr<PlanHandle>& p) -> kvc_status {
     if (out == nullptr) return NullArg(fn, "out");
     kvcache::CacheConfig shape;
     shape.num_layers = p->num_layers;
@@ -778,10 +755,7 @@ kvc_status kvc_plan_kept_count(const kvc_plan* plan, int32_t layer, int32_t kv_h
 kvc_status kvc_plan_kept_tokens(const kvc_plan* plan, int32_t index, int32_t* out,
                                 int32_t capacity, int32_t* required) {
   static constexpr const char* fn = "kvc_plan_kept_tokens";
-  return Guard(fn, [&]() -> kvc_status {
-    kvc_status status = KVC_OK;
-    auto p = LookupPlan(fn, plan, &status);
-    if (p == nullptr) return status;
+  return WithPlan(fn, plan, [&](const std::shared_ptr<PlanHandle>& p) -> kvc_status {
     const int32_t n = static_cast<int32_t>(p->plan.streams.size());
     if (index < 0 || index >= n) {
       return Fail(KVC_OUT_OF_RANGE, fn,
@@ -802,10 +776,7 @@ kvc_status kvc_plan_kept_tokens(const kvc_plan* plan, int32_t index, int32_t* ou
 
 kvc_status kvc_plan_info(const kvc_plan* plan, kvc_seq* sequence, int64_t* kept_tokens) {
   static constexpr const char* fn = "kvc_plan_info";
-  return Guard(fn, [&]() -> kvc_status {
-    kvc_status status = KVC_OK;
-    auto p = LookupPlan(fn, plan, &status);
-    if (p == nullptr) return status;
+  return WithPlan(fn, plan, [&](const std::shared_ptr<PlanHandle>& p) -> kvc_status {
     if (sequence != nullptr) *sequence = p->plan.sequence;
     if (kept_tokens != nullptr) *kept_tokens = p->plan.KeptTokens();
     return KVC_OK;
@@ -814,10 +785,8 @@ kvc_status kvc_plan_info(const kvc_plan* plan, kvc_seq* sequence, int64_t* kept_
 
 kvc_status kvc_plan_apply(kvc_cache* cache, kvc_plan* plan) {
   static constexpr const char* fn = "kvc_plan_apply";
-  return Guard(fn, [&]() -> kvc_status {
+  return WithCache(fn, cache, [&](const std::shared_ptr<CacheHandle>& h) -> kvc_status {
     kvc_status status = KVC_OK;
-    auto h = LookupCache(fn, cache, &status);
-    if (h == nullptr) return status;
     auto p = LookupPlan(fn, plan, &status);
     if (p == nullptr) return status;
     if (p->cache_id != h->id) {
@@ -828,8 +797,7 @@ kvc_status kvc_plan_apply(kvc_cache* cache, kvc_plan* plan) {
     if (p->applied.exchange(true)) {
       return Fail(KVC_FAILED_PRECONDITION, fn, "the plan was already applied");
     }
-    kvc_status s = CheckPlanCurrent(fn, *h->cache, p->plan, p->lengths);
-    if (s == KVC_OK) s = FromStatus(fn, h->cache->Apply(p->plan));
+    const kvc_status s = FromStatus(fn, h->cache->ApplyIfCurrent(p->plan, p->stamp));
     if (s != KVC_OK) p->applied.store(false);
     return s;
   });
@@ -849,19 +817,18 @@ kvc_status kvc_plan_destroy(kvc_plan* plan) {
 kvc_status kvc_compress(kvc_cache* cache, kvc_seq seq, const char* name, const char* params,
                         const kvc_observations* observations, kvc_compress_result* result) {
   static constexpr const char* fn = "kvc_compress";
-  return Guard(fn, [&]() -> kvc_status {
-    kvc_status status = KVC_OK;
-    auto h = LookupCache(fn, cache, &status);
-    if (h == nullptr) return status;
+  return WithCache(fn, cache, [&](const std::shared_ptr<CacheHandle>& h) -> kvc_status {
     EvictionPlan plan;
     std::vector<int32_t> lengths;
-    if (kvc_status s = MakePlan(fn, *h->cache, seq, name, params, observations, &plan, &lengths);
+    kvcache::StreamStamp stamp;
+    if (kvc_status s =
+            MakePlan(fn, *h->cache, seq, name, params, observations, &plan, &lengths, &stamp);
         s != KVC_OK) {
       return s;
     }
-    plan.sequence = seq;
-    if (kvc_status s = CheckPlanCurrent(fn, *h->cache, plan, lengths); s != KVC_OK) return s;
-    if (kvc_status s = FromStatus(fn, h->cache->Apply(plan)); s != KVC_OK) return s;
+    if (kvc_status s = FromStatus(fn, h->cache->ApplyIfCurrent(plan, stamp)); s != KVC_OK) {
+      return s;
+    }
     if (result != nullptr) {
       std::memset(result, 0, sizeof(*result));
       const int32_t heads = h->cache->config().num_kv_heads;
@@ -882,10 +849,7 @@ kvc_status kvc_compress(kvc_cache* cache, kvc_seq seq, const char* name, const c
 kvc_status kvc_stream_length(const kvc_cache* cache, kvc_seq seq, int32_t layer, int32_t kv_head,
                              int32_t* out) {
   static constexpr const char* fn = "kvc_stream_length";
-  return Guard(fn, [&]() -> kvc_status {
-    kvc_status status = KVC_OK;
-    auto h = LookupCache(fn, cache, &status);
-    if (h == nullptr) return status;
+  return WithCache(fn, cache, [&](const std::shared_ptr<CacheHandle>& h) -> kvc_status {
     if (out == nullptr) return NullArg(fn, "out");
     absl::StatusOr<int32_t> len = h->cache->StreamLength(seq, layer, kv_head);
     if (!len.ok()) return FromStatus(fn, len.status());
@@ -898,10 +862,7 @@ kvc_status kvc_stream_read(const kvc_cache* cache, kvc_seq seq, int32_t layer, i
                            int32_t capacity, int32_t* length, int32_t* positions,
                            uint8_t* modalities, float* scores, float* keys, float* values) {
   static constexpr const char* fn = "kvc_stream_read";
-  return Guard(fn, [&]() -> kvc_status {
-    kvc_status status = KVC_OK;
-    auto h = LookupCache(fn, cache, &status);
-    if (h == nullptr) return status;
+  return WithCache(fn, cache, [&](const std::shared_ptr<CacheHandle>& h) -> kvc_status {
     if (length == nullptr) return NullArg(fn, "length");
     if (capacity < 0) return Fail(KVC_INVALID_ARGUMENT, fn, absl::StrCat("capacity is ", capacity));
     const bool with_kv = keys != nullptr || values != nullptr;
@@ -929,10 +890,7 @@ kvc_status kvc_stream_read(const kvc_cache* cache, kvc_seq seq, int32_t layer, i
 kvc_status kvc_stream_add_scores(kvc_cache* cache, kvc_seq seq, int32_t layer, int32_t kv_head,
                                  const float* delta, int32_t num_tokens) {
   static constexpr const char* fn = "kvc_stream_add_scores";
-  return Guard(fn, [&]() -> kvc_status {
-    kvc_status status = KVC_OK;
-    auto h = LookupCache(fn, cache, &status);
-    if (h == nullptr) return status;
+  return WithCache(fn, cache, [&](const std::shared_ptr<CacheHandle>& h) -> kvc_status {
     if (num_tokens < 0) {
       return Fail(KVC_INVALID_ARGUMENT, fn, absl::StrCat("num_tokens is ", num_tokens));
     }
@@ -944,10 +902,7 @@ kvc_status kvc_stream_add_scores(kvc_cache* cache, kvc_seq seq, int32_t layer, i
 
 kvc_status kvc_cache_stats(const kvc_cache* cache, kvc_stats* out) {
   static constexpr const char* fn = "kvc_cache_stats";
-  return Guard(fn, [&]() -> kvc_status {
-    kvc_status status = KVC_OK;
-    auto h = LookupCache(fn, cache, &status);
-    if (h == nullptr) return status;
+  return WithCache(fn, cache, [&](const std::shared_ptr<CacheHandle>& h) -> kvc_status {
     if (out == nullptr) return NullArg(fn, "out");
     const kvcache::CacheStats s = h->cache->Stats();
     std::memset(out, 0, sizeof(*out));
@@ -964,10 +919,7 @@ kvc_status kvc_cache_stats(const kvc_cache* cache, kvc_stats* out) {
 
 kvc_status kvc_cache_validate(const kvc_cache* cache) {
   static constexpr const char* fn = "kvc_cache_validate";
-  return Guard(fn, [&]() -> kvc_status {
-    kvc_status status = KVC_OK;
-    auto h = LookupCache(fn, cache, &status);
-    if (h == nullptr) return status;
+  return WithCache(fn, cache, [&](const std::shared_ptr<CacheHandle>& h) -> kvc_status {
     return FromStatus(fn, h->cache->Validate());
   });
 }
@@ -979,10 +931,7 @@ kvc_status kvc_export_page_table(const kvc_cache* cache, int32_t layer, const kv
                                  int64_t capacity, int64_t* nnz, int32_t* last_page_len,
                                  kvc_page_layout* layout) {
   static constexpr const char* fn = "kvc_export_page_table";
-  return Guard(fn, [&]() -> kvc_status {
-    kvc_status status = KVC_OK;
-    auto h = LookupCache(fn, cache, &status);
-    if (h == nullptr) return status;
+  return WithCache(fn, cache, [&](const std::shared_ptr<CacheHandle>& h) -> kvc_status {
     const kvcache::CacheConfig& c = h->cache->config();
     if (kvc_status s = CheckLayerHead(fn, c, layer, 0); s != KVC_OK) return s;
     if (batch_size <= 0) {
@@ -993,80 +942,23 @@ kvc_status kvc_export_page_table(const kvc_cache* cache, int32_t layer, const kv
     if (indices != nullptr && (indptr == nullptr || last_page_len == nullptr)) {
       return NullArg(fn, indptr == nullptr ? "indptr" : "last_page_len");
     }
-    const int32_t heads = c.num_kv_heads;
-    const int32_t tpp = c.ResolvedPageTokens();
-    const int64_t rows = int64_t{batch_size} * heads;
-    // Gather everything first: nothing is written unless every stream is exportable.
-    std::vector<int32_t> row_ptr{0};
-    std::vector<int32_t> pages;
-    std::vector<int32_t> last_len;
-    row_ptr.reserve(rows + 1);
-    last_len.reserve(rows);
-    for (int32_t b = 0; b < batch_size; ++b) {
-      for (int32_t hd = 0; hd < heads; ++hd) {
-        absl::StatusOr<std::vector<kvcache::SegmentLayout>> segs =
-            h->cache->StreamPages(batch[b], layer, hd);
-        if (!segs.ok()) {
-          return FromStatus(fn, absl::Status(segs.status().code(),
-                                             absl::StrCat("batch[", b, "]: ",
-                                                          std::string(segs.status().message()))));
-        }
-        int32_t last = 0;
-        int last_nonempty = -1;
-        for (size_t i = 0; i < segs->size(); ++i) {
-          if ((*segs)[i].length > 0) last_nonempty = static_cast<int>(i);
-        }
-        for (int i = 0; i <= last_nonempty; ++i) {
-          const kvcache::SegmentLayout& s = (*segs)[i];
-          if (s.length == 0) continue;
-          const std::string stream = absl::StrCat("stream (sequence ", batch[b], ", layer ",
-                                                  layer, ", kv head ", hd, ") segment ", i);
-          if (s.key_width != c.head_dim || s.value_width != c.head_dim || s.tokens_per_page != tpp) {
-            return Fail(KVC_FAILED_PRECONDITION, fn,
-                        absl::StrCat(stream, " stores key_width ", s.key_width, ", value_width ",
-                                     s.value_width, " at ", s.tokens_per_page,
-                                     " tokens per page; only full-width rows (", c.head_dim,
-                                     ", ", tpp,
-                                     " tokens per page) can be exported (channel-pruned by a "
-                                     "ThinK-style policy?)"));
-          }
-          if (i != last_nonempty && s.length % tpp != 0) {
-            return Fail(KVC_FAILED_PRECONDITION, fn,
-                        absl::StrCat(stream, " holds ", s.length,
-                                     " tokens, not a multiple of ", tpp,
-                                     ": its partly filled last page is followed by another "
-                                     "segment, so the stream is not one page list"));
-          }
-          const int32_t used = static_cast<int32_t>((s.length + tpp - 1) / tpp);
-          if (static_cast<int32_t>(s.pages.size()) < used) {
-            return Fail(KVC_INTERNAL, fn, absl::StrCat(stream, " has ", s.pages.size(),
-                                                       " pages for ", s.length, " tokens"));
-          }
-          pages.insert(pages.end(), s.pages.begin(), s.pages.begin() + used);
-          last = s.length - (used - 1) * tpp;
-          if (pages.size() > static_cast<size_t>(std::numeric_limits<int32_t>::max())) {
-            return Fail(KVC_OUT_OF_RANGE, fn, "more than 2^31-1 pages in the page table");
-          }
-        }
-        row_ptr.push_back(static_cast<int32_t>(pages.size()));
-        last_len.push_back(last);
-      }
-    }
-    *nnz = static_cast<int64_t>(pages.size());
+    absl::StatusOr<kvcache::PageTable> table = h->cache->ExportPageTable(
+        layer, std::span<const SequenceId>(batch, static_cast<size_t>(batch_size)));
+    if (!table.ok()) return FromStatus(fn, table.status());
+    *nnz = static_cast<int64_t>(table->indices.size());
     if (layout != nullptr) {
-      const kvcache::PoolView pool = h->cache->pool().view();
-      const int64_t esize = kvcache::DTypeSize(c.dtype);
+      const kvcache::PageTableLayout& l = table->layout;
       std::memset(layout, 0, sizeof(*layout));
-      layout->pool_base = pool.base;
-      layout->page_bytes = pool.page_bytes;
-      layout->key_offset_bytes = 0;
-      layout->value_offset_bytes = int64_t{tpp} * c.head_dim * esize;
-      layout->row_stride_bytes = c.head_dim * esize;
-      layout->num_pages = pool.num_pages;
-      layout->tokens_per_page = tpp;
-      layout->head_dim = c.head_dim;
-      layout->dtype = static_cast<int32_t>(c.dtype);
-      layout->is_device = h->cache->backend().HostAccessible() ? 0 : 1;
+      layout->pool_base = l.pool_base;
+      layout->page_bytes = l.page_bytes;
+      layout->key_offset_bytes = l.key_offset_bytes;
+      layout->value_offset_bytes = l.value_offset_bytes;
+      layout->row_stride_bytes = l.row_stride_bytes;
+      layout->num_pages = l.num_pages;
+      layout->tokens_per_page = l.tokens_per_page;
+      layout->head_dim = l.head_dim;
+      layout->dtype = static_cast<int32_t>(l.dtype);
+      layout->is_device = l.is_device ? 1 : 0;
     }
     if (indices == nullptr) return KVC_OK;  // size query
     if (capacity < *nnz) {
@@ -1074,9 +966,9 @@ kvc_status kvc_export_page_table(const kvc_cache* cache, int32_t layer, const kv
                   absl::StrCat("indices holds ", capacity, " entries, the page table has ", *nnz,
                                " (call again with a large enough buffer)"));
     }
-    std::copy(row_ptr.begin(), row_ptr.end(), indptr);
-    std::copy(pages.begin(), pages.end(), indices);
-    std::copy(last_len.begin(), last_len.end(), last_page_len);
+    std::copy(table->indptr.begin(), table->indptr.end(), indptr);
+    std::copy(table->indices.begin(), table->indices.end(), indices);
+    std::copy(table->last_page_len.begin(), table->last_page_len.end(), last_page_len);
     return KVC_OK;
   });
 }

@@ -14,12 +14,12 @@
 #include <cstdint>
 
 #include "kvcache/backend.h"
+#include "kvcache/internal/attention_math.h"
 
 namespace kvcache::cpu {
 
-inline float ResolveScale(float scale, int32_t head_dim) {
-  return scale != 0.0f ? scale : 1.0f / std::sqrt(static_cast<float>(head_dim));
-}
+// One definition for every backend (internal/attention_math.h).
+using ::kvcache::ResolveScale;
 
 // probs [group_size] (element g at probs[g * stride]) -> one score per ALGORITHMS.md.
 inline float AggregateGqa(const float* probs, int64_t stride, int32_t group_size,

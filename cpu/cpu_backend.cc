@@ -415,6 +415,12 @@ class CpuBackend final : public Backend {
     return absl::OkStatus();
   }
 
+  // Both flavours implement every optional operation.
+  bool Supports(BackendOp op) const override {
+    (void)op;
+    return true;
+  }
+
   absl::Status DecodeAttention(const PagedKVView& kv, const DecodeParams& params, const float* q,
                                float* out, float* lse) override {
     return flavor_ == KernelFlavor::kFast ? DecodeAttentionFast(kv, params, q, out, lse)

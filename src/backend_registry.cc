@@ -68,6 +68,16 @@ absl::StatusOr<std::unique_ptr<Backend>> CreateBackend(std::string_view name) {
   return factory();
 }
 
+const char* BackendOpName(BackendOp op) {
+  switch (op) {
+    case BackendOp::kDecodeAttention: return "DecodeAttention";
+    case BackendOp::kSparseDecodeAttention: return "SparseDecodeAttention";
+    case BackendOp::kKeyIndex: return "KeyIndex";
+    case BackendOp::kScoreRows: return "ScoreRows";
+  }
+  return "unknown";
+}
+
 std::vector<std::string> RegisteredBackends() {
   Registry& r = GetRegistry();
   absl::MutexLock lock(&r.mu);

@@ -16,16 +16,7 @@
 namespace kvcache::testing {
 
 // Rounds a float through the dtype the cache stores (what reading it back returns).
-inline float RoundTo(DType t, float x) {
-  switch (t) {
-    case DType::kF16:
-      return HalfBitsToFloat(FloatToHalfBits(x));
-    case DType::kBF16:
-      return BF16BitsToFloat(FloatToBF16Bits(x));
-    default:
-      return x;
-  }
-}
+inline float RoundTo(DType t, float x) { return RoundToDType(x, t); }
 
 inline std::vector<float> RandomVector(std::mt19937& rng, size_t n, float scale = 1.0f) {
   std::normal_distribution<float> dist(0.0f, scale);

@@ -5,8 +5,9 @@
 // real call sequence of docs/INTEGRATION.md:
 //   prefill:  Append(seq, layer, prompt K/V, positions, modalities) for every layer, and
 //             ScoreRows(last prompt rows, accumulate) so heavy-hitter scores start from the prompt
-//   decode:   per step and layer, Append one token per sequence, then one batched
-//             DecodeAttention(accumulate_scores = true) -> the attention output for the model
+//   decode:   per step PrepareDecode(batch) once (the host work of the step), then per layer
+//             Append one token per sequence and one DecodeAttention(plan, layer,
+//             accumulate_scores = true) -> the attention output for the model
 //   every N steps: per sequence CreatePolicy -> CollectSnapshot -> Plan -> Apply (H2O here,
 //             driven by the accumulated scores), freeing pages while the sequence keeps decoding.
 // Exit code 0 when every call succeeded, every output was finite, each compression freed pages
@@ -97,6 +98,9 @@ int main() {
   std::vector<float> k(static_cast<size_t>(kKvHeads) * kDim), v(k.size());
   kvcache::DecodeOptions decode{.accumulate_scores = true};
   for (int step = 1; step <= kSteps; ++step) {
+    // Plan once per step; the per-layer calls see the tokens appended after it.
+    absl::StatusOr<kvcache::DecodePlan> step_plan = cache.PrepareDecode(batch);
+    if (!Ok(step_plan.status(), "PrepareDecode")) return 1;
     for (int32_t layer = 0; layer < kLayers; ++layer) {
       // The new token's K/V of this layer for every sequence, then one batched attention call.
       for (int b = 0; b < kBatch; ++b) {
@@ -109,7 +113,7 @@ int main() {
         if (!Ok(cache.Append(batch[b], layer, req), "Append (decode)")) return 1;
       }
       Fill(q, rng);
-      if (!Ok(cache.DecodeAttention(batch, layer, q, out, lse, decode), "DecodeAttention")) {
+      if (!Ok(cache.DecodeAttention(*step_plan, layer, q, out, lse, decode), "DecodeAttention")) {
         return 1;
       }
       for (float x : out) {
@@ -124,12 +128,15 @@ int main() {
     if (step % kCompressEvery == 0) {
       const kvcache::CacheStats before = cache.Stats();
       for (kvcache::SequenceId seq : batch) {
-        // No observation queries: H2O ranks by the accumulators the kernels filled.
+        // No observation queries: H2O ranks by the accumulators the kernels filled. The stamp
+        // makes the Apply refuse a plan that an Append in between would have made stale.
+        auto stamp = cache.Stamp(seq);
+        if (!Ok(stamp.status(), "Stamp")) return 1;
         auto snap = kvcache::policy::CollectSnapshot(cache, seq, {}, (*policy)->Needs());
         if (!Ok(snap.status(), "CollectSnapshot")) return 1;
         auto plan = (*policy)->Plan(*snap);
         if (!Ok(plan.status(), "Plan")) return 1;
-        if (!Ok(cache.Apply(*plan), "Apply")) return 1;
+        if (!Ok(cache.ApplyIfCurrent(*plan, *stamp), "ApplyIfCurrent")) return 1;
       }
       const kvcache::CacheStats after = cache.Stats();
       std::printf("step %3d: %-28s pages %5d -> %5d   tokens %6lld -> %6lld\n", step, kPolicy,

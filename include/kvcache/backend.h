@@ -1,13 +1,16 @@
-// kvcache/backend.h — the one interface every compute backend implements, and its registry.
+// kvcache/backend.h — the user face of the compute backends: create one by name, list them,
+// register more, and the names of the optional operations a backend may support.
 //
 // A backend owns device memory for the page pool and runs the kernels over the paged layout
-// described in paged_view.h. The Cache and the policy pipeline are backend-neutral host code;
-// they call only this interface. Optional capabilities (attention kernels) default to
-// absl::UnimplementedError so a partial backend answers instead of crashing (ggml style).
+// described in paged_view.h. Implementers write against backend_impl.h (the Backend interface
+// and its request structs); this header includes it at the end so that a
+// std::unique_ptr<Backend> is a complete type for its users and code that implemented a backend
+// against this header keeps compiling.
 //
 // Example:
 //   absl::StatusOr<std::unique_ptr<kvcache::Backend>> b = kvcache::CreateBackend("cpu");
 //   if (!b.ok()) return b.status();
+//   bool sparse = (*b)->Supports(kvcache::BackendOp::kSparseDecodeAttention);   // true on cpu
 //   std::vector<std::string> names = kvcache::RegisteredBackends();   // {"cpu", ...}
 #ifndef KVCACHE_BACKEND_H_
 #define KVCACHE_BACKEND_H_
@@ -15,191 +18,30 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
-#include <span>
 #include <string>
 #include <string_view>
 #include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
-#include "kvcache/paged_view.h"
-#include "kvcache/read_policy.h"
-#include "kvcache/types.h"
 
 namespace kvcache {
 
 // How the G query heads of a kv head combine into one score per token (ALGORITHMS.md: mean).
 enum class GqaAggregation : uint8_t { kMean = 0, kSum = 1, kMax = 2 };
 
-// Host -> pool write of `num_tokens` consecutive rows of one segment, starting at row
-// `first_row`. Source rows are full width (head_dim) with an element stride between tokens, so
-// one call can read one head out of an engine's [tokens, kv_heads, head_dim] buffer.
-struct RowWrite {
-  SegmentView dst;        // pages must cover rows [first_row, first_row + num_tokens)
-  int32_t first_row = 0;
-  int32_t num_tokens = 0;
-  int32_t head_dim = 0;
-  const void* keys = nullptr;    // [num_tokens, src_stride] host, dtype src_dtype; row t at
-  const void* values = nullptr;  // keys + t * src_stride elements, head_dim elements long
-  DType src_dtype = DType::kF32;
-  int64_t src_stride = 0;        // elements between consecutive tokens
+// The optional operations of a backend (Backend::Supports). Memory, page copies, row writes,
+// gathers and read-back are mandatory and not listed.
+enum class BackendOp : uint8_t {
+  kDecodeAttention = 0,        // dense decode attention
+  kSparseDecodeAttention = 1,  // Quest / retrieval read policies
+  kKeyIndex = 2,               // CreateKeyIndex (retrieval without exact_search)
+  kScoreRows = 3,              // prefill-time row scoring
 };
+// "DecodeAttention", "SparseDecodeAttention", "KeyIndex", "ScoreRows".
+const char* BackendOpName(BackendOp op);
 
-// Weighted gather into a fresh dense segment (compaction, channel selection, merge):
-//   dst row r = sum over t in [term_offsets[r], term_offsets[r+1]) of
-//               (key_weight[t] * K(src t), value_weight[t] * V(src t))
-// where K(src) is the source key expanded to head_dim channels (channels a pruned source does
-// not store read as 0) and the destination keeps dst.key_channels (or all when nullptr).
-struct GatherTerm {
-  int32_t src_segment = 0;  // index into RowGather::sources
-  int32_t src_row = 0;
-  float key_weight = 1.0f;
-  float value_weight = 1.0f;
-};
-struct RowGather {
-  std::span<const SegmentView> sources;
-  SegmentView dst;                        // dst.length rows, pages already allocated
-  std::span<const int32_t> term_offsets;  // [dst.length + 1]
-  std::span<const GatherTerm> terms;      // [term_offsets[dst.length]]
-  int32_t head_dim = 0;
-};
-
-struct PageCopy {
-  int32_t src = 0;
-  int32_t dst = 0;
-};
-
-class KeyIndex;  // below
-
-// Decode attention: one new query token per sequence, for one layer.
-// Stream i of the view is (batch b, kv head h) with i = b * num_kv_heads + h; its G query heads
-// are h*G .. h*G + G - 1, so q laid out [batch, q_heads, head_dim] is [num_streams, G, head_dim].
-struct DecodeParams {
-  int32_t group_size = 1;  // G
-  float scale = 0.0f;      // softmax scale; 0 means 1/sqrt(head_dim)
-  bool accumulate_scores = false;  // add each key's probability (GQA-aggregated) to its score
-  GqaAggregation aggregation = GqaAggregation::kMean;
-  // Sparse reads (read_policy.h). Never kDense inside SparseDecodeAttention; DecodeAttention
-  // ignores it (the Cache routes non-dense policies to SparseDecodeAttention).
-  ReadPolicy read_policy;
-  // kRetrieval without exact_search: one nearest-neighbour index per stream, over the stream's
-  // tokens in order (index id = token index in the stream).
-  const KeyIndex* const* key_indexes = nullptr;  // [num_streams]
-};
-
-// Parameters of a per-stream key index for retrieval decode (see KeyIndex).
-struct KeyIndexParams {
-  int32_t head_dim = 0;
-  int32_t m = 16;                 // graph degree (hnswlib M)
-  int32_t ef_construction = 100;  // construction beam
-  int32_t capacity = 0;           // initial capacity in keys (grows on demand)
-  float max_norm = 0.0f;          // c of the MIPS -> NN transform; every key added must have
-                                  // norm <= max_norm (Add reports when one does not)
-};
-
-// A nearest-neighbour index over one stream's keys for maximum-inner-product search, ids are the
-// tokens' indices in the stream (0, 1, ... in the order keys were added). Search may run from
-// several threads at once; Add must not run concurrently with anything.
-class KeyIndex {
- public:
-  virtual ~KeyIndex() = default;
-  // keys [count, head_dim] f32, the stored (dtype-rounded) keys expanded to head_dim; they get
-  // ids size() .. size() + count - 1. Returns false (and adds nothing) when a key's norm exceeds
-  // the index's max_norm: the caller must then rebuild with a larger bound.
-  [[nodiscard]] virtual bool Add(const float* keys, int32_t count) = 0;
-  virtual int32_t size() const = 0;
-  virtual float max_norm() const = 0;
-  // Search beam of later Search calls (>= 1; the beam used is max(ef, k)). Not concurrent with
-  // Search.
-  virtual void SetSearchBeam(int32_t ef) = 0;
-  // Up to k ids with the largest q.k (approximately), q [head_dim] f32. Writes the ids to
-  // ids[0, returned count), in no particular order. Safe to call from several threads at once.
-  virtual int32_t Search(const float* q, int32_t k, int32_t* ids) const = 0;
-  // Bytes the index holds (vectors + graph), for memory accounting.
-  virtual int64_t MemoryBytes() const = 0;
-};
-
-// Row scoring for prefill-time policies over the streams of one layer of one sequence.
-// Stream i is kv head i; row r (at position query_positions[r]) attends keys at positions
-// <= its own. Outputs, for stream i with tokens laid out consecutively (stream i starts at the
-// sum of the lengths of the streams before it):
-//   token_scores  [total tokens]  sum over rows of the GQA-aggregated softmax probability
-//   below_threshold [num_streams, G]  count of causal entries with A < p * row max (VL-Cache)
-//   causal_entries  [num_streams, G]  count of causal entries (row r sees keys with pos <= its own)
-struct ScoreRowsParams {
-  int32_t group_size = 1;
-  float scale = 0.0f;  // 0 means 1/sqrt(head_dim)
-  int32_t num_rows = 0;
-  GqaAggregation aggregation = GqaAggregation::kMean;
-  float sparsity_threshold = 0.01f;  // p; counts are computed only when the outputs are non-null
-};
-
-class Backend {
- public:
-  virtual ~Backend() = default;
-
-  virtual std::string_view Name() const = 0;
-  // True when pool memory can be read directly by host code (CPU backend).
-  virtual bool HostAccessible() const = 0;
-
-  // Memory for a pool arena; aligned to at least 256 bytes.
-  [[nodiscard]] virtual absl::StatusOr<void*> AllocateArena(int64_t bytes) = 0;
-  virtual void FreeArena(void* arena) = 0;
-
-  // Copies whole pages (copy-on-write of shared pages).
-  [[nodiscard]] virtual absl::Status CopyPages(const PoolView& pool,
-                                               std::span<const PageCopy> copies) = 0;
-  // Writes host rows into segments, converting src_dtype to the pool dtype. The writes of one
-  // call touch disjoint rows, so a backend may run them in parallel.
-  [[nodiscard]] virtual absl::Status WriteRows(const PoolView& pool,
-                                               std::span<const RowWrite> writes) = 0;
-  // Compaction / channel selection / merge into fresh segments (disjoint destinations).
-  [[nodiscard]] virtual absl::Status GatherRows(const PoolView& pool,
-                                                std::span<const RowGather> gathers) = 0;
-  // Reads rows [first_row, first_row + count) of a segment back to host as f32:
-  // keys [count, head_dim] (channels the segment does not store are 0), values [count, head_dim].
-  [[nodiscard]] virtual absl::Status ReadRows(const PoolView& pool, const SegmentView& segment,
-                                              int32_t head_dim, int32_t first_row, int32_t count,
-                                              float* keys, float* values) = 0;
-
-  // q [num_streams, G, head_dim] f32 host; out [num_streams, G, head_dim] f32 host;
-  // lse [num_streams, G] f32 host or nullptr (natural log of the softmax denominator, scaled
-  // logits). Streams of length 0 produce out = 0 and lse = -inf.
-  [[nodiscard]] virtual absl::Status DecodeAttention(const PagedKVView& kv,
-                                                     const DecodeParams& params, const float* q,
-                                                     float* out, float* lse) {
-    (void)kv, (void)params, (void)q, (void)out, (void)lse;
-    return absl::UnimplementedError(std::string(Name()) + " backend has no DecodeAttention");
-  }
-  // Decode attention under a non-dense read policy (params.read_policy, read_policy.h); same
-  // shapes as DecodeAttention. kQuest needs SegmentView::page_key_min/max on every segment.
-  [[nodiscard]] virtual absl::Status SparseDecodeAttention(const PagedKVView& kv,
-                                                           const DecodeParams& params,
-                                                           const float* q, float* out,
-                                                           float* lse) {
-    (void)kv, (void)params, (void)q, (void)out, (void)lse;
-    return absl::UnimplementedError(std::string(Name()) +
-                                    " backend has no sparse decode (Quest / retrieval read policies)");
-  }
-  // A key index for retrieval decode (host memory).
-  [[nodiscard]] virtual absl::StatusOr<std::unique_ptr<KeyIndex>> CreateKeyIndex(
-      const KeyIndexParams& params) {
-    (void)params;
-    return absl::UnimplementedError(std::string(Name()) + " backend has no key index");
-  }
-  // queries [num_rows, num_streams * G, head_dim] f32 host; query_positions [num_rows];
-  // outputs as documented on ScoreRowsParams (below_threshold / causal_entries may be null).
-  [[nodiscard]] virtual absl::Status ScoreRows(const PagedKVView& kv,
-                                               const ScoreRowsParams& params,
-                                               const float* queries,
-                                               const int32_t* query_positions,
-                                               float* token_scores, int64_t* below_threshold,
-                                               int64_t* causal_entries) {
-    (void)kv, (void)params, (void)queries, (void)query_positions, (void)token_scores;
-    (void)below_threshold, (void)causal_entries;
-    return absl::UnimplementedError(std::string(Name()) + " backend has no ScoreRows");
-  }
-};
+class Backend;  // backend_impl.h
 
 using BackendFactory = std::function<absl::StatusOr<std::unique_ptr<Backend>>()>;
 
@@ -211,5 +53,7 @@ absl::Status RegisterBackend(std::string name, BackendFactory factory);
 std::vector<std::string> RegisteredBackends();
 
 }  // namespace kvcache
+
+#include "kvcache/backend_impl.h"  // IWYU pragma: export
 
 #endif  // KVCACHE_BACKEND_H_

@@ -35,9 +35,11 @@
 #include "absl/container/flat_hash_map.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "absl/synchronization/mutex.h"
 #include "kvcache/backend.h"
 #include "kvcache/config.h"
+#include "kvcache/decode_plan.h"
 #include "kvcache/page_pool.h"
 #include "kvcache/plan.h"
 #include "kvcache/types.h"
@@ -121,6 +123,43 @@ struct PageSummary {
   std::vector<float> key_max;         // [key width] max of the stored keys per stored channel
 };
 
+// What an eviction plan was made from (Cache::Stamp): the length and version of every stream of
+// one sequence. A plan made from a snapshot taken after the stamp is current while no stream it
+// names has changed length (an Append would be silently dropped by Apply: the new tokens are not
+// in the kept list) or version (an Apply in between: the token indices mean other tokens).
+struct StreamStamp {
+  SequenceId sequence = 0;
+  std::vector<int32_t> lengths;    // [num_layers * num_kv_heads], stream (l, h) at l * H + h
+  std::vector<uint64_t> versions;  // [num_layers * num_kv_heads]
+};
+
+// How an engine addresses the pool with its own kernels (Cache::ExportPageTable). Row r of
+// page p: key at pool_base + p * page_bytes + key_offset_bytes + r * row_stride_bytes, value at
+// the same with value_offset_bytes; head_dim elements of dtype each.
+struct PageTableLayout {
+  void* pool_base = nullptr;  // host or device memory (is_device)
+  int64_t page_bytes = 0;
+  int64_t key_offset_bytes = 0;
+  int64_t value_offset_bytes = 0;
+  int64_t row_stride_bytes = 0;
+  int32_t num_pages = 0;
+  int32_t tokens_per_page = 0;
+  int32_t head_dim = 0;
+  DType dtype = DType::kF16;
+  bool is_device = false;
+};
+
+// A FlashInfer-style paged KV table of one layer for a batch: row i = (batch b, kv head h) with
+// i = b * num_kv_heads + h owns pages indices[indptr[i] .. indptr[i + 1]), the last of which
+// holds last_page_len[i] tokens (0 for an empty stream). Valid until the next mutating call on
+// one of the sequences (Append may add pages, Apply and Free move or release them).
+struct PageTable {
+  std::vector<int32_t> indptr;         // [rows + 1]
+  std::vector<int32_t> indices;        // [indptr[rows]] pool page ids
+  std::vector<int32_t> last_page_len;  // [rows]
+  PageTableLayout layout;
+};
+
 struct CacheStats {
   int32_t num_sequences = 0;
   int32_t pages_total = 0;
@@ -159,6 +198,18 @@ class Cache {
                                              std::span<const float> q, std::span<float> out,
                                              std::span<float> lse = {},
                                              const DecodeOptions& options = {});
+  // Plan once per step, run per layer (decode_plan.h): the host work of a decode step for every
+  // layer of `batch` (same checks as DecodeAttention: non-empty, known sequences, no duplicate).
+  [[nodiscard]] absl::StatusOr<DecodePlan> PrepareDecode(std::span<const SequenceId> batch);
+  // Decode attention of `layer` over the plan's batch; shapes and options as above. No heap
+  // allocation on the CPU backend for dense reads. FailedPrecondition when a stream of the batch
+  // was changed by Apply or its sequence freed since PrepareDecode (decode_plan.h); appends are
+  // seen. InvalidArgument for a plan of another Cache or an invalid (moved-from) plan.
+  [[nodiscard]] absl::Status DecodeAttention(DecodePlan& plan, int32_t layer,
+                                             std::span<const float> q, std::span<float> out,
+                                             std::span<float> lse = {},
+                                             const DecodeOptions& options = {});
+
   // Scores every key of the layer's streams against a block of query rows (causal by position).
   [[nodiscard]] absl::StatusOr<ScoreResult> ScoreRows(SequenceId seq, int32_t layer,
                                                       const ScoreRequest& request);
@@ -184,6 +235,25 @@ class Cache {
   // Adds `delta[t]` to the score accumulator of token t of a stream ([length] values).
   [[nodiscard]] absl::Status AddScores(SequenceId seq, int32_t layer, int32_t kv_head,
                                        std::span<const float> delta);
+  // The version of a stream: changed by Apply (the stream was rebuilt), not by Append (which only
+  // extends its tail); a forked sequence's streams have versions of their own.
+  [[nodiscard]] absl::StatusOr<uint64_t> StreamVersion(SequenceId seq, int32_t layer,
+                                                      int32_t kv_head) const;
+  // The lengths and versions of every stream of `seq`, for checking later that a plan is current.
+  [[nodiscard]] absl::StatusOr<StreamStamp> Stamp(SequenceId seq) const;
+  // OK when every stream `plan` names still has the length and version recorded in `stamp`;
+  // FailedPrecondition naming the first stream that changed ("plan again") otherwise.
+  // InvalidArgument when the stamp is of another sequence or shape.
+  [[nodiscard]] absl::Status CheckPlanCurrent(const EvictionPlan& plan,
+                                              const StreamStamp& stamp) const;
+  // CheckPlanCurrent and Apply under one lock of the sequence (no Append can slip in between).
+  [[nodiscard]] absl::Status ApplyIfCurrent(const EvictionPlan& plan, const StreamStamp& stamp);
+  // The FlashInfer-style page table of `layer` for `batch` (see PageTable). FailedPrecondition
+  // when a stream is not one list of full-width pages (channel-pruned segments, or a partly
+  // filled page followed by another segment); nothing is returned unless every stream exports.
+  [[nodiscard]] absl::StatusOr<PageTable> ExportPageTable(int32_t layer,
+                                                          std::span<const SequenceId> batch) const;
+
   std::vector<SequenceId> Sequences() const;
   bool Contains(SequenceId seq) const;
   CacheStats Stats() const;
@@ -192,16 +262,29 @@ class Cache {
   // owned twice within a stream, pool reference counts == number of owning segments, free list.
   [[nodiscard]] absl::Status Validate() const;
 
-  struct Sequence;  // internal
+  struct Sequence;  // internal (src/cache_internal.h)
+  class LockedSequence;  // internal: a found, locked, not freed sequence
 
  private:
   Cache(const CacheConfig& config, std::unique_ptr<Backend> backend,
         std::unique_ptr<PagePool> pool);
   absl::StatusOr<std::shared_ptr<Sequence>> Find(SequenceId seq) const;
-  // Find, after checking that (layer, kv_head) names a stream of this config. The caller locks
-  // the sequence and checks it was not freed meanwhile.
-  absl::StatusOr<std::shared_ptr<Sequence>> FindForStream(SequenceId seq, int32_t layer,
-                                                          int32_t kv_head) const;
+  // The one sequence lookup + lock + freed check: NotFound "<fn>: unknown sequence <id>".
+  absl::StatusOr<LockedSequence> Lock(absl::string_view fn, SequenceId seq) const;
+  // Lock, after checking that (layer, kv_head) names a stream of this config (OutOfRange).
+  absl::StatusOr<LockedSequence> LockStream(absl::string_view fn, SequenceId seq, int32_t layer,
+                                            int32_t kv_head) const;
+  // PrepareDecode of layers [first_layer, first_layer + num_layers). `one_shot`: for one call of
+  // the batch overload; versions and views are not recorded (RunDecode sizes the views).
+  absl::StatusOr<DecodePlan> PrepareLayers(absl::string_view fn, std::span<const SequenceId> batch,
+                                           int32_t first_layer, int32_t num_layers, bool one_shot);
+  // The run half of both DecodeAttention overloads. `one_shot`: the plan was made inside this
+  // call (a sequence freed meanwhile is NotFound, as before plans existed).
+  absl::Status RunDecode(DecodePlan::State& plan, int32_t layer, std::span<const float> q,
+                         std::span<float> out, std::span<float> lse, const DecodeOptions& options,
+                         bool one_shot);
+  // Apply with the sequence already locked; `stamp` (may be null) is checked first.
+  absl::Status ApplyLocked(Sequence& seq, const EvictionPlan& plan, const StreamStamp* stamp);
   // Retrieval decode: the stream's key index, (re)built when missing or stale. Caller holds
   // the sequence lock.
   absl::StatusOr<const KeyIndex*> EnsureKeyIndex(Sequence& seq, int32_t layer, int32_t kv_head,

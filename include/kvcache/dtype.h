@@ -118,6 +118,21 @@ KVC_HOST_DEVICE inline void StoreFromFloat(void* data, DType t, long long i, flo
   }
 }
 
+// The value a buffer of type t holds after storing x (round-to-nearest-even), as f32: what the
+// pool returns for a key written as x. Host code that mirrors stored values (page summaries,
+// key indexes, tests) uses this instead of its own round trip.
+KVC_HOST_DEVICE inline float RoundToDType(float x, DType t) {
+  switch (t) {
+    case DType::kF16:
+      return HalfBitsToFloat(FloatToHalfBits(x));
+    case DType::kBF16:
+      return BF16BitsToFloat(FloatToBF16Bits(x));
+    case DType::kF32:
+    default:
+      return x;
+  }
+}
+
 }  // namespace kvcache
 
 #endif  // KVCACHE_DTYPE_H_

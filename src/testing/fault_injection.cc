@@ -80,6 +80,7 @@ absl::Status FaultInjectingBackend::Intercept(BackendCall kind, Forward&& forwar
 
 std::string_view FaultInjectingBackend::Name() const { return inner_->Name(); }
 bool FaultInjectingBackend::HostAccessible() const { return inner_->HostAccessible(); }
+bool FaultInjectingBackend::Supports(BackendOp op) const { return inner_->Supports(op); }
 
 absl::StatusOr<void*> FaultInjectingBackend::AllocateArena(int64_t bytes) {
   if (ShouldFail(BackendCall::kAllocateArena)) {

@@ -104,6 +104,12 @@ KVC_HOST_DEVICE inline float SoftmaxLse(const SoftmaxState& s) {
   return s.l > 0.0f ? s.m + logf(s.l) : -INFINITY;
 }
 
+// The softmax scale a decode or scoring call uses: `scale`, or 1/sqrt(head_dim) when it is 0 (the
+// API's "default scale" value). Every backend resolves it here so they agree bit for bit.
+KVC_HOST_DEVICE inline float ResolveScale(float scale, int head_dim) {
+  return scale != 0.0f ? scale : 1.0f / sqrtf(static_cast<float>(head_dim));
+}
+
 // Probability of a key with scaled logit `logit` once the whole state is known.
 KVC_HOST_DEVICE inline float SoftmaxProbability(const SoftmaxState& s, float logit) {
   return s.l > 0.0f ? expf(logit - s.m) / s.l : 0.0f;

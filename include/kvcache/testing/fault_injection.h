@@ -79,6 +79,8 @@ class FaultInjectingBackend final : public Backend {
 
   std::string_view Name() const override;
   bool HostAccessible() const override;
+  // The wrapped backend's answer (a capability query is not a call that can fail).
+  bool Supports(BackendOp op) const override;
   [[nodiscard]] absl::StatusOr<void*> AllocateArena(int64_t bytes) override;
   void FreeArena(void* arena) override;
   [[nodiscard]] absl::Status CopyPages(const PoolView& pool,

@@ -1,0 +1,66 @@
+// kvcache/decode_plan.h — DecodePlan: the host half of a decode step, made once, run per layer.
+//
+// An engine decodes one token per sequence per step and calls attention once per layer. The
+// batch-wide host work (finding the sequences, checking the batch, choosing the lock order,
+// sizing the kernel views of every layer) does not change between the layers of a step, so
+// Cache::PrepareDecode does it once and returns a DecodePlan; Cache::DecodeAttention(plan,
+// layer, ...) then only locks, refreshes the layer's views into the plan's buffers and runs the
+// kernel: no heap allocation on the "cpu" backend (dense reads), tested with a counting operator
+// new (tests/test_decode_plan.cc).
+//
+// What a plan sees when the cache changes after PrepareDecode:
+//   Append (to any layer, before or after its decode): seen. Appends only extend a stream's tail,
+//     and each per-layer call reads the stream lengths at call time, so the engine's order
+//     "append token t's K/V for layer l, then decode layer l" works with one plan per step.
+//     One new segment per stream (an Append after channel pruning opens one) fits in the plan's
+//     spare capacity; a second answers FailedPrecondition.
+//   Apply (a stream's segments replaced, its version changes), Free of a sequence of the batch:
+//     the per-layer call answers FailedPrecondition ("prepare again"); nothing is decoded.
+//   Fork: the parent keeps its versions, so its plans stay valid; the child is not in them.
+// A plan belongs to the Cache that made it, holds its sequences alive (not their pages: a freed
+// sequence's pages are back in the pool), and must not be used by two threads at once.
+//
+// Example (one decode step of an engine):
+//   absl::StatusOr<kvcache::DecodePlan> plan = cache->PrepareDecode(batch);
+//   for (int32_t layer = 0; layer < num_layers; ++layer) {
+//     // ... append this step's K/V for `layer`, compute q ...
+//     absl::Status s = cache->DecodeAttention(*plan, layer, q, out);
+//   }
+#ifndef KVCACHE_DECODE_PLAN_H_
+#define KVCACHE_DECODE_PLAN_H_
+
+#include <cstdint>
+#include <memory>
+#include <span>
+
+#include "kvcache/types.h"
+
+namespace kvcache {
+
+class DecodePlan {
+ public:
+  DecodePlan();
+  ~DecodePlan();
+  DecodePlan(DecodePlan&& other) noexcept;
+  DecodePlan& operator=(DecodePlan&& other) noexcept;
+  DecodePlan(const DecodePlan&) = delete;
+  DecodePlan& operator=(const DecodePlan&) = delete;
+
+  // False for a default-constructed or moved-from plan.
+  bool valid() const { return state_ != nullptr; }
+  // The batch, in the order of the q / out rows.
+  std::span<const SequenceId> batch() const;
+  // Layers [first_layer, first_layer + num_layers) can be decoded with this plan.
+  int32_t first_layer() const;
+  int32_t num_layers() const;
+
+  struct State;  // internal (src/decode_plan_state.h)
+
+ private:
+  friend class Cache;
+  std::unique_ptr<State> state_;
+};
+
+}  // namespace kvcache
+
+#endif  // KVCACHE_DECODE_PLAN_H_

@@ -1,0 +1,350 @@
+// Cache: decode attention. PrepareDecode does the batch-wide host work of a step once; the
+// per-layer DecodeAttention(plan, ...) locks, refreshes one layer's views into the plan's
+// buffers and runs the kernel without allocating (decode_plan.h). The batch overload of
+// DecodeAttention is a one-layer plan made and run inside the call.
+#include <algorithm>
+#include <cmath>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "kvcache/cache.h"
+#include "src/cache_internal.h"
+
+namespace kvcache {
+
+namespace {
+
+absl::Status CheckReadPolicy(const ReadPolicy& rp) {
+  const int kind = static_cast<int>(rp.kind);
+  if (kind < 0 || kind > static_cast<int>(ReadPolicy::Kind::kRetrieval)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("DecodeAttention: read_policy.kind ", kind,
+                     " is not dense (0), quest (1) or retrieval (2)"));
+  }
+  if (rp.dense_first_layers < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("DecodeAttention: read_policy.dense_first_layers = ", rp.dense_first_layers,
+                     " is negative"));
+  }
+  if (rp.kind == ReadPolicy::Kind::kQuest && rp.token_budget <= 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "DecodeAttention: read_policy.token_budget = ", rp.token_budget, " must be > 0 for Quest"));
+  }
+  if (rp.kind == ReadPolicy::Kind::kRetrieval) {
+    if (rp.top_k <= 0) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "DecodeAttention: read_policy.top_k = ", rp.top_k, " must be > 0 for retrieval"));
+    }
+    if (rp.sink_tokens < 0 || rp.recent_tokens < 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("DecodeAttention: read_policy.sink_tokens = ", rp.sink_tokens,
+                       " and recent_tokens = ", rp.recent_tokens, " must be >= 0"));
+    }
+    if (rp.ef_search < 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("DecodeAttention: read_policy.ef_search = ", rp.ef_search, " is negative"));
+    }
+    if (rp.index_m < 2 || rp.index_m > 256) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "DecodeAttention: read_policy.index_m = ", rp.index_m, " is outside [2, 256]"));
+    }
+    if (rp.index_ef_construction < 1) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "DecodeAttention: read_policy.index_ef_construction = ", rp.index_ef_construction,
+          " must be >= 1"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+// The checks of a decode call that need no sequence: layer, buffer sizes, options, and whether
+// the backend implements the reads asked for (before anything is locked).
+absl::Status CheckDecodeArgs(const CacheConfig& c, const Backend& backend, int64_t b, int32_t layer,
+                             std::span<const float> q, std::span<float> out, std::span<float> lse,
+                             const DecodeOptions& options) {
+  if (layer < 0 || layer >= c.num_layers) {
+    return absl::OutOfRangeError(
+        absl::StrCat("DecodeAttention: layer ", layer, " is out of range [0, ", c.num_layers, ")"));
+  }
+  const int64_t per_seq = int64_t{c.num_q_heads} * c.head_dim;
+  if (static_cast<int64_t>(q.size()) != b * per_seq) {
+    return absl::InvalidArgumentError(absl::StrCat("DecodeAttention: q has ", q.size(),
+                                                   " elements, expected ", b * per_seq,
+                                                   " (batch * num_q_heads * head_dim)"));
+  }
+  if (static_cast<int64_t>(out.size()) != b * per_seq) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("DecodeAttention: out has ", out.size(), " elements, expected ", b * per_seq));
+  }
+  if (!lse.empty() && static_cast<int64_t>(lse.size()) != b * c.num_q_heads) {
+    return absl::InvalidArgumentError(absl::StrCat("DecodeAttention: lse has ", lse.size(),
+                                                   " elements, expected ", b * c.num_q_heads,
+                                                   " (batch * num_q_heads) or 0"));
+  }
+  if (!(options.scale >= 0.0f) || !std::isfinite(options.scale)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("DecodeAttention: scale ", options.scale,
+                     " must be finite and >= 0 (0 = 1/sqrt(head_dim))"));
+  }
+  const ReadPolicy& rp = options.read_policy;
+  if (rp.kind != ReadPolicy::Kind::kDense) {
+    if (absl::Status s = CheckReadPolicy(rp); !s.ok()) return s;
+  }
+  const bool sparse = rp.kind != ReadPolicy::Kind::kDense && layer >= rp.dense_first_layers;
+  if (sparse && rp.kind == ReadPolicy::Kind::kQuest && !c.page_summaries) {
+    return absl::FailedPreconditionError(
+        "DecodeAttention: the Quest read policy needs CacheConfig::page_summaries = true");
+  }
+  if (!sparse && !backend.Supports(BackendOp::kDecodeAttention)) {
+    return absl::UnimplementedError(
+        absl::StrCat(std::string(backend.Name()), " backend has no DecodeAttention"));
+  }
+  if (sparse && !backend.Supports(BackendOp::kSparseDecodeAttention)) {
+    return absl::UnimplementedError(
+        absl::StrCat(std::string(backend.Name()),
+                     " backend has no sparse decode (Quest / retrieval read policies)"));
+  }
+  if (sparse && rp.kind == ReadPolicy::Kind::kRetrieval && !rp.exact_search &&
+      !backend.Supports(BackendOp::kKeyIndex)) {
+    return absl::UnimplementedError(
+        absl::StrCat(std::string(backend.Name()), " backend has no key index"));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+// ---- DecodePlan -------------------------------------------------------------------------------
+
+DecodePlan::DecodePlan() = default;
+DecodePlan::~DecodePlan() = default;
+DecodePlan::DecodePlan(DecodePlan&& other) noexcept = default;
+DecodePlan& DecodePlan::operator=(DecodePlan&& other) noexcept = default;
+
+std::span<const SequenceId> DecodePlan::batch() const {
+  return state_ == nullptr ? std::span<const SequenceId>() : std::span(state_->batch);
+}
+int32_t DecodePlan::first_layer() const { return state_ == nullptr ? 0 : state_->first_layer; }
+int32_t DecodePlan::num_layers() const { return state_ == nullptr ? 0 : state_->num_layers; }
+
+// ---- Plan -------------------------------------------------------------------------------------
+
+absl::StatusOr<DecodePlan> Cache::PrepareDecode(std::span<const SequenceId> batch) {
+  return PrepareLayers("PrepareDecode", batch, 0, config_.num_layers, /*one_shot=*/false);
+}
+
+absl::StatusOr<DecodePlan> Cache::PrepareLayers(absl::string_view fn,
+                                                std::span<const SequenceId> batch,
+                                                int32_t first_layer, int32_t num_layers,
+                                                bool one_shot) {
+  if (batch.empty()) return absl::InvalidArgumentError(absl::StrCat(fn, ": empty batch"));
+  auto st = std::make_unique<DecodePlan::State>();
+  st->cache = this;
+  st->batch.assign(batch.begin(), batch.end());
+  st->first_layer = first_layer;
+  st->num_layers = num_layers;
+  st->num_kv_heads = config_.num_kv_heads;
+  st->seqs.reserve(batch.size());
+  for (size_t i = 0; i < batch.size(); ++i) {
+    absl::StatusOr<std::shared_ptr<Sequence>> s = Find(batch[i]);
+    if (!s.ok()) {
+      return absl::NotFoundError(absl::StrCat(fn, ": batch[", i, "]: ", s.status().message()));
+    }
+    st->seqs.push_back(*std::move(s));
+  }
+  // Lock in ascending id order (deadlock-free against other batches); reject duplicates.
+  for (auto& s : st->seqs) st->lock_order.push_back(s.get());
+  std::sort(st->lock_order.begin(), st->lock_order.end(),
+            [](Sequence* a, Sequence* b) { return a->id < b->id; });
+  for (size_t i = 1; i < st->lock_order.size(); ++i) {
+    if (st->lock_order[i]->id == st->lock_order[i - 1]->id) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(fn, ": sequence ", st->lock_order[i]->id, " appears twice in the batch"));
+    }
+  }
+  const int32_t heads = config_.num_kv_heads;
+  const int32_t streams = st->num_streams();
+  st->offsets.resize(static_cast<size_t>(streams) + 1);
+  st->key_indexes.resize(streams);
+  if (one_shot) {  // RunDecode sizes the views under the locks it takes anyway
+    DecodePlan plan;
+    plan.state_ = std::move(st);
+    return plan;
+  }
+  absl::Status status = absl::OkStatus();
+  for (Sequence* s : st->lock_order) s->mu.Lock();
+  for (Sequence* s : st->lock_order) {
+    if (s->freed && status.ok()) {
+      status = absl::NotFoundError(absl::StrCat(fn, ": unknown sequence ", s->id));
+    }
+  }
+  if (status.ok()) {
+    // Every layer's view slots: the segments each stream has now, plus one spare per stream for
+    // a segment an Append may open before the layer is decoded.
+    st->versions.resize(static_cast<size_t>(num_layers) * streams);
+    st->view_begin.assign(num_layers + 1, 0);
+    for (int32_t l = 0; l < num_layers; ++l) {
+      int32_t slots = 0;
+      for (int32_t b = 0; b < static_cast<int32_t>(batch.size()); ++b) {
+        for (int32_t h = 0; h < heads; ++h) {
+          const internal::Stream& stream = st->seqs[b]->table.stream(first_layer + l, h);
+          st->versions[static_cast<size_t>(l) * streams + b * heads + h] = stream.version;
+          slots += static_cast<int32_t>(stream.segments.size()) + 1;
+        }
+      }
+      st->view_begin[l + 1] = st->view_begin[l] + slots;
+    }
+  }
+  for (auto it = st->lock_order.rbegin(); it != st->lock_order.rend(); ++it) (*it)->mu.Unlock();
+  if (!status.ok()) return status;
+  st->views.resize(st->view_begin[num_layers]);
+  DecodePlan plan;
+  plan.state_ = std::move(st);
+  return plan;
+}
+
+// ---- Run --------------------------------------------------------------------------------------
+
+absl::Status Cache::DecodeAttention(DecodePlan& plan, int32_t layer, std::span<const float> q,
+                                    std::span<float> out, std::span<float> lse,
+                                    const DecodeOptions& options) {
+  if (!plan.valid()) {
+    return absl::InvalidArgumentError(
+        "DecodeAttention: the plan is empty (default-constructed or moved from)");
+  }
+  DecodePlan::State& st = *plan.state_;
+  if (st.cache != this) {
+    return absl::InvalidArgumentError("DecodeAttention: the plan was made by another Cache");
+  }
+  if (absl::Status s = CheckDecodeArgs(config_, *backend_, static_cast<int64_t>(st.batch.size()),
+                                       layer, q, out, lse, options);
+      !s.ok()) {
+    return s;
+  }
+  if (layer < st.first_layer || layer >= st.first_layer + st.num_layers) {
+    return absl::OutOfRangeError(absl::StrCat("DecodeAttention: layer ", layer,
+                                              " is outside the plan's layers [", st.first_layer,
+                                              ", ", st.first_layer + st.num_layers, ")"));
+  }
+  return RunDecode(st, layer, q, out, lse, options, /*one_shot=*/false);
+}
+
+absl::Status Cache::DecodeAttention(std::span<const SequenceId> batch, int32_t layer,
+                                    std::span<const float> q, std::span<float> out,
+                                    std::span<float> lse, const DecodeOptions& options) {
+  if (batch.empty()) return absl::InvalidArgumentError("DecodeAttention: empty batch");
+  if (absl::Status s = CheckDecodeArgs(config_, *backend_, static_cast<int64_t>(batch.size()),
+                                       layer, q, out, lse, options);
+      !s.ok()) {
+    return s;
+  }
+  absl::StatusOr<DecodePlan> plan =
+      PrepareLayers("DecodeAttention", batch, layer, 1, /*one_shot=*/true);
+  if (!plan.ok()) return plan.status();
+  return RunDecode(*plan->state_, layer, q, out, lse, options, /*one_shot=*/true);
+}
+
+absl::Status Cache::RunDecode(DecodePlan::State& st, int32_t layer, std::span<const float> q,
+                              std::span<float> out, std::span<float> lse,
+                              const DecodeOptions& options, bool one_shot) {
+  const int32_t heads = st.num_kv_heads;
+  const int32_t streams = st.num_streams();
+  const int32_t slot = layer - st.first_layer;
+  const ReadPolicy& rp = options.read_policy;
+  const bool sparse = rp.kind != ReadPolicy::Kind::kDense && layer >= rp.dense_first_layers;
+
+  for (Sequence* s : st.lock_order) s->mu.Lock();
+  absl::Status status = absl::OkStatus();
+  for (Sequence* s : st.lock_order) {
+    if (s->freed && status.ok()) {
+      status = one_shot
+                   ? absl::NotFoundError(absl::StrCat("DecodeAttention: unknown sequence ", s->id))
+                   : absl::FailedPreconditionError(
+                         absl::StrCat("DecodeAttention: sequence ", s->id,
+                                      " was freed after PrepareDecode; prepare again"));
+    }
+  }
+  if (one_shot && status.ok()) {  // a plan made for this call only: views sized to the streams
+    int32_t slots = 0;
+    for (const auto& seq : st.seqs) {
+      for (int32_t h = 0; h < heads; ++h) {
+        slots += static_cast<int32_t>(seq->table.stream(layer, h).segments.size());
+      }
+    }
+    st.views.resize(slots);
+    st.view_begin = {0, slots};
+  }
+  SegmentView* views = st.views.data() + (one_shot ? 0 : st.view_begin[slot]);
+  const int32_t capacity = one_shot ? static_cast<int32_t>(st.views.size())
+                                    : st.view_begin[slot + 1] - st.view_begin[slot];
+  const uint64_t* versions =
+      one_shot ? nullptr : st.versions.data() + static_cast<size_t>(slot) * streams;
+  // Refresh the layer's views from the live streams: Append may have grown a tail (or opened a
+  // segment) since PrepareDecode; Apply changes a version and is refused.
+  int32_t at = 0;
+  st.offsets[0] = 0;
+  for (int32_t b = 0; b < static_cast<int32_t>(st.batch.size()) && status.ok(); ++b) {
+    internal::StreamTable& table = st.seqs[b]->table;
+    for (int32_t h = 0; h < heads && status.ok(); ++h) {
+      const int32_t i = b * heads + h;
+      const int32_t index = table.Index(layer, h);
+      if (versions != nullptr && table.stream(index).version != versions[i]) {
+        status = absl::FailedPreconditionError(absl::StrCat(
+            "DecodeAttention: stream (sequence ", st.batch[b], ", layer ", layer, ", kv head ", h,
+            ") was rebuilt by Apply after PrepareDecode; prepare again"));
+        break;
+      }
+      const int32_t written = table.WriteViews(index, views + at, capacity - at);
+      if (written < 0) {
+        status = absl::FailedPreconditionError(absl::StrCat(
+            "DecodeAttention: stream (sequence ", st.batch[b], ", layer ", layer, ", kv head ", h,
+            ") has ", table.stream(index).segments.size(),
+            " segments, more than the plan has room for (appends opened more than one segment "
+            "since PrepareDecode); prepare again"));
+        break;
+      }
+      at += written;
+      st.offsets[i + 1] = at;
+    }
+  }
+  if (status.ok()) {
+    PagedKVView kv;
+    kv.pool = pool_->view();
+    kv.head_dim = config_.head_dim;
+    kv.num_streams = streams;
+    kv.stream_segment_offsets = st.offsets.data();
+    kv.segments = views;
+    DecodeParams params;
+    params.group_size = config_.group_size();
+    params.scale = options.scale;
+    params.accumulate_scores = options.accumulate_scores;
+    params.aggregation = options.aggregation;
+    float* lse_out = lse.empty() ? nullptr : lse.data();
+    if (!sparse) {
+      status = backend_->DecodeAttention(kv, params, q.data(), out.data(), lse_out);
+    } else {
+      params.read_policy = rp;
+      if (rp.kind == ReadPolicy::Kind::kRetrieval && !rp.exact_search) {
+        // Index (re)builds allocate: retrieval decode is outside the no-allocation guarantee.
+        for (int32_t b = 0; b < static_cast<int32_t>(st.batch.size()) && status.ok(); ++b) {
+          for (int32_t h = 0; h < heads && status.ok(); ++h) {
+            absl::StatusOr<const KeyIndex*> index = EnsureKeyIndex(*st.seqs[b], layer, h, rp);
+            if (!index.ok()) {
+              status = index.status();
+            } else {
+              st.key_indexes[b * heads + h] = *index;
+            }
+          }
+        }
+        params.key_indexes = st.key_indexes.data();
+      }
+      if (status.ok()) {
+        status = backend_->SparseDecodeAttention(kv, params, q.data(), out.data(), lse_out);
+      }
+    }
+  }
+  for (auto it = st.lock_order.rbegin(); it != st.lock_order.rend(); ++it) (*it)->mu.Unlock();
+  return status;
+}
+
+}  // namespace kvcache

@@ -1,0 +1,93 @@
+// src/cache_internal.h — what the files of the Cache implementation share (internal).
+//
+// The Cache is split by concept: cache.cc (lifecycle, locking, Append / Apply / ScoreRows and
+// their backend calls), cache_decode.cc (PrepareDecode and the per-layer decode), cache_read.cc
+// (read-side queries, plan stamps, page-table export), cache_validate.cc (Validate),
+// key_index_upkeep.cc (retrieval indexes), plan_compile.cc (plan validation and compilation,
+// pure), page_summaries.cc (Quest summaries) and stream_table.cc (the stream / segment model).
+// This header holds the per-sequence state and the small helpers those files have in common.
+#ifndef KVCACHE_SRC_CACHE_INTERNAL_H_
+#define KVCACHE_SRC_CACHE_INTERNAL_H_
+
+#include <cstdint>
+#include <memory>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/status.h"
+#include "absl/synchronization/mutex.h"
+#include "kvcache/cache.h"
+#include "src/stream_table.h"
+
+namespace kvcache {
+
+struct Cache::Sequence {
+  Sequence(SequenceId id, internal::StreamTable table) : id(id), table(std::move(table)) {}
+  const SequenceId id;
+  absl::Mutex mu;
+  bool freed ABSL_GUARDED_BY(mu) = false;
+  internal::StreamTable table ABSL_GUARDED_BY(mu);
+  // Retrieval-decode key index per stream, built on the first retrieval decode of the stream and
+  // extended by Append; dropped (rebuilt lazily) by Apply, not shared with forks.
+  std::vector<std::unique_ptr<KeyIndex>> key_indexes ABSL_GUARDED_BY(mu);  // [streams] or empty
+};
+
+// A sequence found in the map, locked, and not freed; unlocks when destroyed.
+class Cache::LockedSequence {
+ public:
+  explicit LockedSequence(std::shared_ptr<Sequence> seq) : seq_(std::move(seq)) {}
+  LockedSequence(LockedSequence&& other) noexcept : seq_(std::move(other.seq_)) {}
+  LockedSequence& operator=(LockedSequence&&) = delete;
+  ~LockedSequence() {
+    if (seq_ != nullptr) seq_->mu.Unlock();
+  }
+  Sequence& operator*() const { return *seq_; }
+  Sequence* operator->() const { return seq_.get(); }
+
+ private:
+  std::shared_ptr<Sequence> seq_;
+};
+
+// Everything a DecodePlan holds (decode_plan.h). Layer slot l is layer first_layer + l.
+struct DecodePlan::State {
+  const Cache* cache = nullptr;
+  std::vector<SequenceId> batch;                       // [batch]
+  std::vector<std::shared_ptr<Cache::Sequence>> seqs;  // [batch], batch order
+  std::vector<Cache::Sequence*> lock_order;            // [batch], ascending id
+  int32_t first_layer = 0;
+  int32_t num_layers = 0;
+  int32_t num_kv_heads = 0;
+  std::vector<uint64_t> versions;            // [num_layers, batch * kv_heads] at PrepareDecode
+  std::vector<int32_t> view_begin;           // [num_layers + 1] first view slot of each layer
+  std::vector<SegmentView> views;            // [view_begin[num_layers]] refreshed by each call
+  std::vector<int32_t> offsets;              // [batch * kv_heads + 1] CSR of the layer being run
+  std::vector<const KeyIndex*> key_indexes;  // [batch * kv_heads] retrieval decode only
+
+  int32_t num_streams() const { return static_cast<int32_t>(batch.size()) * num_kv_heads; }
+};
+
+namespace internal {
+
+// Releases pages allocated for an operation that failed before commit.
+struct PageGuard {
+  PagePool* pool;
+  std::vector<int32_t> pages;
+  bool committed = false;
+  ~PageGuard() {
+    if (!committed && !pages.empty()) pool->Release(pages);
+  }
+};
+
+inline void ReleaseSegments(PagePool& pool, const std::vector<Segment>& segments) {
+  for (const Segment& s : segments) pool.Release(s.pages);
+}
+
+// OutOfRange naming the layer or kv head outside the config.
+absl::Status CheckStreamIndex(const CacheConfig& c, int32_t layer, int32_t kv_head);
+
+}  // namespace internal
+}  // namespace kvcache
+
+#endif  // KVCACHE_SRC_CACHE_INTERNAL_H_
