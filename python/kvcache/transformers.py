@@ -116,11 +116,14 @@ class KVCache(_HFCache):
             ``image_token_id`` / ``image_token_index`` when it has one).
         num_pages, page_tokens: pool geometry (pages of ``page_tokens`` full-width rows).
         backend: kvcache backend name ("cpu").
+        record: also keep, per layer, every real prompt query row and each decode step's
+            query (post-RoPE, float32 numpy) in ``recorded`` (tools/capture_trace.py).
     """
 
     def __init__(self, model, policy: str | kvcache.Policy = "full", *, compress_every: int = 0,
                  admission: kvcache.Admission | None = None, image_token_id: int | None = None,
-                 num_pages: int = 4096, page_tokens: int = 16, backend: str = "cpu"):
+                 num_pages: int = 4096, page_tokens: int = 16, backend: str = "cpu",
+                 record: bool = False):
         cfg = _text_config(model.config)
         self.num_layers = cfg.num_hidden_layers
         self.num_q_heads = cfg.num_attention_heads
@@ -162,6 +165,11 @@ class KVCache(_HFCache):
         self._pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.plans: list[kvcache.Plan] = []
         self.prompt_tokens: list[int] = []
+        self.record = record
+        # recorded[layer] = {"prompt_queries": [n, Hq, D] per row, "decode_queries": [...]}
+        self.recorded = [{"prompt_queries": [], "decode_queries": []}
+                         for _ in range(self.num_layers)]
+        self.peak_bytes = 0  # pool bytes at their highest (end of prefill, before compression)
 
     # ---- what the front object / user tells the cache ------------------------------------
     def prepare(self, input_ids: torch.Tensor | None) -> None:
@@ -245,6 +253,8 @@ class KVCache(_HFCache):
             if self.accumulate:
                 q32 = q_rows.float().contiguous()
                 self.kv.score_rows(seq, layer, q32, positions[-q32.shape[0]:], accumulate=True)
+            if self.record:
+                self.recorded[layer]["prompt_queries"].append(q_rows.float().numpy().copy())
             keep = self._observation_rows(mods, n)
             if keep:
                 self._observations[b][layer] = (
@@ -254,6 +264,7 @@ class KVCache(_HFCache):
         return out
 
     def _finish_prefill(self, real) -> None:
+        self.peak_bytes = max(self.peak_bytes, self.kv.stats()["bytes_used"])
         for b, seq in enumerate(self.seqs):
             n = int(real[b].numel())
             self.next_position[b] += n
@@ -272,6 +283,8 @@ class KVCache(_HFCache):
         if q.dtype != torch.float32 or not q.is_contiguous():
             q = q.float().contiguous()
         out = torch.empty(batch, self.num_q_heads, self.head_dim, dtype=torch.float32)
+        if self.record:
+            self.recorded[layer]["decode_queries"].append(q.numpy().copy())  # [B, Hq, D]
         admit = self._admit_masks(layer) if self.admission is not None else None
         if admit is None:
             for b, seq in enumerate(self.seqs):
@@ -315,6 +328,7 @@ class KVCache(_HFCache):
         return merged
 
     def _finish_decode_step(self) -> None:
+        self.peak_bytes = max(self.peak_bytes, self.kv.stats()["bytes_used"])
         self.next_position = [p + 1 for p in self.next_position]
         self.decode_steps += 1
         if self.compress_every and self.decode_steps % self.compress_every == 0:
@@ -334,6 +348,7 @@ class KVCache(_HFCache):
         elem = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}[self.torch_dtype]
         s["dense_bytes"] = (2 * len(self.seqs) * self.num_layers * self.num_kv_heads * processed *
                             self.head_dim * elem)
+        s["peak_bytes"] = self.peak_bytes
         s["stream_lengths"] = self.stream_lengths()
         s["policy"] = self.policy.describe()
         return s

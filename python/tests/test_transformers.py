@@ -16,7 +16,8 @@ NEW_TOKENS = 32
 
 @pytest.fixture(scope="module")
 def models():
-    return {"llama": (tm.llama(), tm.text_inputs), "llava": (tm.llava(), tm.vision_inputs)}
+    return {"llama": (tm.llama(), tm.text_inputs), "llava": (tm.llava(), tm.vision_inputs),
+            "llava_next": (tm.llava_next(), tm.next_inputs)}
 
 
 def generate(model, inputs, max_new_tokens, **kw):
@@ -31,7 +32,7 @@ def dynamic(model, inputs, new_tokens):
     return generate(model, inputs, new_tokens, past_key_values=DynamicCache(config=cfg))
 
 
-@pytest.mark.parametrize("name", ["llama", "llava"])
+@pytest.mark.parametrize("name", ["llama", "llava", "llava_next"])
 @pytest.mark.parametrize("batch", [1, 2])
 def test_full_policy_equals_dynamic_cache(models, name, batch):
     model, make_inputs = models[name]

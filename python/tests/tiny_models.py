@@ -54,3 +54,33 @@ def vision_inputs(batch, seed=1):
         mask[1, :5] = 0
     pixels = torch.randn(batch, 3, 32, 32, generator=g)
     return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}
+
+
+def llava_next(seed=0):
+    """LLaVA-NeXT (AnyRes): a 32x64 image becomes a base tile + 2 tiles + row newlines."""
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+    torch.manual_seed(seed)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=2, image_size=32, patch_size=8,
+                              projection_dim=32)
+    cfg = LlavaNextConfig(vision_config=vision, text_config=text_config(),
+                          image_token_index=IMAGE_TOKEN, image_grid_pinpoints=[[32, 32], [32, 64]],
+                          vision_feature_select_strategy="default", image_seq_length=16,
+                          attn_implementation="sdpa")
+    return LlavaNextForConditionalGeneration(cfg).eval()
+
+
+NEXT_IMAGE_TOKENS = 52  # 16 (base) + 2 x 16 (tiles) + 4 newline tokens for a 32x64 image
+
+
+def next_inputs(batch, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 240, (batch, 70), generator=g)
+    ids[:, 3:3 + NEXT_IMAGE_TOKENS] = IMAGE_TOKEN
+    mask = torch.ones_like(ids)
+    if batch > 1:
+        ids[1, :2] = 0
+        mask[1, :2] = 0
+    return {"input_ids": ids, "attention_mask": mask,
+            "pixel_values": torch.randn(batch, 3, 3, 32, 32, generator=g),
+            "image_sizes": torch.tensor([[32, 64]] * batch)}
