@@ -206,3 +206,19 @@ def test_bad_inputs_raise(models):
     cache = kt.KVCache(model, "full")
     with pytest.raises(NotImplementedError):
         cache.reorder_cache(torch.tensor([0]))
+
+
+def test_bfloat16_model_stores_bfloat16(models):
+    _, make_inputs = models["llama"]
+    model16 = tm.llama().to(torch.bfloat16)
+    inputs = make_inputs(2)
+    ref = dynamic(model16, inputs, 8)
+    with kt.compress(model16, "full") as press:
+        got = generate(model16, inputs, 8)
+    assert press.cache.kv.config.dtype == "bf16"
+    # bf16 rounding differs between the two attention paths; the logits stay close.
+    for a, b in zip(got.logits, ref.logits):
+        torch.testing.assert_close(a.float(), b.float(), atol=0.05, rtol=0.05)
+    s = press.cache.stats()
+    assert s["bytes_used"] == s["pages_used"] * s["page_bytes"]
+    assert s["page_bytes"] == 16 * 2 * press.cache.head_dim * 2  # 16 rows of bf16 K+V
