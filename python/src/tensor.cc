@@ -39,14 +39,29 @@ std::string DTypeString(nb::dlpack::dtype t) {
   return absl::StrCat(kind, t.bits);
 }
 
+const char* DeviceName(int32_t type) {
+  switch (type) {
+    case 1: return "cpu";
+    case 2: return "cuda";
+    case 3: return "cuda_host";
+    case 4: return "opencl";
+    case 7: return "vulkan";
+    case 8: return "metal";
+    case 10: return "rocm";
+    case 13: return "cuda_managed";
+    case 14: return "oneapi";
+    default: return "an unknown device";
+  }
+}
+
 [[noreturn]] void Fail(const std::string& message) { throw nb::value_error(message.c_str()); }
 
 template <class Array>
 void CheckDeviceAndShape(const Array& a, const char* name,
                          std::initializer_list<int64_t> shape) {
   if (a.device_type() != nb::device::cpu::value) {
-    Fail(absl::StrCat(name, " is on device type ", a.device_type(),
-                      " (DLPack code); kvcache's Python layer takes host (CPU) arrays"));
+    Fail(absl::StrCat(name, " is on device ", DeviceName(a.device_type()), " (DLPack type ",
+                      a.device_type(), "); kvcache's Python layer takes host (CPU) arrays"));
   }
   bool ok = a.ndim() == shape.size();
   size_t i = 0;
