@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 from typing import Any, Iterator
 
 import numpy as np
@@ -49,11 +50,12 @@ ATTN_IMPLEMENTATION = "kvcache"
 
 _TORCH_TO_KV_DTYPE = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
 
-# The (cache, layer index, key tensor) of the most recent KVCache.update: the attention call of
-# the same layer receives exactly that key tensor, which is how the attention function finds
-# its cache (transformers does not pass the cache to attention functions). Any other call (a
-# vision tower sharing the implementation name, a forward without a KVCache) runs plain SDPA.
-_last_update: tuple[Any, int, torch.Tensor] | None = None
+# The (cache, layer index, key tensor) of this thread's most recent KVCache.update: the
+# attention call of the same layer receives exactly that key tensor, which is how the attention
+# function finds its cache (transformers does not pass the cache to attention functions). Any
+# other call (a vision tower sharing the implementation name, a forward without a KVCache) runs
+# plain SDPA. Thread-local, so models generating on different threads do not mix.
+_state = threading.local()
 
 
 def _text_config(config):
@@ -182,7 +184,6 @@ class KVCache(_HFCache):
 
     # ---- transformers Cache hooks ---------------------------------------------------------
     def _update(self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor):
-        global _last_update
         if key_states.device.type != "cpu":
             raise ValueError(f"KVCache takes CPU tensors; key_states is on {key_states.device}")
         if not self.seqs:
@@ -191,7 +192,7 @@ class KVCache(_HFCache):
             self._observations = [[None] * self.num_layers for _ in self.seqs]
         if self.phase == "decode":
             self._pending[layer_idx] = (key_states, value_states)
-        _last_update = (self, layer_idx, key_states)
+        _state.last_update = (self, layer_idx, key_states)
         return key_states, value_states
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -356,7 +357,7 @@ class KVCache(_HFCache):
 
 def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """The "kvcache" attention implementation (see the module docstring)."""
-    upd = _last_update
+    upd = getattr(_state, "last_update", None)
     if upd is None or upd[2] is not key or getattr(module, "layer_idx", None) != upd[1]:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)

@@ -222,3 +222,16 @@ def test_bfloat16_model_stores_bfloat16(models):
     s = press.cache.stats()
     assert s["bytes_used"] == s["pages_used"] * s["page_bytes"]
     assert s["page_bytes"] == 16 * 2 * press.cache.head_dim * 2  # 16 rows of bf16 K+V
+
+
+def test_kvcache_attention_without_a_kvcache_is_plain_sdpa(models):
+    """The "kvcache" implementation only takes over calls whose keys came from a KVCache; a
+    forward with a DynamicCache (or none) under it is the model's own SDPA attention."""
+    model, make_inputs = models["llama"]
+    inputs = make_inputs(2)
+    with torch.no_grad():
+        ref = model(**inputs).logits
+        with kt.compress(model, "full"):
+            assert model.config._attn_implementation == "kvcache"
+            got = model(**inputs, past_key_values=DynamicCache(config=model.config)).logits
+    torch.testing.assert_close(got, ref)
