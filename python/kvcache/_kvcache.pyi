@@ -201,6 +201,11 @@ class Cache:
         The page table of a stream: one dict per segment (length, tokens_per_page, key_width, value_width, pages [int32 pool page ids]). Valid until the next append/apply/free of the sequence.
         """
 
+    def read_page_summaries(self, seq: int, layer: int, kv_head: int) -> list:
+        """
+        Quest page summaries of a stream, page by page (RuntimeError unless the config has page_summaries=True): first_token, num_tokens, key_channels, key_min, key_max.
+        """
+
     def add_scores(self, seq: int, layer: int, kv_head: int, delta: Annotated[NDArray, dict(writable=False)]) -> None:
         """
         Adds delta[t] ([stream length] float32) to each token's score accumulator.

@@ -410,6 +410,27 @@ void BindCache(nb::module_& m) {
           "value_width, pages [int32 pool page ids]). Valid until the next append/apply/free of "
           "the sequence.")
       .def(
+          "read_page_summaries",
+          [](const PyCache& c, SequenceId seq, int32_t layer, int32_t kv_head) {
+            absl::StatusOr<std::vector<PageSummary>> r =
+                c.cache->ReadPageSummaries(seq, layer, kv_head);
+            ThrowIfError(r.status());
+            nb::list out;
+            for (const PageSummary& p : *r) {
+              nb::dict d;
+              d["first_token"] = p.first_token;
+              d["num_tokens"] = p.num_tokens;
+              d["key_channels"] = NumpyCopy(p.key_channels, {p.key_channels.size()});
+              d["key_min"] = NumpyCopy(p.key_min, {p.key_min.size()});
+              d["key_max"] = NumpyCopy(p.key_max, {p.key_max.size()});
+              out.append(d);
+            }
+            return out;
+          },
+          "seq"_a, "layer"_a, "kv_head"_a,
+          "Quest page summaries of a stream, page by page (RuntimeError unless the config has "
+          "page_summaries=True): first_token, num_tokens, key_channels, key_min, key_max.")
+      .def(
           "add_scores",
           [](PyCache& c, SequenceId seq, int32_t layer, int32_t kv_head,
              const nb::ndarray<nb::ro>& delta) {

@@ -247,3 +247,27 @@ def test_bad_config_names_the_field():
         kvcache.Cache(kvcache.Config(num_layers=1, num_kv_heads=3, num_q_heads=4, head_dim=8))
     with pytest.raises(ValueError, match="dtype"):
         kvcache.Config(dtype="f64")
+
+
+def test_quest_read_policy_and_page_summaries():
+    cache = kvcache.Cache(kvcache.Config(num_layers=L, num_kv_heads=H, num_q_heads=HQ, head_dim=D,
+                                         dtype="f32", page_tokens=8, page_summaries=True))
+    seq = cache.add_sequence()
+    rng = np.random.default_rng(4)
+    k = rng.standard_normal((64, H, D), dtype=np.float32)
+    for layer in range(L):
+        cache.append(seq, layer, k, k, np.arange(64))
+    pages = cache.read_page_summaries(seq, 1, 0)
+    assert len(pages) == 8 and pages[1]["first_token"] == 8
+    np.testing.assert_array_equal(pages[0]["key_min"], k[:8, 0].min(axis=0))
+    q = rng.standard_normal((1, HQ, D), dtype=np.float32)
+    dense = cache.decode_attention([seq], 1, q)
+    every = cache.decode_attention([seq], 1, q, read_policy=kvcache.ReadPolicy(
+        kind="quest", token_budget=64, dense_first_layers=0))
+    np.testing.assert_allclose(every, dense, atol=1e-5)  # a budget covering every page
+    some = cache.decode_attention([seq], 1, q, read_policy=kvcache.ReadPolicy(
+        kind="quest", token_budget=24, dense_first_layers=0))
+    assert not np.allclose(some, dense, atol=1e-6)  # fewer pages read: a different result
+    plain = make_cache()
+    with pytest.raises(RuntimeError, match="page_summaries"):
+        plain.read_page_summaries(plain.add_sequence(), 0, 0)
