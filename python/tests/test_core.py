@@ -271,3 +271,16 @@ def test_quest_read_policy_and_page_summaries():
     plain = make_cache()
     with pytest.raises(RuntimeError, match="page_summaries"):
         plain.read_page_summaries(plain.add_sequence(), 0, 0)
+
+
+def test_type_stubs_match_the_module(tmp_path):
+    """python/kvcache/_kvcache.pyi is what nanobind.stubgen writes for the built module
+    (regenerate: python -m nanobind.stubgen -m kvcache._kvcache -o python/kvcache/_kvcache.pyi)."""
+    import pathlib
+    import subprocess
+    import sys
+    out = tmp_path / "_kvcache.pyi"
+    subprocess.run([sys.executable, "-m", "nanobind.stubgen", "-q", "-m", "kvcache._kvcache",
+                    "-o", str(out)], check=True)
+    committed = pathlib.Path(__file__).parent.parent / "kvcache" / "_kvcache.pyi"
+    assert out.read_text() == committed.read_text()
