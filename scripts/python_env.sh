@@ -11,11 +11,9 @@ hash=$(sha256sum "$req" | cut -c1-12)
 root=${KVCACHE_VENV_ROOT:-$HOME/.cache/kvcache}
 venv=$root/venv-$hash
 if [ ! -f "$venv/.complete" ]; then
-  if ! /usr/bin/python3 -c 'import ensurepip, venv' 2>/dev/null ||
-     [ ! -f "/usr/include/python3.11/Python.h" ]; then
-    echo "python_env: installing python3-venv python3-dev" >&2
-    apt-get update -qq >&2 && apt-get install -y -qq python3-venv python3-dev >&2
-  fi
+  # Debian's python3 without python3-venv has no ensurepip; python3-dev has Python.h for the
+  # extension build. install_deps.sh installs only what is missing (sudo when not root).
+  scripts/install_deps.sh --extra python3-venv python3-dev >&2
   echo "python_env: creating $venv (torch + CUDA wheels: a few minutes, ~6 GB)" >&2
   start=$(date +%s)
   rm -rf "$venv"
