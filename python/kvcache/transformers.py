@@ -237,6 +237,10 @@ class KVCache(_HFCache):
         if query.shape[-2] != kv_len:
             raise ValueError("KVCache's first forward must be the whole prompt (query rows "
                              f"{query.shape[-2]}, keys {kv_len})")
+        if self._prompt_modalities is not None and self._prompt_modalities.shape[1] != kv_len:
+            raise ValueError(f"prepare() saw {self._prompt_modalities.shape[1]} prompt tokens but "
+                             f"the language model got {kv_len}: pass the input_ids the model "
+                             "embeds (with the image placeholder already expanded)")
         real = self._real_rows(attention_mask, query.shape[-2], kv_len)
         for b, seq in enumerate(self.seqs):
             idx = real[b]
@@ -245,7 +249,7 @@ class KVCache(_HFCache):
             v = value[b].index_select(1, idx).transpose(0, 1).contiguous()
             positions = np.arange(self.next_position[b], self.next_position[b] + n, dtype=np.int32)
             if self._prompt_modalities is not None:
-                mods = self._prompt_modalities[b, -kv_len:].index_select(0, idx).numpy()
+                mods = self._prompt_modalities[b].index_select(0, idx).numpy()
             else:
                 mods = np.zeros(n, dtype=np.uint8)
             self.kv.append(seq, layer, k, v, positions, modalities=mods)

@@ -235,3 +235,13 @@ def test_kvcache_attention_without_a_kvcache_is_plain_sdpa(models):
             assert model.config._attn_implementation == "kvcache"
             got = model(**inputs, past_key_values=DynamicCache(config=model.config)).logits
     torch.testing.assert_close(got, ref)
+
+
+def test_prepare_with_other_token_ids_is_refused(models):
+    model, make_inputs = models["llava"]
+    inputs = make_inputs(1)
+    cache = kt.KVCache(model, "full")
+    cache.prepare(inputs["input_ids"][:, :30])  # not what the model embeds
+    with kt.compress(model, "full"):
+        with pytest.raises(ValueError, match="prepare\\(\\) saw 30 prompt tokens"):
+            model.generate(**inputs, max_new_tokens=2, past_key_values=cache)
