@@ -5,8 +5,10 @@ Usage: test_capture_trace.py KVCACHE_EVAL_EXE CAPTURE_TRACE_PY WORK_DIR
 
 Builds a 2-layer LLaMA language model (4 query heads, 2 kv heads, head dim 16) with a tiny CLIP
 vision tower, captures a trace of a prompt with 16 image tokens and 3 decode steps, checks that
-the captured post-RoPE keys and the values equal what the model itself cached, and runs
-`kvcache-eval --trace` on it. Exits 4 (CTest skip) when torch or transformers is missing.
+the captured post-RoPE keys and the values (read back from the kvcache streams the model's
+attention appended to through kvcache.transformers) equal what the model itself cached with a
+DynamicCache, and runs `kvcache-eval --trace` on it. Exits 4 (CTest skip) when torch,
+transformers or the kvcache package is missing (the Python build registers it without the skip).
 """
 import importlib.util
 import json
@@ -25,6 +27,8 @@ def main():
         import torch
         from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
         from transformers import LlavaForConditionalGeneration
+
+        import kvcache.transformers  # noqa: F401
     except ImportError as e:
         print(f"skipping: {e}")
         return SKIP
@@ -72,7 +76,9 @@ def main():
         out = model(**inputs, use_cache=True)
     past = out.past_key_values
     for layer in range(2):
-        if hasattr(past, "key_cache"):
+        if hasattr(past, "layers"):  # transformers >= 5
+            k_ref, v_ref = past.layers[layer].keys, past.layers[layer].values
+        elif hasattr(past, "key_cache"):
             k_ref, v_ref = past.key_cache[layer], past.value_cache[layer]
         else:
             k_ref, v_ref = past[layer][0], past[layer][1]

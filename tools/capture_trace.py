@@ -7,20 +7,20 @@ Usage:
       --prompt "USER: <image>\\nWhat is shown here? ASSISTANT:" --steps 32 --out traces/llava
   kvcache-eval --trace traces/llava
 
-What is captured, per decoder layer of the language model (forward pre-hooks on every
-`...self_attn` module outside the vision tower):
-  * the hidden states entering the attention module; from them q = q_proj(h), k = k_proj(h),
-    v = v_proj(h) are recomputed per head, and the rotary embedding the model hands to that
-    attention module (its `position_embeddings` = (cos, sin), or the module's own rotary_emb on
-    older transformers) is applied to q and k: keys and queries are POST-RoPE, as the attention
-    kernel sees them. Values carry no RoPE.
-  * prompt keys/values for every prompt token; the queries of the last --query-rows prompt rows;
-    for each of --steps greedy decode steps the new token's query, key and value.
-  * modalities: 1 (image) where the expanded input_ids equal the model's image token id, else 0
-    (text); positions 0..n-1.
-The model runs in float32 on the chosen device; files are written as float32 .npy.
-Requires torch, transformers (>= 4.45; LLaVA / LLaVA-NeXT with a LLaMA-family language model
-whose processor expands the image placeholder into one token per image feature), numpy, pillow.
+What is captured goes through the same code path as kvcache's transformers integration
+(kvcache.transformers, docs/PYTHON.md): the model generates with a KVCache under policy "full"
+and record=True, so
+  * keys and values are read back from the kvcache streams the model's own attention layers
+    appended to (post-RoPE keys, as the attention kernel sees them; values carry no RoPE);
+    prompt tokens are the first n stream tokens, each decode step's token the following ones;
+  * queries are what the "kvcache" attention function received: the last --query-rows prompt
+    rows and each decode step's query (post-RoPE);
+  * positions and modalities are the streams' own (image where the expanded input_ids equal the
+    model's image token id, positions 0..n-1).
+The model runs in float32 on the CPU; files are written as float32 .npy.
+Requires torch, transformers (>= 5; LLaVA / LLaVA-NeXT with a LLaMA-family language model whose
+processor expands the image placeholder into one token per image feature), numpy, pillow, and
+the kvcache package (pip install ., or PYTHONPATH=build/release/python).
 """
 import argparse
 import json
@@ -30,134 +30,43 @@ import sys
 import numpy as np
 
 
-def _language_attention_modules(model):
-    """The self-attention modules of the language model's decoder layers, in layer order."""
-    found = []
-    for name, module in model.named_modules():
-        if not name.endswith("self_attn") or "vision" in name:
-            continue
-        if not all(hasattr(module, p) for p in ("q_proj", "k_proj", "v_proj")):
-            continue
-        parts = name.split(".")
-        index = int(parts[-2]) if parts[-2].isdigit() else len(found)
-        found.append((index, name, module))
-    found.sort(key=lambda x: x[0])
-    return [(name, module) for _, name, module in found]
-
-
-def _rotate_half(x):
-    """(x1, x2) -> (-x2, x1) over the two halves of the last axis (LLaMA's RoPE layout)."""
-    half = x.shape[-1] // 2
-    return _torch().cat([-x[..., half:], x[..., :half]], dim=-1)
-
-
-def _torch():
-    import torch  # noqa: PLC0415
-    return torch
-
-
-def _text_config(model):
-    cfg = model.config
-    return getattr(cfg, "text_config", None) or cfg
-
-
-class _Recorder:
-    """Forward pre-hook state: per layer, the post-RoPE q/k and v of the latest forward call."""
-
-    def __init__(self, model):
-        cfg = _text_config(model)
-        self.num_q_heads = cfg.num_attention_heads
-        self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or self.num_q_heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.num_q_heads
-        self.modules = _language_attention_modules(model)
-        if not self.modules:
-            raise RuntimeError("no language-model self_attn modules with q_proj/k_proj/v_proj")
-        self.latest = [None] * len(self.modules)
-        self.handles = []
-        for layer, (_, module) in enumerate(self.modules):
-            self.handles.append(module.register_forward_pre_hook(self._hook(layer, module),
-                                                                 with_kwargs=True))
-
-    def _hook(self, layer, module):
-        torch = _torch()
-
-        def hook(mod, args, kwargs):
-            h = args[0] if args else kwargs["hidden_states"]
-            b, t, _ = h.shape
-            with torch.no_grad():
-                q = mod.q_proj(h).view(b, t, self.num_q_heads, self.head_dim)
-                k = mod.k_proj(h).view(b, t, self.num_kv_heads, self.head_dim)
-                v = mod.v_proj(h).view(b, t, self.num_kv_heads, self.head_dim)
-                pe = kwargs.get("position_embeddings")
-                if pe is None:  # older transformers: the module owns its rotary embedding
-                    pos = kwargs.get("position_ids")
-                    pe = mod.rotary_emb(v, pos)
-                cos, sin = pe  # [b, t, head_dim]
-                cos = cos.unsqueeze(2).to(q.dtype)
-                sin = sin.unsqueeze(2).to(q.dtype)
-                q = q * cos + _rotate_half(q) * sin
-                k = k * cos + _rotate_half(k) * sin
-            self.latest[layer] = (q[0].float().cpu().numpy(), k[0].float().cpu().numpy(),
-                                  v[0].float().cpu().numpy())
-        return hook
-
-    def remove(self):
-        for h in self.handles:
-            h.remove()
-
-
 def capture(model, inputs, image_token_id, steps, query_rows, out_dir, model_name="model"):
-    """Runs the prompt `inputs` (dict for model(**inputs), batch 1) and `steps` greedy decode
-    steps, and writes the trace to out_dir. Returns the manifest dict."""
-    torch = _torch()
+    """Runs the prompt `inputs` (dict of generate() inputs, batch 1) and `steps` greedy decode
+    steps through kvcache.transformers and writes the trace to out_dir. Returns the manifest."""
+    import kvcache.transformers as kt  # noqa: PLC0415
+
     input_ids = inputs["input_ids"]
     if input_ids.shape[0] != 1:
         raise ValueError("capture needs batch size 1")
-    rec = _Recorder(model)
-    layers = len(rec.modules)
-    try:
-        with torch.no_grad():
-            out = model(**inputs, use_cache=True)
-            prompt = list(rec.latest)
-            n = prompt[0][1].shape[0]
-            if n != input_ids.shape[1]:
-                raise RuntimeError(
-                    f"the language model saw {n} prompt tokens but input_ids has "
-                    f"{input_ids.shape[1]}: this transformers version expands the image inside "
-                    "the model; use one whose processor expands the image placeholder")
-            if query_rows > n:
-                raise ValueError(f"--query-rows {query_rows} exceeds the prompt length {n}")
-            past = out.past_key_values
-            token = out.logits[:, -1].argmax(-1, keepdim=True)
-            mask = inputs.get("attention_mask")
-            decode = [[] for _ in range(layers)]
-            for _ in range(steps):
-                kwargs = {"input_ids": token, "past_key_values": past, "use_cache": True}
-                if mask is not None:
-                    mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-                    kwargs["attention_mask"] = mask
-                out = model(**kwargs)
-                for layer in range(layers):
-                    decode[layer].append(rec.latest[layer])
-                past = out.past_key_values
-                token = out.logits[:, -1].argmax(-1, keepdim=True)
-    finally:
-        rec.remove()
+    with kt.compress(model, "full", record=True, image_token_id=image_token_id) as press:
+        model.generate(**inputs, max_new_tokens=steps + 1, min_new_tokens=steps + 1,
+                       do_sample=False)
+    cache = press.cache
+    seq = cache.seqs[0]
+    layers, heads = cache.num_layers, cache.num_kv_heads
+    n = cache.prompt_tokens[0]
+    if query_rows > n:
+        raise ValueError(f"--query-rows {query_rows} exceeds the prompt length {n}")
+    first = cache.kv.read_stream(seq, 0, 0, keys=False, values=False)
+    if first["length"] != n + steps:
+        raise RuntimeError(f"stream holds {first['length']} tokens, expected {n} + {steps}")
 
     os.makedirs(out_dir, exist_ok=True)
-    ids = input_ids[0].cpu().numpy()
-    modalities = (ids == image_token_id).astype(np.uint8)
-    np.save(os.path.join(out_dir, "positions.npy"), np.arange(n, dtype=np.int32))
-    np.save(os.path.join(out_dir, "modalities.npy"), modalities)
-    np.save(os.path.join(out_dir, "decode_positions.npy"), np.arange(n, n + steps, dtype=np.int32))
+    np.save(os.path.join(out_dir, "positions.npy"), first["positions"][:n].astype(np.int32))
+    np.save(os.path.join(out_dir, "modalities.npy"), first["modalities"][:n].astype(np.uint8))
+    np.save(os.path.join(out_dir, "decode_positions.npy"),
+            first["positions"][n:].astype(np.int32))
     manifest_layers = []
     for layer in range(layers):
-        q, k, v = prompt[layer]
+        streams = [cache.kv.read_stream(seq, layer, h) for h in range(heads)]
+        keys = np.stack([st["keys"] for st in streams], axis=1)      # [n + steps, H, D]
+        values = np.stack([st["values"] for st in streams], axis=1)
+        rec = cache.recorded[layer]
         arrays = {
-            "keys": k, "values": v, "queries": q[n - query_rows:],
-            "decode_queries": np.concatenate([d[0] for d in decode[layer]], axis=0),
-            "decode_keys": np.concatenate([d[1] for d in decode[layer]], axis=0),
-            "decode_values": np.concatenate([d[2] for d in decode[layer]], axis=0),
+            "keys": keys[:n], "values": values[:n],
+            "queries": rec["prompt_queries"][0][n - query_rows:],
+            "decode_queries": np.concatenate(rec["decode_queries"], axis=0),
+            "decode_keys": keys[n:], "decode_values": values[n:],
         }
         entry = {}
         for key, arr in arrays.items():
@@ -167,8 +76,8 @@ def capture(model, inputs, image_token_id, steps, query_rows, out_dir, model_nam
         manifest_layers.append(entry)
     manifest = {
         "format": "kvcache-trace", "version": 1, "model": model_name,
-        "num_layers": layers, "num_kv_heads": rec.num_kv_heads, "num_q_heads": rec.num_q_heads,
-        "head_dim": rec.head_dim, "prompt_len": int(n), "decode_steps": int(steps),
+        "num_layers": layers, "num_kv_heads": heads, "num_q_heads": cache.num_q_heads,
+        "head_dim": cache.head_dim, "prompt_len": int(n), "decode_steps": int(steps),
         "query_rows": int(query_rows), "positions": "positions.npy",
         "modalities": "modalities.npy", "decode_positions": "decode_positions.npy",
         "layers": manifest_layers,
@@ -188,7 +97,6 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=32, help="greedy decode steps (default 32)")
     p.add_argument("--query-rows", type=int, default=64,
                    help="last prompt rows whose queries are stored (default 64)")
-    p.add_argument("--device", default="cpu")
     p.add_argument("--out", required=True, help="output directory")
     a = p.parse_args(argv)
     if a.steps < 1 or a.query_rows < 1:
@@ -197,15 +105,17 @@ def main(argv=None):
         import torch  # noqa: F401, PLC0415
         from PIL import Image  # noqa: PLC0415
         from transformers import AutoProcessor  # noqa: PLC0415
-        from transformers import AutoModelForVision2Seq  # noqa: PLC0415
+        from transformers import AutoModelForImageTextToText  # noqa: PLC0415
+
+        import kvcache.transformers  # noqa: F401, PLC0415
     except ImportError as e:
-        print(f"capture_trace.py: needs torch, transformers and pillow: {e}", file=sys.stderr)
+        print(f"capture_trace.py: needs torch, transformers, pillow and kvcache: {e}",
+              file=sys.stderr)
         return 1
     processor = AutoProcessor.from_pretrained(a.model)
-    model = AutoModelForVision2Seq.from_pretrained(a.model, torch_dtype=torch.float32)
-    model.to(a.device).eval()
+    model = AutoModelForImageTextToText.from_pretrained(a.model, dtype=torch.float32).eval()
     inputs = processor(images=Image.open(a.image).convert("RGB"), text=a.prompt,
-                       return_tensors="pt").to(a.device)
+                       return_tensors="pt")
     image_token_id = getattr(model.config, "image_token_index", None)
     if image_token_id is None:
         image_token_id = model.config.image_token_id
