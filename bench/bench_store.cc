@@ -1,6 +1,7 @@
 // Benchmarks of the paged store: page pool allocate/free and Append, each with its baseline in
 // the same binary (docs/BENCHMARKS.md, "Paged store").
-//   BM_PagePoolAllocFree/threads:N  one Allocate(1) + Release pair per iteration
+//   BM_PagePoolAllocFree/threads:N  one Allocate(1) + Release pair per iteration; 1 and 2 threads
+//       on one pool in the same run, counter per_thread = pairs/s of one thread
 //   BM_PagePoolAllocFreeBatch/16    Allocate(16) + Release of 16 pages (pairs counted)
 //   BM_Append/<tokens>/<dtype>      Append of <tokens> tokens x 8 kv heads x D=128 into one layer
 //   BM_MemcpyBaseline/<tokens>/<dtype>  memcpy of the same K and V bytes (the baseline)
@@ -38,6 +39,9 @@ void BM_PagePoolAllocFree(benchmark::State& state) {
     benchmark::DoNotOptimize(page);
   }
   state.SetItemsProcessed(state.iterations());
+  // Pairs per second of one thread (items_per_second is the sum over threads).
+  state.counters["per_thread"] =
+      benchmark::Counter(static_cast<double>(state.iterations()), benchmark::Counter::kAvgThreadsRate);
 }
 BENCHMARK(BM_PagePoolAllocFree)->Threads(1)->Threads(2)->UseRealTime();
 
@@ -51,6 +55,8 @@ void BM_PagePoolAllocFreeBatch(benchmark::State& state) {
     benchmark::DoNotOptimize(pages.data());
   }
   state.SetItemsProcessed(state.iterations() * n);
+  state.counters["per_thread"] = benchmark::Counter(static_cast<double>(state.iterations() * n),
+                                                    benchmark::Counter::kAvgThreadsRate);
 }
 BENCHMARK(BM_PagePoolAllocFreeBatch)->Arg(16)->Threads(1)->Threads(2)->UseRealTime();
 
