@@ -43,6 +43,15 @@ enum class KernelIsa { kPortable = 0, kAvx2 = 1, kAvx512 = 2 };
 // supports has no effect), so tests cover every code path on one machine. Returns the instruction
 // set now in use. Process-wide; not meant to be changed while kernels run on other threads.
 KernelIsa LimitKernelIsa(KernelIsa cap);
+// Testing and benchmarking hook: how many pages of a stream ahead the fast decode kernel
+// prefetches whole (key and value rows). -1 (the default): the tuned distance for the page size
+// (DecodePrefetchPagesFor); 0: no page prefetch, only the head of the next block (the kernel
+// before issue 18, kept as the benchmark baseline); k > 0: k pages. Returns the previous setting.
+// Process-wide, like LimitKernelIsa.
+int SetDecodePrefetchPages(int pages);
+// The distance the kernel uses for pages of `page_bytes` bytes of K/V rows under the setting.
+int DecodePrefetchPagesFor(int64_t page_bytes);
+
 // The instruction set the fast kernels use now, and its name ("portable", "avx2", "avx512").
 KernelIsa ActiveKernelIsa();
 const char* KernelIsaName(KernelIsa isa);

@@ -651,6 +651,7 @@ struct DecodeContext {
   // With score accumulation: logits [G, n_i] of stream i start at logits + G * stream_offset[i].
   float* logits = nullptr;
   const int64_t* stream_offset = nullptr;  // [num_streams + 1] prefix sum of stream lengths
+  int prefetch_pages = 0;                  // whole-page prefetch distance (0: next block's head)
   int64_t PartialFloats() const { return 2 * group + int64_t{group} * head_dim; }
 };
 
@@ -659,6 +660,23 @@ inline void PrefetchHead(const uint8_t* p, int64_t bytes) {
   for (int64_t offset = 0; offset < std::min<int64_t>(bytes, 256); offset += 64) {
     __builtin_prefetch(p + offset, 0, 3);
   }
+}
+
+// Prefetches every cache line of [p, p + bytes).
+inline void PrefetchRange(const uint8_t* p, int64_t bytes) {
+  const uint8_t* line = reinterpret_cast<const uint8_t*>(reinterpret_cast<uintptr_t>(p) & ~uintptr_t{63});
+  for (; line < p + bytes; line += 64) __builtin_prefetch(line, 0, 3);
+}
+
+std::atomic<int> prefetch_pages_setting{-1};
+
+// Rows [r0, r1) of page `page` of segment s: its key rows and its value rows.
+inline void PrefetchPageRows(const PoolView& pool, const SegmentView& s, int64_t esize,
+                             int32_t page, int64_t r0, int64_t r1) {
+  const uint8_t* base = pool.base + int64_t{page} * pool.page_bytes;
+  const int64_t key_row = int64_t{s.key_width} * esize, value_row = int64_t{s.value_width} * esize;
+  PrefetchRange(base + r0 * key_row, (r1 - r0) * key_row);
+  PrefetchRange(base + int64_t{s.tokens_per_page} * key_row + r0 * value_row, (r1 - r0) * value_row);
 }
 
 // Scratch a worker thread reuses across tasks and calls (grows, never shrinks).
@@ -717,6 +735,19 @@ inline void RunDecodeTask(const DecodeContext& ctx, const DecodeTask& task, int6
     }
     const float* qs = scratch.q.data();
     const int64_t values_offset = int64_t{s.tokens_per_page} * kw * esize;
+    // Whole-page prefetch `ahead` pages in front of the page being computed, so a cold step
+    // overlaps DRAM reads with compute (pages are scattered: the hardware prefetcher never crosses
+    // from one to the next). The first `ahead` pages are requested up front.
+    const int64_t tpp = s.tokens_per_page;
+    const int ahead = ctx.prefetch_pages;
+    const int64_t last_page = (hi - 1) / tpp;
+    auto prefetch_page = [&](int64_t p) {
+      if (p > last_page) return;
+      const int64_t r0 = p == lo / tpp ? lo % tpp : 0;
+      const int64_t r1 = p == last_page ? (hi - 1) % tpp + 1 : tpp;
+      PrefetchPageRows(kv.pool, s, esize, s.pages[p], r0, r1);
+    };
+    for (int64_t p = lo / tpp; ahead > 0 && p < lo / tpp + ahead; ++p) prefetch_page(p);
 
     for (int64_t t = lo; t < hi;) {
       const int32_t page = s.pages[t / s.tokens_per_page];
@@ -725,7 +756,9 @@ inline void RunDecodeTask(const DecodeContext& ctx, const DecodeTask& task, int6
       const uint8_t* page_base = kv.pool.base + int64_t{page} * kv.pool.page_bytes;
       const uint8_t* keys = page_base + int64_t{row} * kw * esize;                    // [nb, kw]
       const uint8_t* values = page_base + values_offset + int64_t{row} * vw * esize;  // [nb, vw]
-      if (t + nb < hi) {
+      if (ahead > 0) {
+        if (row == 0 || t == lo) prefetch_page(t / tpp + ahead);  // once per page entered
+      } else if (t + nb < hi) {
         // Pages sit anywhere in the pool, so the hardware prefetcher cannot run ahead across a
         // page boundary: touch the head of the next block's key and value rows so the L2
         // streamer starts on them while this block computes. (Measured on the 2-core Xeon:
@@ -987,6 +1020,19 @@ KernelIsa LimitKernelIsa(KernelIsa cap) {
 
 KernelIsa ActiveKernelIsa() { return CurrentIsa(); }
 
+int SetDecodePrefetchPages(int pages) {
+  return prefetch_pages_setting.exchange(pages < 0 ? -1 : pages, std::memory_order_relaxed);
+}
+
+int DecodePrefetchPagesFor(int64_t page_bytes) {
+  const int setting = prefetch_pages_setting.load(std::memory_order_relaxed);
+  if (setting >= 0) return setting;
+  // Tuned on the cold benchmark (docs/BENCHMARKS.md, "prefetch distance"): about kPrefetchBytes
+  // of K/V in flight per thread, at least one page.
+  constexpr int64_t kPrefetchBytes = 16 * 1024;
+  return static_cast<int>(std::clamp<int64_t>((kPrefetchBytes + page_bytes - 1) / page_bytes, 1, 16));
+}
+
 const char* KernelIsaName(KernelIsa isa) {
   switch (isa) {
     case KernelIsa::kPortable: return "portable";
@@ -1017,6 +1063,7 @@ absl::Status DecodeAttentionFast(const PagedKVView& kv, const DecodeParams& para
     c.logits.resize(static_cast<size_t>(c.stream_offset[kv.num_streams] * ctx.group));
     ctx.logits = c.logits.data();
   }
+  ctx.prefetch_pages = DecodePrefetchPagesFor(kv.pool.page_bytes);
   const KernelIsa isa = CurrentIsa();
   const DecodeTaskFn task_fn = SelectDecodeTask(kv.pool.dtype, isa);
   ParallelOver(num_tasks, [&](int64_t i) { task_fn(ctx, c.tasks[i], i); });
