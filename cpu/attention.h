@@ -11,6 +11,7 @@
 
 #include "absl/status/status.h"
 #include "kvcache/backend.h"
+#include "kvcache/internal/kernel_isa.h"
 #include "kvcache/paged_view.h"
 
 namespace kvcache::cpu {
@@ -35,14 +36,9 @@ absl::Status ScoreRowsFastPairwise(const PagedKVView& kv, const ScoreRowsParams&
                                    float* token_scores, int64_t* below_threshold,
                                    int64_t* causal_entries);
 
-// The instruction sets the fast kernels have code for, in increasing order. The best one the CPU
-// supports is picked at run time (AVX-512 > AVX2/FMA/F16C > portable), for decode and row scoring.
-enum class KernelIsa { kPortable = 0, kAvx2 = 1, kAvx512 = 2 };
+// KernelIsa, LimitKernelIsa, ActiveKernelIsa, KernelIsaName: kvcache/internal/kernel_isa.h (one
+// detection and one cap for every CPU kernel).
 
-// Testing and benchmarking hook: the fast kernels use at most `cap` (a cap above what the CPU
-// supports has no effect), so tests cover every code path on one machine. Returns the instruction
-// set now in use. Process-wide; not meant to be changed while kernels run on other threads.
-KernelIsa LimitKernelIsa(KernelIsa cap);
 // Testing and benchmarking hook: how many pages of a stream ahead the fast decode kernel
 // prefetches whole (key and value rows). -1 (the default): the tuned distance for the page size
 // (DecodePrefetchPagesFor); 0: no page prefetch, only the head of the next block (the kernel
@@ -51,10 +47,6 @@ KernelIsa LimitKernelIsa(KernelIsa cap);
 int SetDecodePrefetchPages(int pages);
 // The distance the kernel uses for pages of `page_bytes` bytes of K/V rows under the setting.
 int DecodePrefetchPagesFor(int64_t page_bytes);
-
-// The instruction set the fast kernels use now, and its name ("portable", "avx2", "avx512").
-KernelIsa ActiveKernelIsa();
-const char* KernelIsaName(KernelIsa isa);
 
 }  // namespace kvcache::cpu
 

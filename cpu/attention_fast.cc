@@ -44,6 +44,7 @@
 #include "cpu/attention_common.h"
 #include "cpu/convert.h"
 #include "kvcache/internal/attention_math.h"
+#include "kvcache/internal/lane_dot.h"
 #include "oneapi/tbb/blocked_range.h"
 #include "oneapi/tbb/parallel_for.h"
 #include "oneapi/tbb/task_arena.h"
@@ -101,19 +102,7 @@ inline void ExpShifted(const float* x, float shift, int n, float* out) {
   for (int i = 0; i < n; ++i) out[i] = ExpNonPositive(x[i] - shift);
 }
 
-inline float Dot(const float* a, const float* b, int n) {
-  float lanes[kLanes] = {};
-  int i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int j = 0; j < kLanes; ++j) lanes[j] += a[i + j] * b[i + j];
-  }
-  float tail = 0.0f;
-  for (; i < n; ++i) tail += a[i] * b[i];
-  for (int w = kLanes / 2; w > 0; w /= 2) {
-    for (int j = 0; j < w; ++j) lanes[j] += lanes[j + w];
-  }
-  return lanes[0] + tail;
-}
+inline float Dot(const float* a, const float* b, int n) { return LaneDot<kLanes>(a, b, n); }
 
 // Max / sum of x[0, n) with kLanes independent partial results, so GCC vectorises them without
 // -ffast-math (a plain running max or sum is a serial dependency chain: ~4 cycles an element).
@@ -910,28 +899,7 @@ KVC_TARGET_AVX512 void ScoreTaskAvx512(const DecodeContext& c, const DecodeTask&
 }
 #endif
 
-KernelIsa BestKernelIsa() {
-#if KVC_CPU_MULTIVERSION
-  static const KernelIsa best = [] {
-    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                      __builtin_cpu_supports("f16c");
-    const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") &&
-                        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
-                        __builtin_cpu_supports("avx512dq");
-    return avx512 ? KernelIsa::kAvx512 : avx2 ? KernelIsa::kAvx2 : KernelIsa::kPortable;
-  }();
-  return best;
-#else
-  return KernelIsa::kPortable;
-#endif
-}
-
-std::atomic<int> isa_cap{static_cast<int>(KernelIsa::kAvx512)};
-
-KernelIsa CurrentIsa() {
-  return static_cast<KernelIsa>(
-      std::min(static_cast<int>(BestKernelIsa()), isa_cap.load(std::memory_order_relaxed)));
-}
+KernelIsa CurrentIsa() { return ActiveKernelIsa(); }
 
 #if KVC_CPU_MULTIVERSION
 bool UseAvx2() { return CurrentIsa() >= KernelIsa::kAvx2; }
@@ -1013,13 +981,6 @@ void ParallelOver(int64_t count, const Fn& fn) {
 
 }  // namespace
 
-KernelIsa LimitKernelIsa(KernelIsa cap) {
-  isa_cap.store(static_cast<int>(cap), std::memory_order_relaxed);
-  return CurrentIsa();
-}
-
-KernelIsa ActiveKernelIsa() { return CurrentIsa(); }
-
 int SetDecodePrefetchPages(int pages) {
   return prefetch_pages_setting.exchange(pages < 0 ? -1 : pages, std::memory_order_relaxed);
 }
@@ -1031,15 +992,6 @@ int DecodePrefetchPagesFor(int64_t page_bytes) {
   // of K/V in flight per thread, at least one page.
   constexpr int64_t kPrefetchBytes = 16 * 1024;
   return static_cast<int>(std::clamp<int64_t>((kPrefetchBytes + page_bytes - 1) / page_bytes, 1, 16));
-}
-
-const char* KernelIsaName(KernelIsa isa) {
-  switch (isa) {
-    case KernelIsa::kPortable: return "portable";
-    case KernelIsa::kAvx2: return "avx2";
-    case KernelIsa::kAvx512: return "avx512";
-  }
-  return "unknown";
 }
 
 absl::Status DecodeAttentionFast(const PagedKVView& kv, const DecodeParams& params, const float* q,
