@@ -39,14 +39,15 @@ absl::Status ScoreRowsFastPairwise(const PagedKVView& kv, const ScoreRowsParams&
 // KernelIsa, LimitKernelIsa, ActiveKernelIsa, KernelIsaName: kvcache/internal/kernel_isa.h (one
 // detection and one cap for every CPU kernel).
 
-// Testing and benchmarking hook: how many pages of a stream ahead the fast decode kernel
-// prefetches whole (key and value rows). -1 (the default): the tuned distance for the page size
-// (DecodePrefetchPagesFor); 0: no page prefetch, only the head of the next block (the kernel
-// before issue 18, kept as the benchmark baseline); k > 0: k pages. Returns the previous setting.
-// Process-wide, like LimitKernelIsa.
+// Benchmarking hook: how many pages of a stream ahead the fast decode kernel prefetches whole
+// (every line of their key and value rows), 0 = none (then only the head of the next block is
+// prefetched, the default). Measured on the 2-vCPU AMD EPYC (Zen 1) VM: the kernel is
+// compute-bound there, a cold step already costs about its compute, and 1-8 pages ahead only add
+// 5-15% CPU (docs/BENCHMARKS.md, "Prefetch distance"), so the default stays 0; bench_decode_cold
+// sweeps it for machines where memory, not compute, is the limit. Returns the previous value.
+// Process-wide, like LimitKernelIsa; negative values count as 0.
 int SetDecodePrefetchPages(int pages);
-// The distance the kernel uses for pages of `page_bytes` bytes of K/V rows under the setting.
-int DecodePrefetchPagesFor(int64_t page_bytes);
+int DecodePrefetchPages();
 
 }  // namespace kvcache::cpu
 

@@ -657,7 +657,7 @@ inline void PrefetchRange(const uint8_t* p, int64_t bytes) {
   for (; line < p + bytes; line += 64) __builtin_prefetch(line, 0, 3);
 }
 
-std::atomic<int> prefetch_pages_setting{-1};
+std::atomic<int> prefetch_pages_setting{0};  // SetDecodePrefetchPages
 
 // Rows [r0, r1) of page `page` of segment s: its key rows and its value rows.
 inline void PrefetchPageRows(const PoolView& pool, const SegmentView& s, int64_t esize,
@@ -724,9 +724,10 @@ inline void RunDecodeTask(const DecodeContext& ctx, const DecodeTask& task, int6
     }
     const float* qs = scratch.q.data();
     const int64_t values_offset = int64_t{s.tokens_per_page} * kw * esize;
-    // Whole-page prefetch `ahead` pages in front of the page being computed, so a cold step
-    // overlaps DRAM reads with compute (pages are scattered: the hardware prefetcher never crosses
-    // from one to the next). The first `ahead` pages are requested up front.
+    // Optional whole-page prefetch `ahead` pages in front of the page being computed, so a cold
+    // step on a memory-bound machine overlaps DRAM reads with compute (pages are scattered: the
+    // hardware prefetcher never crosses from one to the next). The first `ahead` pages are
+    // requested up front. Off by default (SetDecodePrefetchPages explains why).
     const int64_t tpp = s.tokens_per_page;
     const int ahead = ctx.prefetch_pages;
     const int64_t last_page = (hi - 1) / tpp;
@@ -982,17 +983,10 @@ void ParallelOver(int64_t count, const Fn& fn) {
 }  // namespace
 
 int SetDecodePrefetchPages(int pages) {
-  return prefetch_pages_setting.exchange(pages < 0 ? -1 : pages, std::memory_order_relaxed);
+  return prefetch_pages_setting.exchange(std::max(pages, 0), std::memory_order_relaxed);
 }
 
-int DecodePrefetchPagesFor(int64_t page_bytes) {
-  const int setting = prefetch_pages_setting.load(std::memory_order_relaxed);
-  if (setting >= 0) return setting;
-  // Tuned on the cold benchmark (docs/BENCHMARKS.md, "prefetch distance"): about kPrefetchBytes
-  // of K/V in flight per thread, at least one page.
-  constexpr int64_t kPrefetchBytes = 16 * 1024;
-  return static_cast<int>(std::clamp<int64_t>((kPrefetchBytes + page_bytes - 1) / page_bytes, 1, 16));
-}
+int DecodePrefetchPages() { return prefetch_pages_setting.load(std::memory_order_relaxed); }
 
 absl::Status DecodeAttentionFast(const PagedKVView& kv, const DecodeParams& params, const float* q,
                                  float* out, float* lse) {
@@ -1015,7 +1009,7 @@ absl::Status DecodeAttentionFast(const PagedKVView& kv, const DecodeParams& para
     c.logits.resize(static_cast<size_t>(c.stream_offset[kv.num_streams] * ctx.group));
     ctx.logits = c.logits.data();
   }
-  ctx.prefetch_pages = DecodePrefetchPagesFor(kv.pool.page_bytes);
+  ctx.prefetch_pages = DecodePrefetchPages();
   const KernelIsa isa = CurrentIsa();
   const DecodeTaskFn task_fn = SelectDecodeTask(kv.pool.dtype, isa);
   ParallelOver(num_tasks, [&](int64_t i) { task_fn(ctx, c.tasks[i], i); });
