@@ -208,7 +208,9 @@ void PagePool::Release(std::span<const int32_t> pages) ABSL_NO_THREAD_SAFETY_ANA
 
 int32_t PagePool::RefCount(int32_t page) const {
   if (page < 0 || page >= num_pages_) return -1;
-  return ref_counts_[page].load(std::memory_order_relaxed);
+  // Acquire: a caller that sees 1 may write the page in place (the cache's copy-on-write test),
+  // so every earlier owner's reads of it must happen before; they released with acq_rel.
+  return ref_counts_[page].load(std::memory_order_acquire);
 }
 
 int32_t PagePool::NumFree() const ABSL_NO_THREAD_SAFETY_ANALYSIS {
