@@ -6,8 +6,10 @@
 //       (on a CPU with AVX-512, BM_DecodeAttention runs the AVX-512 code; the label says which)
 //   BM_DenseDecodeBaseline/<context>/<batch>/<dtype>             the same attention over one
 //       contiguous K/V array per stream, written straightforwardly (same compiler flags)
-//   BM_MemoryBandwidth/<context>/<batch>/<dtype>                 a parallel streaming read of the
-//       same number of bytes as the K/V the decode reads
+//   BM_DecodeAttentionPagePrefetch/...                           the fast kernel with its optional
+//       whole-page prefetch 2 pages ahead (cpu::SetDecodePrefetchPages(2))
+//   BM_MemoryBandwidth/<context>/<batch>/<dtype>                 the best parallel read
+//       (bench/read_bandwidth.h) of the same number of bytes as the K/V the decode reads
 //   BM_ScoreRows/<context>/<rows>                                prefill-time row scoring
 //       (cpu::ScoreRowsFast, register-blocked) of the last <rows> positions over 8 f16 streams
 //   BM_ScoreRowsPairwise/<context>/<rows>                        its baseline: the same kernel
@@ -39,6 +41,7 @@
 #include <random>
 #include <vector>
 
+#include "bench/read_bandwidth.h"
 #include "cpu/attention.h"
 #include "kvcache/backend.h"
 #include "kvcache/dtype.h"
@@ -194,6 +197,13 @@ void BM_DecodeAttentionAvx2(benchmark::State& state) {
   RunDecodeCapped(state, cpu::KernelIsa::kAvx2);
 }
 void BM_DecodeAttentionWithScores(benchmark::State& state) { RunDecode(state, true); }
+// The kernel with its optional whole-page prefetch 2 pages ahead (cpu::SetDecodePrefetchPages):
+// what it costs when K/V are cached.
+void BM_DecodeAttentionPagePrefetch(benchmark::State& state) {
+  const int previous = cpu::SetDecodePrefetchPages(2);
+  RunDecode(state, false);
+  cpu::SetDecodePrefetchPages(previous);
+}
 
 // ---- Dense baseline: K [n, D] and V [n, D] contiguous per stream ------------------------------
 
@@ -278,7 +288,12 @@ void BM_DenseDecodeBaseline(benchmark::State& state) {
   SetCounters(state, f.KvBytes(), int64_t{f.num_streams()} * f.context);
 }
 
-// ---- Memory bandwidth: parallel streaming read of the same byte count ---------------------------
+// ---- Memory bandwidth: the best parallel read of the same byte count -----------------------------
+//
+// The roofline of bench/read_bandwidth.h (threads = the kernel's, one contiguous slice each, wide
+// loads; the best of its variants, picked before timing and named in the label) over a buffer of
+// the same size as the K/V the decode reads. Like the decode, it is read again every iteration,
+// so it is the roofline of the cached case; bench_decode_cold has the DRAM one.
 
 void BM_MemoryBandwidth(benchmark::State& state) {
   const DType dtype = state.range(2) == 0 ? DType::kF32 : DType::kF16;
@@ -293,27 +308,16 @@ void BM_MemoryBandwidth(benchmark::State& state) {
     std::memset(buffer.get(), 1, static_cast<size_t>(bytes));  // touch every page
     buffer_bytes = bytes;
   }
-  const int64_t words = bytes / 8;
-  const auto* data = reinterpret_cast<const uint64_t*>(buffer.get());  // [words]
+  const bench::Roofline roof = bench::MeasureRoofline(buffer.get(), bytes, 3);
+  uint64_t sum = 0;
   for (auto _ : state) {
-    // Chunks of 64 KiB so the partitioner balances threads like the decode tasks.
-    constexpr int64_t kChunk = 8192;
-    std::vector<uint64_t> partial((words + kChunk - 1) / kChunk);
-    oneapi::tbb::parallel_for(
-        oneapi::tbb::blocked_range<int64_t>(0, static_cast<int64_t>(partial.size())),
-        [&](const oneapi::tbb::blocked_range<int64_t>& r) {
-          for (int64_t c = r.begin(); c < r.end(); ++c) {
-            uint64_t lanes[8] = {};
-            const int64_t end = std::min(words, (c + 1) * kChunk);
-            for (int64_t w = c * kChunk; w + 8 <= end; w += 8) {
-              for (int j = 0; j < 8; ++j) lanes[j] += data[w + j];
-            }
-            partial[c] = std::accumulate(lanes, lanes + 8, uint64_t{0});
-          }
-        });
-    benchmark::DoNotOptimize(std::accumulate(partial.begin(), partial.end(), uint64_t{0}));
+    uint64_t s = 0;
+    bench::ReadOnce(roof.best, buffer.get(), bytes, &s);
+    sum += s;
   }
+  benchmark::DoNotOptimize(sum);
   SetCounters(state, bytes, state.range(1) * kKvHeads * state.range(0));
+  state.SetLabel(bench::ReadVariantName(roof.best));
 }
 
 bool TooBig(int64_t context, int64_t batch, int64_t dtype) {
@@ -414,6 +418,7 @@ void BaselineArgs(benchmark::internal::Benchmark* b) {
 
 BENCHMARK(BM_DecodeAttention)->Apply(DecodeArgs);
 BENCHMARK(BM_DecodeAttentionWithScores)->Apply(ScoreArgs);
+BENCHMARK(BM_DecodeAttentionPagePrefetch)->Apply(DecodeArgs);
 BENCHMARK(BM_DecodeAttentionPortable)
     ->Args({8192, 1, 0, 16})
     ->Args({8192, 1, 1, 16})

@@ -1,12 +1,15 @@
 // Benchmarks of the paged store: page pool allocate/free and Append, each with its baseline in
 // the same binary (docs/BENCHMARKS.md, "Paged store").
-//   BM_PagePoolAllocFree/threads:N  one Allocate(1) + Release pair per iteration
+//   BM_PagePoolAllocFree/threads:N  one Allocate(1) + Release pair per iteration; 1 and 2 threads
+//       on one pool in the same run, counter per_thread = pairs/s of one thread, thread_cpu_ns =
+//       CPU ns of one thread per pair (robust to a shared machine)
 //   BM_PagePoolAllocFreeBatch/16    Allocate(16) + Release of 16 pages (pairs counted)
 //   BM_Append/<tokens>/<dtype>      Append of <tokens> tokens x 8 kv heads x D=128 into one layer
 //   BM_MemcpyBaseline/<tokens>/<dtype>  memcpy of the same K and V bytes (the baseline)
 #include <benchmark/benchmark.h>
 
 #include <cstring>
+#include <ctime>
 #include <random>
 #include <vector>
 
@@ -29,15 +32,36 @@ PagePool& SharedPool() {
   return *pool;
 }
 
+double ThreadCpuNs() {
+  timespec ts;
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+  return 1e9 * static_cast<double>(ts.tv_sec) + static_cast<double>(ts.tv_nsec);
+}
+
+// CPU ns per iteration of each thread, averaged over threads: on a machine shared with other jobs
+// the wall-clock rate of 2 threads says how often both had a core; this says what an operation
+// costs while its thread runs (spinning on a contended lock shows up here, waiting for a core
+// does not).
+void SetCpuCounter(benchmark::State& state, double cpu_ns, int64_t per_iteration) {
+  state.counters["thread_cpu_ns"] = benchmark::Counter(
+      cpu_ns / static_cast<double>(state.iterations() * per_iteration),
+      benchmark::Counter::kAvgThreads);
+}
+
 void BM_PagePoolAllocFree(benchmark::State& state) {
   PagePool& pool = SharedPool();
   int32_t page;
+  const double cpu0 = ThreadCpuNs();
   for (auto _ : state) {
     if (!pool.Allocate(1, &page).ok()) state.SkipWithError("allocation failed");
     pool.Release({&page, 1});
     benchmark::DoNotOptimize(page);
   }
+  SetCpuCounter(state, ThreadCpuNs() - cpu0, 1);
   state.SetItemsProcessed(state.iterations());
+  // Pairs per second of one thread (items_per_second is the sum over threads).
+  state.counters["per_thread"] =
+      benchmark::Counter(static_cast<double>(state.iterations()), benchmark::Counter::kAvgThreadsRate);
 }
 BENCHMARK(BM_PagePoolAllocFree)->Threads(1)->Threads(2)->UseRealTime();
 
@@ -45,12 +69,16 @@ void BM_PagePoolAllocFreeBatch(benchmark::State& state) {
   PagePool& pool = SharedPool();
   const int n = static_cast<int>(state.range(0));
   std::vector<int32_t> pages(n);
+  const double cpu0 = ThreadCpuNs();
   for (auto _ : state) {
     if (!pool.Allocate(n, pages.data()).ok()) state.SkipWithError("allocation failed");
     pool.Release(pages);
     benchmark::DoNotOptimize(pages.data());
   }
+  SetCpuCounter(state, ThreadCpuNs() - cpu0, n);
   state.SetItemsProcessed(state.iterations() * n);
+  state.counters["per_thread"] = benchmark::Counter(static_cast<double>(state.iterations() * n),
+                                                    benchmark::Counter::kAvgThreadsRate);
 }
 BENCHMARK(BM_PagePoolAllocFreeBatch)->Arg(16)->Threads(1)->Threads(2)->UseRealTime();
 

@@ -11,6 +11,7 @@
 
 #include "absl/status/status.h"
 #include "kvcache/backend.h"
+#include "kvcache/internal/kernel_isa.h"
 #include "kvcache/paged_view.h"
 
 namespace kvcache::cpu {
@@ -35,17 +36,18 @@ absl::Status ScoreRowsFastPairwise(const PagedKVView& kv, const ScoreRowsParams&
                                    float* token_scores, int64_t* below_threshold,
                                    int64_t* causal_entries);
 
-// The instruction sets the fast kernels have code for, in increasing order. The best one the CPU
-// supports is picked at run time (AVX-512 > AVX2/FMA/F16C > portable), for decode and row scoring.
-enum class KernelIsa { kPortable = 0, kAvx2 = 1, kAvx512 = 2 };
+// KernelIsa, LimitKernelIsa, ActiveKernelIsa, KernelIsaName: kvcache/internal/kernel_isa.h (one
+// detection and one cap for every CPU kernel).
 
-// Testing and benchmarking hook: the fast kernels use at most `cap` (a cap above what the CPU
-// supports has no effect), so tests cover every code path on one machine. Returns the instruction
-// set now in use. Process-wide; not meant to be changed while kernels run on other threads.
-KernelIsa LimitKernelIsa(KernelIsa cap);
-// The instruction set the fast kernels use now, and its name ("portable", "avx2", "avx512").
-KernelIsa ActiveKernelIsa();
-const char* KernelIsaName(KernelIsa isa);
+// Benchmarking hook: how many pages of a stream ahead the fast decode kernel prefetches whole
+// (every line of their key and value rows), 0 = none (then only the head of the next block is
+// prefetched, the default). Measured on the 2-vCPU AMD EPYC (Zen 1) VM: the kernel is
+// compute-bound there, a cold step already costs about its compute, and 1-8 pages ahead only add
+// 5-15% CPU (docs/BENCHMARKS.md, "Prefetch distance"), so the default stays 0; bench_decode_cold
+// sweeps it for machines where memory, not compute, is the limit. Returns the previous value.
+// Process-wide, like LimitKernelIsa; negative values count as 0.
+int SetDecodePrefetchPages(int pages);
+int DecodePrefetchPages();
 
 }  // namespace kvcache::cpu
 

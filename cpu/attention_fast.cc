@@ -44,6 +44,7 @@
 #include "cpu/attention_common.h"
 #include "cpu/convert.h"
 #include "kvcache/internal/attention_math.h"
+#include "kvcache/internal/lane_dot.h"
 #include "oneapi/tbb/blocked_range.h"
 #include "oneapi/tbb/parallel_for.h"
 #include "oneapi/tbb/task_arena.h"
@@ -101,19 +102,7 @@ inline void ExpShifted(const float* x, float shift, int n, float* out) {
   for (int i = 0; i < n; ++i) out[i] = ExpNonPositive(x[i] - shift);
 }
 
-inline float Dot(const float* a, const float* b, int n) {
-  float lanes[kLanes] = {};
-  int i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int j = 0; j < kLanes; ++j) lanes[j] += a[i + j] * b[i + j];
-  }
-  float tail = 0.0f;
-  for (; i < n; ++i) tail += a[i] * b[i];
-  for (int w = kLanes / 2; w > 0; w /= 2) {
-    for (int j = 0; j < w; ++j) lanes[j] += lanes[j + w];
-  }
-  return lanes[0] + tail;
-}
+inline float Dot(const float* a, const float* b, int n) { return LaneDot<kLanes>(a, b, n); }
 
 // Max / sum of x[0, n) with kLanes independent partial results, so GCC vectorises them without
 // -ffast-math (a plain running max or sum is a serial dependency chain: ~4 cycles an element).
@@ -651,6 +640,7 @@ struct DecodeContext {
   // With score accumulation: logits [G, n_i] of stream i start at logits + G * stream_offset[i].
   float* logits = nullptr;
   const int64_t* stream_offset = nullptr;  // [num_streams + 1] prefix sum of stream lengths
+  int prefetch_pages = 0;                  // whole-page prefetch distance (0: next block's head)
   int64_t PartialFloats() const { return 2 * group + int64_t{group} * head_dim; }
 };
 
@@ -659,6 +649,23 @@ inline void PrefetchHead(const uint8_t* p, int64_t bytes) {
   for (int64_t offset = 0; offset < std::min<int64_t>(bytes, 256); offset += 64) {
     __builtin_prefetch(p + offset, 0, 3);
   }
+}
+
+// Prefetches every cache line of [p, p + bytes).
+inline void PrefetchRange(const uint8_t* p, int64_t bytes) {
+  const uint8_t* line = reinterpret_cast<const uint8_t*>(reinterpret_cast<uintptr_t>(p) & ~uintptr_t{63});
+  for (; line < p + bytes; line += 64) __builtin_prefetch(line, 0, 3);
+}
+
+std::atomic<int> prefetch_pages_setting{0};  // SetDecodePrefetchPages
+
+// Rows [r0, r1) of page `page` of segment s: its key rows and its value rows.
+inline void PrefetchPageRows(const PoolView& pool, const SegmentView& s, int64_t esize,
+                             int32_t page, int64_t r0, int64_t r1) {
+  const uint8_t* base = pool.base + int64_t{page} * pool.page_bytes;
+  const int64_t key_row = int64_t{s.key_width} * esize, value_row = int64_t{s.value_width} * esize;
+  PrefetchRange(base + r0 * key_row, (r1 - r0) * key_row);
+  PrefetchRange(base + int64_t{s.tokens_per_page} * key_row + r0 * value_row, (r1 - r0) * value_row);
 }
 
 // Scratch a worker thread reuses across tasks and calls (grows, never shrinks).
@@ -717,6 +724,20 @@ inline void RunDecodeTask(const DecodeContext& ctx, const DecodeTask& task, int6
     }
     const float* qs = scratch.q.data();
     const int64_t values_offset = int64_t{s.tokens_per_page} * kw * esize;
+    // Optional whole-page prefetch `ahead` pages in front of the page being computed, so a cold
+    // step on a memory-bound machine overlaps DRAM reads with compute (pages are scattered: the
+    // hardware prefetcher never crosses from one to the next). The first `ahead` pages are
+    // requested up front. Off by default (SetDecodePrefetchPages explains why).
+    const int64_t tpp = s.tokens_per_page;
+    const int ahead = ctx.prefetch_pages;
+    const int64_t last_page = (hi - 1) / tpp;
+    auto prefetch_page = [&](int64_t p) {
+      if (p > last_page) return;
+      const int64_t r0 = p == lo / tpp ? lo % tpp : 0;
+      const int64_t r1 = p == last_page ? (hi - 1) % tpp + 1 : tpp;
+      PrefetchPageRows(kv.pool, s, esize, s.pages[p], r0, r1);
+    };
+    for (int64_t p = lo / tpp; ahead > 0 && p < lo / tpp + ahead; ++p) prefetch_page(p);
 
     for (int64_t t = lo; t < hi;) {
       const int32_t page = s.pages[t / s.tokens_per_page];
@@ -725,7 +746,9 @@ inline void RunDecodeTask(const DecodeContext& ctx, const DecodeTask& task, int6
       const uint8_t* page_base = kv.pool.base + int64_t{page} * kv.pool.page_bytes;
       const uint8_t* keys = page_base + int64_t{row} * kw * esize;                    // [nb, kw]
       const uint8_t* values = page_base + values_offset + int64_t{row} * vw * esize;  // [nb, vw]
-      if (t + nb < hi) {
+      if (ahead > 0) {
+        if (row == 0 || t == lo) prefetch_page(t / tpp + ahead);  // once per page entered
+      } else if (t + nb < hi) {
         // Pages sit anywhere in the pool, so the hardware prefetcher cannot run ahead across a
         // page boundary: touch the head of the next block's key and value rows so the L2
         // streamer starts on them while this block computes. (Measured on the 2-core Xeon:
@@ -877,28 +900,7 @@ KVC_TARGET_AVX512 void ScoreTaskAvx512(const DecodeContext& c, const DecodeTask&
 }
 #endif
 
-KernelIsa BestKernelIsa() {
-#if KVC_CPU_MULTIVERSION
-  static const KernelIsa best = [] {
-    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                      __builtin_cpu_supports("f16c");
-    const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") &&
-                        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
-                        __builtin_cpu_supports("avx512dq");
-    return avx512 ? KernelIsa::kAvx512 : avx2 ? KernelIsa::kAvx2 : KernelIsa::kPortable;
-  }();
-  return best;
-#else
-  return KernelIsa::kPortable;
-#endif
-}
-
-std::atomic<int> isa_cap{static_cast<int>(KernelIsa::kAvx512)};
-
-KernelIsa CurrentIsa() {
-  return static_cast<KernelIsa>(
-      std::min(static_cast<int>(BestKernelIsa()), isa_cap.load(std::memory_order_relaxed)));
-}
+KernelIsa CurrentIsa() { return ActiveKernelIsa(); }
 
 #if KVC_CPU_MULTIVERSION
 bool UseAvx2() { return CurrentIsa() >= KernelIsa::kAvx2; }
@@ -980,21 +982,11 @@ void ParallelOver(int64_t count, const Fn& fn) {
 
 }  // namespace
 
-KernelIsa LimitKernelIsa(KernelIsa cap) {
-  isa_cap.store(static_cast<int>(cap), std::memory_order_relaxed);
-  return CurrentIsa();
+int SetDecodePrefetchPages(int pages) {
+  return prefetch_pages_setting.exchange(std::max(pages, 0), std::memory_order_relaxed);
 }
 
-KernelIsa ActiveKernelIsa() { return CurrentIsa(); }
-
-const char* KernelIsaName(KernelIsa isa) {
-  switch (isa) {
-    case KernelIsa::kPortable: return "portable";
-    case KernelIsa::kAvx2: return "avx2";
-    case KernelIsa::kAvx512: return "avx512";
-  }
-  return "unknown";
-}
+int DecodePrefetchPages() { return prefetch_pages_setting.load(std::memory_order_relaxed); }
 
 absl::Status DecodeAttentionFast(const PagedKVView& kv, const DecodeParams& params, const float* q,
                                  float* out, float* lse) {
@@ -1017,6 +1009,7 @@ absl::Status DecodeAttentionFast(const PagedKVView& kv, const DecodeParams& para
     c.logits.resize(static_cast<size_t>(c.stream_offset[kv.num_streams] * ctx.group));
     ctx.logits = c.logits.data();
   }
+  ctx.prefetch_pages = DecodePrefetchPages();
   const KernelIsa isa = CurrentIsa();
   const DecodeTaskFn task_fn = SelectDecodeTask(kv.pool.dtype, isa);
   ParallelOver(num_tasks, [&](int64_t i) { task_fn(ctx, c.tasks[i], i); });

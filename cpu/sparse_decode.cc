@@ -21,6 +21,8 @@
 
 #include "absl/strings/str_cat.h"
 #include "cpu/attention_common.h"
+#include "kvcache/internal/kernel_isa.h"
+#include "kvcache/internal/lane_dot.h"
 #include "kvcache/internal/attention_math.h"
 #include "oneapi/tbb/blocked_range.h"
 #include "oneapi/tbb/parallel_for.h"
@@ -89,8 +91,7 @@ __attribute__((target("avx2,fma"), flatten)) void SegmentBoundsAvx2(const Segmen
 
 BoundsFn SelectBounds() {
 #if KVC_SPARSE_MULTIVERSION
-  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  if (avx2) return SegmentBoundsAvx2;
+  if (ActiveKernelIsa() >= KernelIsa::kAvx2) return SegmentBoundsAvx2;
 #endif
   return SegmentBoundsBase;
 }
@@ -269,18 +270,7 @@ inline void ScanRows(const PoolView& pool, const SegmentView& s, int32_t row_beg
       kf = row;
     }
     for (int32_t g = 0; g < group; ++g) {
-      const float* qg = qs + static_cast<int64_t>(g) * kw;
-      float lanes[kLanes] = {};
-      int i = 0;
-      for (; i + kLanes <= kw; i += kLanes) {
-        for (int j = 0; j < kLanes; ++j) lanes[j] += qg[i + j] * kf[i + j];
-      }
-      float tail = 0.0f;
-      for (; i < kw; ++i) tail += qg[i] * kf[i];
-      for (int w = kLanes / 2; w > 0; w /= 2) {
-        for (int j = 0; j < w; ++j) lanes[j] += lanes[j + w];
-      }
-      logits[g * lstride + (r - row_begin)] = lanes[0] + tail;
+      logits[g * lstride + (r - row_begin)] = LaneDot<kLanes>(qs + int64_t{g} * kw, kf, kw);
     }
   }
 }
@@ -305,9 +295,7 @@ KVC_SCAN_VARIANT(ScanAvx2BF16, __attribute__((target("avx2,fma,f16c"), flatten))
 
 ScanFn SelectScan(DType t) {
 #if KVC_SPARSE_MULTIVERSION
-  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                           __builtin_cpu_supports("f16c");
-  if (avx2) return t == DType::kF32 ? ScanAvx2F32 : t == DType::kF16 ? ScanAvx2F16 : ScanAvx2BF16;
+  if (ActiveKernelIsa() >= KernelIsa::kAvx2) return t == DType::kF32 ? ScanAvx2F32 : t == DType::kF16 ? ScanAvx2F16 : ScanAvx2BF16;
 #endif
   return t == DType::kF32 ? ScanBaseF32 : t == DType::kF16 ? ScanBaseF16 : ScanBaseBF16;
 }

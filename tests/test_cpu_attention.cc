@@ -430,6 +430,33 @@ TEST_CASE("decode: explicit scale, null lse, long single stream split across tas
   CHECK(CompareWithDense(kv, params, q, run).out <= 2e-6);
 }
 
+TEST_CASE("decode: the optional whole-page prefetch changes no result", "[decode]") {
+  std::mt19937 rng(5);
+  const int32_t d = 64, group = 4;
+  // Multi-segment streams (compacted runs in front of a tail) of lengths that end mid-page, and a
+  // long one split into several tasks: the prefetch walks ahead to each range's last page only.
+  std::vector<std::vector<SegmentSpec>> streams = {RandomStream(3001, d, rng),
+                                                   RandomStream(37, d, rng),
+                                                   RandomStream(9000, d, rng)};
+  for (int32_t page_tokens : {16, 64}) {
+    TestKV kv(DType::kF16, d, page_tokens, streams, rng);
+    DecodeParams params;
+    params.group_size = group;
+    const std::vector<float> q = RandomQueries(int64_t{kv.num_streams()} * group * d, 2.0f, rng);
+    const DecodeRun plain = RunDecode(true, kv.view(), params, q);
+    for (int pages : {1, 3, 100}) {
+      INFO("page tokens " << page_tokens << " prefetch pages " << pages);
+      const int previous = cpu::SetDecodePrefetchPages(pages);
+      REQUIRE(cpu::DecodePrefetchPages() == pages);
+      const DecodeRun prefetched = RunDecode(true, kv.view(), params, q);
+      cpu::SetDecodePrefetchPages(previous);
+      REQUIRE(prefetched.out == plain.out);
+      REQUIRE(prefetched.lse == plain.lse);
+    }
+  }
+  CHECK(cpu::DecodePrefetchPages() == 0);
+}
+
 TEST_CASE("decode: score accumulation adds the aggregated probabilities", "[decode][scores]") {
   for (cpu::KernelIsa isa : AvailableIsas()) {  // the score pass is compiled per ISA too
     IsaLimit limit(isa);

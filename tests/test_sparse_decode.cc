@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "cpu/sparse_decode.h"
+#include "kvcache/internal/kernel_isa.h"
 #include "kvcache/backend.h"
 #include "kvcache/cache.h"
 #include "test_util.h"
@@ -277,6 +278,13 @@ double Cosine(const std::vector<float>& a, const std::vector<float>& b) {
   return ab / std::sqrt(aa * bb);
 }
 
+// Caps the CPU kernels' instruction set for one test (kvcache/internal/kernel_isa.h), so the
+// portable copies of the Quest bounds and retrieval scans run on an AVX2 machine too.
+struct IsaCap {
+  explicit IsaCap(cpu::KernelIsa cap) { cpu::LimitKernelIsa(cap); }
+  ~IsaCap() { cpu::LimitKernelIsa(cpu::KernelIsa::kAvx512); }
+};
+
 TEST_CASE("Quest with a budget >= the stream length is exactly dense", "[sparse][quest]") {
   for (const char* backend : {"cpu", "cpu-reference"}) {
     std::mt19937 rng(3);
@@ -296,6 +304,9 @@ TEST_CASE("Quest with a budget >= the stream length is exactly dense", "[sparse]
 
 TEST_CASE("Quest reads the pages of largest bound and attends exactly over them",
           "[sparse][quest]") {
+  const cpu::KernelIsa cap = GENERATE(cpu::KernelIsa::kPortable, cpu::KernelIsa::kAvx512);
+  INFO("kernel isa cap " << cpu::KernelIsaName(cap));
+  const IsaCap isa_cap(cap);
   for (const char* backend : {"cpu", "cpu-reference"}) {
     INFO("backend " << backend);
     std::mt19937 rng(5);
@@ -385,6 +396,9 @@ TEST_CASE("The first layers stay dense under a sparse read policy", "[sparse][qu
 }
 
 TEST_CASE("Exact-scan retrieval equals the top-k oracle", "[sparse][retrieval]") {
+  const cpu::KernelIsa cap = GENERATE(cpu::KernelIsa::kPortable, cpu::KernelIsa::kAvx512);
+  INFO("kernel isa cap " << cpu::KernelIsaName(cap));
+  const IsaCap isa_cap(cap);
   for (const char* backend : {"cpu", "cpu-reference"}) {
     for (DType t : {DType::kF32, DType::kBF16}) {
       std::mt19937 rng(13);

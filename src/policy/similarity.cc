@@ -9,6 +9,8 @@
 #include <numeric>
 #include <utility>
 
+#include "kvcache/internal/kernel_isa.h"
+#include "kvcache/internal/lane_dot.h"
 #include "kvcache/policy/select.h"
 #include "oneapi/tbb/parallel_for.h"
 
@@ -67,18 +69,8 @@ std::vector<float> UnitRows(std::span<const float> rows, size_t d) {
 }
 
 float DotProduct(const float* a, const float* b, size_t d) {
-  constexpr size_t kLanes = 8;  // independent partial sums: one AVX / two SSE registers
-  float lanes[kLanes] = {};
-  size_t c = 0;
-  for (; c + kLanes <= d; c += kLanes) {
-    for (size_t j = 0; j < kLanes; ++j) lanes[j] += a[c + j] * b[c + j];
-  }
-  float tail = 0.0f;
-  for (; c < d; ++c) tail += a[c] * b[c];
-  for (size_t w = kLanes / 2; w > 0; w /= 2) {
-    for (size_t j = 0; j < w; ++j) lanes[j] += lanes[j + w];
-  }
-  return lanes[0] + tail;
+  // 8 independent partial sums (one AVX / two SSE registers): the order similarity is defined by.
+  return LaneDot<8>(a, b, static_cast<int64_t>(d));
 }
 
 namespace {
@@ -168,8 +160,10 @@ struct TileKernel {
 
 TileKernel PickKernel() {
 #if KVC_SIM_MULTIVERSION
-  static const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  static const bool has_avx512 = has_avx2 && __builtin_cpu_supports("avx512f");
+  // The CPU kernels' one detection and cap (cpu::LimitKernelIsa lowers it for tests).
+  const cpu::KernelIsa isa = cpu::ActiveKernelIsa();
+  const bool has_avx2 = isa >= cpu::KernelIsa::kAvx2;
+  const bool has_avx512 = isa >= cpu::KernelIsa::kAvx512;
   if (GetSimilarityKernel() != SimilarityKernel::kPortable) {
     if (has_avx512 && GetSimilarityKernel() != SimilarityKernel::kBlockedAvx2) {
       return {PanelDotsAvx512, 8};
