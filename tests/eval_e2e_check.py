@@ -80,8 +80,8 @@ def main():
     specs = [x["spec"] for x in res["runs"]]
     expected = ["snapkv:window=8,keep=0.3", "snapkv:window=8,keep=0.6",
                 "h2o:heavy=0.15,recent=0.15", "h2o:heavy=0.3,recent=0.3",
-                "streamingllm:keep=0.3", "streamingllm:keep=0.6", "fastv:layer=1,ratio=0.7",
-                "fastv:layer=1,ratio=0.4", "prumerge:knn=4", "full"]
+                "streamingllm:keep=0.3", "streamingllm:keep=0.6", "fastv:layer=1,keep=0.3",
+                "fastv:layer=1,keep=0.6", "prumerge:knn=4", "full"]
     check(specs == expected, f"run specs {specs}")
     keys = ["spec", "policy", "describe", "keep", "pages", "kv_bytes", "pages_end",
             "kv_bytes_end", "kv_saving", "tokens_kept", "tokens_total", "kept_by_modality",

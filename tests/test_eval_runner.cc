@@ -45,8 +45,8 @@ TEST_CASE("ExpandRuns maps keep ratios onto each policy's knob", "[eval][runner]
   for (const auto& r : *runs) specs.push_back(r.spec);
   CHECK(specs == std::vector<std::string>{"snapkv:window=8,keep=0.1", "snapkv:window=8,keep=0.5",
                                           "h2o:heavy=0.05,recent=0.05",
-                                          "h2o:heavy=0.25,recent=0.25", "fastv:ratio=0.9",
-                                          "fastv:ratio=0.5", "prumerge", "tova:keep=0.3"});
+                                          "h2o:heavy=0.25,recent=0.25", "fastv:keep=0.1",
+                                          "fastv:keep=0.5", "prumerge", "tova:keep=0.3"});
   CHECK((*runs)[0].keep == 0.1);
   CHECK((*runs)[6].keep < 0);  // prumerge has no keep knob
   CHECK((*runs)[7].keep < 0);  // the spec set its own budget

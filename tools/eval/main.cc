@@ -65,7 +65,7 @@ Policies and budgets
                        "snapkv:window=16,kernel=3,h2o" is two policies. May be repeated.
                        Default: %s
   --keep LIST          keep ratios in (0, 1], mapped onto each policy's budget knob
-                       (keep=, h2o heavy=recent=r/2, fastv ratio=1-r). Default: %s
+                       (keep=, h2o heavy=recent=r/2). Default: %s
                        Read policies keep every token and read a subset per decode step:
                        quest[:dense_layers=2,tokens=N] and
                        retrieval[:exact=0,ef=0,sinks=0,recent=0,top_k=N,dense_layers=2]

@@ -27,7 +27,7 @@ std::string Name(const std::string& spec) { return spec.substr(0, spec.find(':')
 bool IsReadPolicy(const std::string& name) { return name == "quest" || name == "retrieval"; }
 
 // Whether the spec sets its budget itself (then --keep does not apply to it). Only h2o's
-// heavy/recent and a "ratio" (fastv's dropped image share; the image keep ratio of the image
+// heavy/recent and a "ratio" (fastv's dropped image share; the per-image keep ratio of the image
 // baselines) are budgets; vlcache's and think's "recent" and the read policies' "recent" are
 // windows inside a budget.
 bool SetsBudget(const std::string& spec) {
@@ -490,8 +490,6 @@ absl::StatusOr<std::vector<RunSpec>> ExpandRuns(const std::vector<std::string>& 
       std::string params;
       if (name == "h2o") {
         params = absl::StrCat("heavy=", k / 2, ",recent=", k / 2);
-      } else if (name == "fastv") {
-        params = absl::StrCat("ratio=", 1.0 - k);
       } else {
         params = absl::StrCat("keep=", k);
       }

@@ -38,8 +38,9 @@ struct RunSpec {
 };
 
 // Resolves `--policy` specs x `--keep` ratios into runs. The keep ratio r maps onto each
-// policy's own budget knob: keep=r for the token policies, heavy=r/2,recent=r/2 for h2o,
-// ratio=1-r (the dropped share of image tokens) for fastv. A spec that already sets its budget
+// policy's own budget knob: heavy=r/2,recent=r/2 for h2o, keep=r (a share of prompt KV) for
+// every other token policy, fastv included (its keep= sets how many image tokens layers >= K
+// keep so the prompt KV share is r; ratio= is the paper's dropped image share). A spec that already sets its budget
 // (keep, tokens, heavy, recent, ratio), and a policy without one (full, prumerge, think), runs
 // once (for h2o, heavy= and recent= are its budget, and ratio= is a budget wherever it appears;
 // for vlcache or think, recent= is a window and --keep still applies). Errors (InvalidArgument) name the bad spec or ratio; every spec is
