@@ -115,6 +115,9 @@ if [ -x "$test_bin" ]; then
   command -v nvidia-smi >/dev/null && nvidia-smi -L >"$out/device.log" 2>&1 || true
   # One process for all cases: the reporter's totals are the pass/fail counts.
   step tests 150 "$test_bin" "[cuda]" --reporter compact
+else
+  steps+=("tests|not run: no test binary (build failed)|0")
+  failed=1
 fi
 
 # ---- 4. compute-sanitizer -----------------------------------------------------------------------
@@ -124,8 +127,8 @@ if [ -x "$test_bin" ] && [ -x "$sanitizer" ]; then
     step "sanitizer-$tool" 60 env KVCACHE_CUDA_TEST_SHORT=1 "$sanitizer" --tool "$tool" \
       --error-exitcode 1 --print-limit 20 "$test_bin" "[cuda]" --reporter compact
   done
-elif [ -x "$test_bin" ]; then
-  steps+=("sanitizers|not run: compute-sanitizer not found|0")
+else
+  steps+=("sanitizers|not run: no test binary or no compute-sanitizer|0")
   failed=1
 fi
 
@@ -133,6 +136,9 @@ fi
 if [ -x "$bench_bin" ]; then
   step bench 120 "$bench_bin" --benchmark_min_time=0.05 --benchmark_out="$out/bench.json" \
     --benchmark_out_format=json
+else
+  steps+=("bench|not run: no benchmark binary (build failed)|0")
+  failed=1
 fi
 if python3 -c "import torch" >/dev/null 2>&1; then
   step sdpa 90 python3 bench/sdpa_compare.py --json "$out/sdpa.json"

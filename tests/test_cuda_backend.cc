@@ -516,6 +516,50 @@ TEST_CASE("cuda: a long stream (many key splits) matches cpu-reference", "[cuda]
   twin.CompareStreams(seq);
 }
 
+TEST_CASE("cuda: partial and multiple head tiles, small and large head_dim", "[cuda]") {
+  KVCACHE_CUDA_CASE();
+  // G = 2 takes the 2-head tile, G = 3 a 4-head tile with one idle head, G = 16 two 8-head
+  // tiles (blockIdx.z > 0); head_dim 32 and 72 (generic kernel, lanes without channels) and
+  // 256 (kMaxHeadDim, eight channels per lane).
+  struct Shape {
+    int32_t group;
+    int32_t head_dim;
+  };
+  const Shape shape = GENERATE(Shape{2, 128}, Shape{3, 64}, Shape{16, 72}, Shape{3, 256},
+                               Shape{16, 32});
+  const DType dtype = GENERATE(DType::kF16, DType::kF32);
+  const int32_t length = Long(900, 300);
+  INFO(Describe(dtype, shape.group, shape.head_dim, length));
+  Twin twin(Config(dtype, shape.group, shape.head_dim));
+  std::mt19937 rng(31u + static_cast<unsigned>(shape.group * shape.head_dim));
+  const SequenceId seq = twin.AddSequence();
+  twin.Append(seq, length, kFirstPosition, rng);
+  const SequenceId other = twin.AddSequence();
+  twin.Append(other, 17, kFirstPosition, rng);
+  DecodeOptions accumulate;
+  accumulate.accumulate_scores = true;
+  twin.CompareDecode({seq, other}, 0, accumulate, /*with_lse=*/true, rng);
+  accumulate.aggregation = GqaAggregation::kMax;
+  twin.CompareDecode({seq}, 1, accumulate, /*with_lse=*/true, rng);
+  EvictionPlan plan;
+  plan.sequence = seq;
+  plan.policy = "test: random subsets, ThinK channels, merges";
+  for (int32_t layer = 0; layer < 2; ++layer) {
+    for (int32_t h = 0; h < 2; ++h) {
+      plan.streams.push_back(RandomPlan(layer, h, length, shape.head_dim, /*prune=*/h == 0,
+                                        /*merge=*/layer == 0, rng));
+    }
+  }
+  twin.Apply(plan);
+  twin.CompareStreams(seq);
+  twin.CompareDecode({seq}, 0, accumulate, /*with_lse=*/true, rng);
+  const std::vector<int32_t> rows = {2, kFirstPosition + 3, kFirstPosition + length};
+  twin.CompareScoreRows(seq, 0, rows, GqaAggregation::kMean, /*accumulate=*/true, rng);
+  twin.CompareScoreRows(seq, 1, rows, GqaAggregation::kMax, /*accumulate=*/false, rng);
+  twin.CompareStreams(seq);
+  twin.CompareStreams(other);
+}
+
 TEST_CASE("cuda: pages of 1, 5 and 64 tokens match cpu-reference", "[cuda]") {
   KVCACHE_CUDA_CASE();
   const int32_t page_tokens = GENERATE(1, 5, 64);
