@@ -55,10 +55,10 @@ cudaError_t Malloc(void** ptr, size_t bytes) {
   if (ptr == nullptr) return Record(cudaErrorInvalidValue);
   *ptr = nullptr;
   if (bytes == 0) return cudaSuccess;
-  const size_t rounded = (bytes + 255) / 256 * 256;
-  if (rounded < bytes) return Record(cudaErrorMemoryAllocation);
-  void* p = std::aligned_alloc(256, rounded);
-  if (p == nullptr) return Record(cudaErrorMemoryAllocation);
+  // posix_memalign, not aligned_alloc: the exact size, so that AddressSanitizer reports a
+  // kernel reading even one byte past the allocation.
+  void* p = nullptr;
+  if (posix_memalign(&p, 256, bytes) != 0) return Record(cudaErrorMemoryAllocation);
   Registry& r = GetRegistry();
   std::lock_guard<std::mutex> lock(r.mu);
   r.allocations[reinterpret_cast<uintptr_t>(p)] = bytes;
