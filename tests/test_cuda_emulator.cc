@@ -143,7 +143,7 @@ TEST_CASE("cuda emulator: warp shuffles follow the CUDA definitions", "[cuda-emu
   kvcache::cuda_emu::SetThreadOrder(ThreadOrder::kForward);
 }
 
-TEST_CASE("cuda emulator: barriers order shared memory; reverse order exposes a missing one",
+TEST_CASE("cuda emulator: barriers order shared memory, reverse order shows a missing one",
           "[cuda-emulator]") {
   DeviceInts out(128);
   std::vector<std::vector<int>> without_barrier;
