@@ -21,7 +21,7 @@ namespace {
 
 using kvcache::cuda_emu::ThreadOrder;
 
-// ---- Kernels --------------------------------------------------------------------------------------
+// ---- Kernels ------------------------------------------------------------------------------------
 
 // out[t] for each shuffle flavour, lane l = t % 32 holding the value 100 * warp + l.
 __global__ void ShuffleKernel(int* out) {
@@ -79,7 +79,7 @@ __global__ void ExitBeforeBarrier(int* unused) {
   __syncthreads();
 }
 
-// ---- Helpers --------------------------------------------------------------------------------------
+// ---- Helpers ------------------------------------------------------------------------------------
 
 struct DeviceInts {
   explicit DeviceInts(size_t n) : size(n) {
@@ -123,7 +123,7 @@ std::string RunInChild(F launch, bool* aborted) {
   return err;
 }
 
-// ---- Tests ----------------------------------------------------------------------------------------
+// ---- Tests --------------------------------------------------------------------------------------
 
 TEST_CASE("cuda emulator: warp shuffles follow the CUDA definitions", "[cuda-emulator]") {
   const ThreadOrder order = GENERATE(ThreadOrder::kForward, ThreadOrder::kReverse);
@@ -161,7 +161,9 @@ TEST_CASE("cuda emulator: barriers order shared memory, reverse order shows a mi
     // its end before (forward) or after (reverse) its neighbour wrote: a stale read in at least
     // one of the two orders.
     int stale = 0;
-    for (int t = 0; t < 128; ++t) stale += without_barrier.back()[t] != round * 1000 + (t + 1) % 128;
+    for (int t = 0; t < 128; ++t) {
+      stale += without_barrier.back()[t] != round * 1000 + (t + 1) % 128;
+    }
     if (order == ThreadOrder::kForward) {
       CHECK(stale == 127);  // thread 127 reads slot 0, written before it ran
     } else {

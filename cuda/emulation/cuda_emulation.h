@@ -43,7 +43,7 @@
 
 #define KVCACHE_CUDA_EMULATION 1
 
-// ---- Execution-space keywords ---------------------------------------------------------------------
+// ---- Execution-space keywords -------------------------------------------------------------------
 #undef __global__
 #undef __device__
 #undef __host__
@@ -55,14 +55,14 @@
 #define __shared__ static
 #define __launch_bounds__(...)
 
-// ---- Built-in variables ---------------------------------------------------------------------------
+// ---- Built-in variables -------------------------------------------------------------------------
 #define threadIdx (::kvcache::cuda_emu::CurrentThreadIdx())
 #define blockIdx (::kvcache::cuda_emu::CurrentBlockIdx())
 #define blockDim (::kvcache::cuda_emu::CurrentBlockDim())
 #define gridDim (::kvcache::cuda_emu::CurrentGridDim())
 #define warpSize (::kvcache::cuda_emu::kWarpSize)
 
-// ---- Synchronisation and warp primitives ------------------------------------------------------------
+// ---- Synchronisation and warp primitives --------------------------------------------------------
 inline void __syncthreads(std::source_location where = std::source_location::current()) {
   ::kvcache::cuda_emu::SyncThreads(where);
 }
@@ -111,7 +111,7 @@ T __shfl_xor_sync(unsigned mask, T var, int lane_mask, int width = 32,
                                       width, where);
 }
 
-// ---- Atomics --------------------------------------------------------------------------------------
+// ---- Atomics ------------------------------------------------------------------------------------
 template <typename T>
 T atomicAdd(T* address, T value) {
   static_assert(std::is_arithmetic_v<T>, "atomicAdd takes an arithmetic type");
@@ -144,7 +144,7 @@ T atomicCAS(T* address, T compare, T value) {
   return old;
 }
 
-// ---- Intrinsics -----------------------------------------------------------------------------------
+// ---- Intrinsics ---------------------------------------------------------------------------------
 inline float __uint_as_float(unsigned x) {
   float f;
   std::memcpy(&f, &x, sizeof(f));
@@ -170,7 +170,7 @@ inline float __fadd_rn(float a, float b) { return a + b; }
 inline float __fsub_rn(float a, float b) { return a - b; }
 inline float __fmul_rn(float a, float b) { return a * b; }
 
-// ---- Runtime ---------------------------------------------------------------------------------------
+// ---- Runtime ------------------------------------------------------------------------------------
 #define cudaMalloc ::kvcache::cuda_emu::Malloc
 #define cudaFree ::kvcache::cuda_emu::Free
 #define cudaMemcpy ::kvcache::cuda_emu::Memcpy
@@ -190,7 +190,7 @@ inline float __fmul_rn(float a, float b) { return a * b; }
 #define cudaGetErrorName ::kvcache::cuda_emu::GetErrorName
 #define cudaGetErrorString ::kvcache::cuda_emu::GetErrorString
 
-// ---- Launch -----------------------------------------------------------------------------------------
+// ---- Launch -------------------------------------------------------------------------------------
 namespace kvcache::cuda_emu {
 
 inline Index3 ToIndex3(dim3 d) { return {d.x, d.y, d.z}; }

@@ -3,10 +3,10 @@
 // macro, so cuda/cuda_backend.cc compiles unchanged and no symbol clashes with the real libcudart
 // when both backends are linked into one program.
 //
-// "Device" memory is host memory of exactly the requested size, 256-byte aligned as cudaMalloc's. Every
-// allocation is recorded so that copies check their direction: a host pointer passed where the
-// kind says device (or the reverse) is cudaErrorInvalidValue here, as it would fail or corrupt
-// memory on a GPU. Streams are tokens: every call runs to completion before it returns, so
+// "Device" memory is host memory of exactly the requested size, 256-byte aligned as
+// cudaMalloc's. Every allocation is recorded so that copies check their direction: a host
+// pointer passed where the kind says device (or the reverse) is cudaErrorInvalidValue here, as
+// it would fail or corrupt memory on a GPU. Streams are tokens: every call runs to completion before it returns, so
 // stream order holds trivially. The emulated device has kEmulatedSms multiprocessors (few, so
 // that the backend's split planner splits long streams the way it does on a small GPU).
 //

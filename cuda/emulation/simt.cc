@@ -305,8 +305,8 @@ void EnsureStacks(Engine& e, size_t count) {
   if (e.stacks_count >= count) return;
   if (e.stacks != nullptr) munmap(e.stacks, e.stacks_count * (kStackBytes + kGuardBytes));
   const size_t bytes = count * (kStackBytes + kGuardBytes);
-  void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
-                 -1, 0);
+  void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE,
+                 MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
   if (p == MAP_FAILED) Abort("cannot map fiber stacks");
   e.stacks = static_cast<char*>(p);
   e.stacks_count = count;
