@@ -25,7 +25,12 @@
 #include "absl/synchronization/mutex.h"
 #include "cuda/kernels.cuh"
 
-namespace kvcache::cuda {
+// The registry name: "cuda-emulated" in the emulated build (cuda/emulation/).
+#ifndef KVCACHE_CUDA_BACKEND_NAME
+#define KVCACHE_CUDA_BACKEND_NAME "cuda"
+#endif
+
+namespace kvcache::KVCACHE_CUDA_NAMESPACE {
 namespace {
 
 static_assert(static_cast<int>(GqaAggregation::kMean) == static_cast<int>(Aggregation::kMean) &&
@@ -205,7 +210,7 @@ class CudaBackend final : public Backend {
     cudaStreamDestroy(stream_);
   }
 
-  std::string_view Name() const override { return "cuda"; }
+  std::string_view Name() const override { return KVCACHE_CUDA_BACKEND_NAME; }
   bool HostAccessible() const override { return false; }
 
   absl::StatusOr<void*> AllocateArena(int64_t bytes) override {
@@ -804,4 +809,4 @@ absl::StatusOr<std::unique_ptr<Backend>> CreateCudaBackend() {
   return std::unique_ptr<Backend>(new CudaBackend(device, num_sms, stream));
 }
 
-}  // namespace kvcache::cuda
+}  // namespace kvcache::KVCACHE_CUDA_NAMESPACE

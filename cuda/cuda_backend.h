@@ -19,12 +19,16 @@
 #include "absl/status/statusor.h"
 #include "kvcache/backend.h"
 
-namespace kvcache::cuda {
+#ifndef KVCACHE_CUDA_NAMESPACE  // cuda_emulated in the emulated build (see cuda/kernels.cuh)
+#define KVCACHE_CUDA_NAMESPACE cuda
+#endif
+
+namespace kvcache::KVCACHE_CUDA_NAMESPACE {
 
 // The backend on the calling thread's current CUDA device. Unavailable (naming the CUDA error)
 // when no device or driver can be used.
 [[nodiscard]] absl::StatusOr<std::unique_ptr<Backend>> CreateCudaBackend();
 
-}  // namespace kvcache::cuda
+}  // namespace kvcache::KVCACHE_CUDA_NAMESPACE
 
 #endif  // KVCACHE_CUDA_CUDA_BACKEND_H_

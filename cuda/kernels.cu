@@ -16,9 +16,10 @@
 #include <cmath>
 
 #include "cuda/kernels.cuh"
+#include "cuda/launch.cuh"
 #include "kvcache/internal/attention_math.h"
 
-namespace kvcache::cuda {
+namespace kvcache::KVCACHE_CUDA_NAMESPACE {
 namespace {
 
 constexpr int kThreads = 128;
@@ -705,20 +706,22 @@ cudaError_t LaunchDecodeAttention(const AttentionArgs& args, const DecodeSplit& 
                   static_cast<unsigned>(CeilDiv(args.group_size, tile)));
   cudaError_t e =
       DispatchAttention(args.pool.dtype, dim, tile, [&]<DType kT, int kHeadDim, int kGroupTile>() {
-        DecodeKernel<kT, kHeadDim, kGroupTile>
-            <<<grid, kThreads, 0, stream>>>(args, split, workspace);
+        KVCACHE_LAUNCH(grid, kThreads, 0, stream, DecodeKernel<kT, kHeadDim, kGroupTile>)
+        (args, split, workspace);
         return cudaGetLastError();
       });
   if (e != cudaSuccess) return e;
   if (split.num_splits > 1) {
-    MergeSplitsKernel<<<static_cast<unsigned>(int64_t{args.num_queries} * args.group_size),
-                        kThreads, 0, stream>>>(args, split, workspace);
+    KVCACHE_LAUNCH(static_cast<unsigned>(int64_t{args.num_queries} * args.group_size), kThreads,
+                   0, stream, MergeSplitsKernel)
+    (args, split, workspace);
     if ((e = cudaGetLastError()) != cudaSuccess) return e;
   }
   if (scores) {
-    TokenProbsKernel<<<dim3(static_cast<unsigned>(args.num_streams),
-                            static_cast<unsigned>(split.num_splits)),
-                       kThreads, 0, stream>>>(args, split);
+    KVCACHE_LAUNCH(dim3(static_cast<unsigned>(args.num_streams),
+                        static_cast<unsigned>(split.num_splits)),
+                   kThreads, 0, stream, TokenProbsKernel)
+    (args, split);
     if ((e = cudaGetLastError()) != cudaSuccess) return e;
   }
   return cudaSuccess;
@@ -739,7 +742,8 @@ cudaError_t LaunchScoreRowsAggregate(const ScoreRowsArgs& args, cudaStream_t str
   const int dim = UseVectorized(a.pool, a.head_dim) ? a.head_dim : 0;
   const dim3 grid(static_cast<unsigned>(a.num_streams), static_cast<unsigned>(chunks));
   return DispatchAttention(a.pool.dtype, dim, tile, [&]<DType kT, int kHeadDim, int kGroupTile>() {
-    ScoreRowsAggregateKernel<kT, kHeadDim, kGroupTile><<<grid, kThreads, 0, stream>>>(args);
+    KVCACHE_LAUNCH(grid, kThreads, 0, stream, ScoreRowsAggregateKernel<kT, kHeadDim, kGroupTile>)
+    (args);
     return cudaGetLastError();
   });
 }
@@ -747,22 +751,22 @@ cudaError_t LaunchScoreRowsAggregate(const ScoreRowsArgs& args, cudaStream_t str
 cudaError_t LaunchWriteRows(const WriteRowsArgs& args, cudaStream_t stream) {
   if (args.num_rows < 0 || args.head_dim <= 0) return cudaErrorInvalidValue;
   if (args.num_rows == 0) return cudaSuccess;
-  WriteRowsKernel<<<static_cast<unsigned>(args.num_rows), kThreads, 0, stream>>>(args);
+  KVCACHE_LAUNCH(static_cast<unsigned>(args.num_rows), kThreads, 0, stream, WriteRowsKernel)(args);
   return cudaGetLastError();
 }
 
 cudaError_t LaunchReadRows(const ReadRowsArgs& args, cudaStream_t stream) {
   if (args.count < 0 || args.head_dim <= 0) return cudaErrorInvalidValue;
   if (args.count == 0) return cudaSuccess;
-  ReadRowsKernel<<<static_cast<unsigned>(args.count), kThreads, 0, stream>>>(args);
+  KVCACHE_LAUNCH(static_cast<unsigned>(args.count), kThreads, 0, stream, ReadRowsKernel)(args);
   return cudaGetLastError();
 }
 
 cudaError_t LaunchGatherRows(const GatherRowsArgs& args, cudaStream_t stream) {
   if (args.num_rows < 0 || args.head_dim <= 0) return cudaErrorInvalidValue;
   if (args.num_rows == 0) return cudaSuccess;
-  GatherRowsKernel<<<static_cast<unsigned>(args.num_rows), kThreads, 0, stream>>>(args);
+  KVCACHE_LAUNCH(static_cast<unsigned>(args.num_rows), kThreads, 0, stream, GatherRowsKernel)(args);
   return cudaGetLastError();
 }
 
-}  // namespace kvcache::cuda
+}  // namespace kvcache::KVCACHE_CUDA_NAMESPACE

@@ -27,7 +27,14 @@
 #include "kvcache/dtype.h"
 #include "kvcache/paged_view.h"
 
-namespace kvcache::cuda {
+// The emulated build (cuda/emulation/) compiles kernels.cu and cuda_backend.cc a second time with
+// the host compiler, with KVCACHE_CUDA_NAMESPACE=cuda_emulated, so that both builds link into one
+// program without clashing symbols.
+#ifndef KVCACHE_CUDA_NAMESPACE
+#define KVCACHE_CUDA_NAMESPACE cuda
+#endif
+
+namespace kvcache::KVCACHE_CUDA_NAMESPACE {
 
 // Largest head_dim the attention kernels take (the generic path keeps 8 channels per lane).
 inline constexpr int kMaxHeadDim = 256;
@@ -153,6 +160,6 @@ struct GatherRowsArgs {
 };
 cudaError_t LaunchGatherRows(const GatherRowsArgs& args, cudaStream_t stream);
 
-}  // namespace kvcache::cuda
+}  // namespace kvcache::KVCACHE_CUDA_NAMESPACE
 
 #endif  // KVCACHE_CUDA_KERNELS_CUH_

@@ -12,6 +12,9 @@
 #if KVCACHE_HAVE_CUDA
 #include "cuda/cuda_backend.h"
 #endif
+#if KVCACHE_HAVE_CUDA_EMULATED
+#include "cuda/emulation/emulated_backend.h"
+#endif
 
 namespace kvcache {
 namespace {
@@ -31,6 +34,9 @@ Registry& GetRegistry() {
     };
 #if KVCACHE_HAVE_CUDA
     r->factories["cuda"] = [] { return cuda::CreateCudaBackend(); };
+#endif
+#if KVCACHE_HAVE_CUDA_EMULATED
+    r->factories["cuda-emulated"] = [] { return cuda_emulated::CreateCudaBackend(); };
 #endif
     return r;
   }();

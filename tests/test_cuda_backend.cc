@@ -1,13 +1,18 @@
-// Tests of the CUDA backend (cuda/): every Backend operation on "cuda" against "cpu-reference"
-// on identical inputs. Two caches with the same configuration, one per backend, receive the same
-// appends, forks, plans, decode steps and scoring requests; the stored rows (ReadStream), the
-// attention outputs, log-sum-exps, score accumulators and ScoreRows results are compared with a
-// tolerance per dtype. Configurations cover G in {1, 4, 8}, head_dim in {64, 128, 80} (80 takes
-// the generic kernel), f32/f16/bf16, and lengths around a page boundary and in the thousands
-// (several key splits per stream).
+// Tests of the CUDA backend (cuda/): every Backend operation on the CUDA backend against
+// "cpu-reference" on identical inputs. Two caches with the same configuration, one per backend,
+// receive the same appends, forks, plans, decode steps and scoring requests; the stored rows
+// (ReadStream), the attention outputs, log-sum-exps, score accumulators and ScoreRows results are
+// compared with a tolerance per dtype. Configurations cover G in {1, 4, 8}, head_dim in
+// {64, 128, 80} (80 takes the generic kernel), f32/f16/bf16, pages of 1 to 64 tokens, and lengths
+// around a page boundary and long enough for several key splits per stream.
 //
-// Without a CUDA device (or a build without CUDA) every test case prints "SKIPPED: <reason>" and
-// exits with 4, which CTest reports as skipped (SKIP_RETURN_CODE 4; one process per test case).
+// The backend under test is "cuda" when a CUDA device is present, else "cuda-emulated" (the same
+// kernels on the CPU emulator of cuda/emulation/, so CI executes every kernel without a GPU).
+// Under the emulator each case runs twice: with the fibers of every block (and the blocks of
+// every grid) scheduled in thread-index order and in reverse order, so that a missing barrier
+// changes what some thread reads. Long streams are shorter under the emulator (it runs each CUDA
+// thread as a fiber) but still span several key splits. Without either backend every test case
+// prints "SKIPPED: <reason>" and exits with 4, which CTest reports as skipped.
 #include <algorithm>
 #include <catch2/catch.hpp>
 #include <cmath>
@@ -24,20 +29,67 @@
 #include "kvcache/cache.h"
 #include "kvcache/plan.h"
 #include "test_util.h"
+#if KVCACHE_HAVE_CUDA_EMULATED
+#include "cuda/emulation/simt.h"
+#endif
 
 namespace kvcache {
 namespace {
 
 using testing::RandomVector;
 
-// Exits the process with CTest's skip code when no CUDA backend can be created. Call first in
-// every [cuda] test case.
-void RequireCudaOrSkip() {
-  absl::StatusOr<std::unique_ptr<Backend>> backend = CreateBackend("cuda");
-  if (backend.ok()) return;
-  std::printf("SKIPPED: %s\n", backend.status().ToString().c_str());
-  std::fflush(stdout);
-  std::exit(4);
+// "cuda" when a CUDA device can be used, else "cuda-emulated" when built, else "" (with the
+// reason in *why).
+std::string FindCudaBackend(std::string* why) {
+  absl::StatusOr<std::unique_ptr<Backend>> real = CreateBackend("cuda");
+  if (real.ok()) return "cuda";
+  absl::StatusOr<std::unique_ptr<Backend>> emulated = CreateBackend("cuda-emulated");
+  if (emulated.ok()) return "cuda-emulated";
+  *why = real.status().ToString() + "; " + emulated.status().ToString();
+  return "";
+}
+
+const std::string& CudaBackend() {
+  static const std::string* name = [] {
+    std::string why;
+    auto* n = new std::string(FindCudaBackend(&why));
+    if (n->empty()) {
+      std::printf("SKIPPED: %s\n", why.c_str());
+      std::fflush(stdout);
+      std::exit(4);
+    }
+    std::printf("CUDA backend under test: %s\n", n->c_str());
+    return n;
+  }();
+  return *name;
+}
+
+bool Emulated() { return CudaBackend() == "cuda-emulated"; }
+
+// Call first in every [cuda] test case with `reverse` = GENERATE(false, true): exits with CTest's
+// skip code when no CUDA backend exists, sets the emulator's thread order, and returns false for
+// the reverse pass on a real device (nothing to reorder there), where the case returns at once.
+bool UseCudaBackend(bool reverse) {
+  const std::string& name = CudaBackend();
+  if (name != "cuda-emulated") return !reverse;
+#if KVCACHE_HAVE_CUDA_EMULATED
+  cuda_emu::SetThreadOrder(reverse ? cuda_emu::ThreadOrder::kReverse
+                                   : cuda_emu::ThreadOrder::kForward);
+#endif
+  return true;
+}
+
+// The start of every [cuda] test case (the generator must be in the test case itself).
+#define KVCACHE_CUDA_CASE()                   \
+  const bool reverse_order = GENERATE(false, true); \
+  INFO("thread order " << (reverse_order ? "reverse" : "forward")); \
+  if (!UseCudaBackend(reverse_order)) return
+
+// A long length on a GPU, a shorter one (still several key splits) under the emulator, or on
+// a GPU with KVCACHE_CUDA_TEST_SHORT=1 (scripts/gpu_check.sh under compute-sanitizer).
+int32_t Long(int32_t on_gpu, int32_t emulated) {
+  static const bool short_streams = Emulated() || std::getenv("KVCACHE_CUDA_TEST_SHORT") != nullptr;
+  return short_streams ? emulated : on_gpu;
 }
 
 struct Tolerance {
@@ -98,7 +150,7 @@ std::vector<uint16_t> ToBits(const std::vector<float>& x, DType t) {
 class Twin {
  public:
   explicit Twin(const CacheConfig& config) : config_(config) {
-    absl::StatusOr<std::unique_ptr<Cache>> gpu = Cache::Create(config, "cuda");
+    absl::StatusOr<std::unique_ptr<Cache>> gpu = Cache::Create(config, CudaBackend());
     INFO(gpu.status().ToString());
     REQUIRE(gpu.ok());
     absl::StatusOr<std::unique_ptr<Cache>> cpu = Cache::Create(config, "cpu-reference");
@@ -252,14 +304,15 @@ class Twin {
   std::unique_ptr<Cache> cpu_;
 };
 
-CacheConfig Config(DType dtype, int32_t group, int32_t head_dim, int32_t num_pages = 2048) {
+CacheConfig Config(DType dtype, int32_t group, int32_t head_dim, int32_t num_pages = 2048,
+                   int32_t page_tokens = 16) {
   CacheConfig c;
   c.num_layers = 2;
   c.num_kv_heads = 2;
   c.num_q_heads = 2 * group;
   c.head_dim = head_dim;
   c.dtype = dtype;
-  c.page_tokens = 16;
+  c.page_tokens = page_tokens;
   c.num_pages = num_pages;
   return c;
 }
@@ -311,13 +364,13 @@ std::string Describe(DType dtype, int32_t group, int32_t head_dim, int32_t lengt
 constexpr int32_t kFirstPosition = 5;  // so that a query row at position < 5 sees no key
 
 TEST_CASE("cuda: append, fork and decode match cpu-reference", "[cuda]") {
-  RequireCudaOrSkip();
+  KVCACHE_CUDA_CASE();
   const DType dtype = GENERATE(DType::kF32, DType::kF16, DType::kBF16);
   const int32_t group = GENERATE(1, 4, 8);
   const int32_t head_dim = GENERATE(64, 128, 80);
   Twin twin(Config(dtype, group, head_dim));
   std::mt19937 rng(1234u + group * 7u + static_cast<unsigned>(head_dim));
-  for (int32_t length : {1, 15, 16, 17, 3000}) {
+  for (int32_t length : {1, 15, 16, 17, Long(3000, 600)}) {
     INFO(Describe(dtype, group, head_dim, length));
     const SequenceId seq = twin.AddSequence();
     twin.Append(seq, length, kFirstPosition, rng);
@@ -351,13 +404,13 @@ TEST_CASE("cuda: append, fork and decode match cpu-reference", "[cuda]") {
 
 TEST_CASE("cuda: Apply with kept subsets, key channels and merges matches cpu-reference",
           "[cuda]") {
-  RequireCudaOrSkip();
+  KVCACHE_CUDA_CASE();
   const DType dtype = GENERATE(DType::kF32, DType::kF16, DType::kBF16);
   const int32_t group = GENERATE(1, 4, 8);
   const int32_t head_dim = GENERATE(64, 128, 80);
   Twin twin(Config(dtype, group, head_dim));
   std::mt19937 rng(99u + group * 13u + static_cast<unsigned>(head_dim));
-  for (int32_t length : {17, 300, 2100}) {
+  for (int32_t length : {17, 300, Long(2100, 600)}) {
     INFO(Describe(dtype, group, head_dim, length));
     const SequenceId seq = twin.AddSequence();
     twin.Append(seq, length, kFirstPosition, rng);
@@ -398,22 +451,29 @@ TEST_CASE("cuda: Apply with kept subsets, key channels and merges matches cpu-re
 }
 
 TEST_CASE("cuda: ScoreRows matches cpu-reference", "[cuda]") {
-  RequireCudaOrSkip();
+  KVCACHE_CUDA_CASE();
   const DType dtype = GENERATE(DType::kF32, DType::kF16, DType::kBF16);
   const int32_t group = GENERATE(1, 4, 8);
   const int32_t head_dim = GENERATE(64, 128, 80);
   Twin twin(Config(dtype, group, head_dim));
   std::mt19937 rng(7u + group * 31u + static_cast<unsigned>(head_dim));
-  for (int32_t length : {1, 15, 16, 17, 700}) {
+  for (int32_t length : {1, 15, 16, 17, Long(700, 300)}) {
     INFO(Describe(dtype, group, head_dim, length));
     const SequenceId seq = twin.AddSequence();
     twin.Append(seq, length, kFirstPosition, rng);
     std::vector<int32_t> rows = {0, kFirstPosition};  // sees nothing; sees one key
     std::uniform_int_distribution<int32_t> position(kFirstPosition, kFirstPosition + length + 4);
-    for (int i = 0; i < 30; ++i) rows.push_back(position(rng));
-    for (GqaAggregation aggregation :
-         {GqaAggregation::kMean, GqaAggregation::kSum, GqaAggregation::kMax}) {
-      twin.CompareScoreRows(seq, 0, rows, aggregation, /*accumulate=*/true, rng);
+    // Each row is a full attention pass over the stream; the emulator takes fewer of them.
+    for (int i = 0; i < Long(30, 6); ++i) rows.push_back(position(rng));
+    const GqaAggregation all[] = {GqaAggregation::kMean, GqaAggregation::kSum,
+                                  GqaAggregation::kMax};
+    for (int a = 0; a < 3; ++a) {
+      // Under the emulator the long stream takes one aggregation per configuration, rotating
+      // so that every (dtype, head_dim) meets all three across the group sizes.
+      const int group_index = group == 1 ? 0 : group == 4 ? 1 : 2;
+      const int rotation = (group_index + static_cast<int>(dtype) + head_dim / 16) % 3;
+      if (length > 17 && Long(0, 1) == 1 && a != rotation) continue;
+      twin.CompareScoreRows(seq, 0, rows, all[a], /*accumulate=*/true, rng);
     }
     twin.CompareStreams(seq);
     twin.Free(seq);
@@ -421,12 +481,12 @@ TEST_CASE("cuda: ScoreRows matches cpu-reference", "[cuda]") {
 }
 
 TEST_CASE("cuda: batched decode over sequences of different lengths, one of them empty", "[cuda]") {
-  RequireCudaOrSkip();
+  KVCACHE_CUDA_CASE();
   const DType dtype = GENERATE(DType::kF16, DType::kBF16);
   Twin twin(Config(dtype, /*group=*/4, /*head_dim=*/128, /*num_pages=*/4096));
   std::mt19937 rng(5u);
   std::vector<SequenceId> batch;
-  for (int32_t length : {0, 1, 33, 5000}) {
+  for (int32_t length : {0, 1, 33, Long(5000, 1100)}) {
     const SequenceId seq = twin.AddSequence();
     if (length > 0) twin.Append(seq, length, kFirstPosition, rng);
     batch.push_back(seq);
@@ -440,7 +500,7 @@ TEST_CASE("cuda: batched decode over sequences of different lengths, one of them
 }
 
 TEST_CASE("cuda: a long stream (many key splits) matches cpu-reference", "[cuda]") {
-  RequireCudaOrSkip();
+  KVCACHE_CUDA_CASE();
   const DType dtype = GENERATE(DType::kF16, DType::kBF16);
   CacheConfig c = Config(dtype, /*group=*/8, /*head_dim=*/128, /*num_pages=*/4096);
   c.num_layers = 1;
@@ -449,16 +509,101 @@ TEST_CASE("cuda: a long stream (many key splits) matches cpu-reference", "[cuda]
   Twin twin(c);
   std::mt19937 rng(11u);
   const SequenceId seq = twin.AddSequence();
-  twin.Append(seq, 20000, kFirstPosition, rng);
+  twin.Append(seq, Long(20000, 2400), kFirstPosition, rng);
   DecodeOptions accumulate;
   accumulate.accumulate_scores = true;
   twin.CompareDecode({seq}, 0, accumulate, /*with_lse=*/true, rng);
   twin.CompareStreams(seq);
 }
 
+TEST_CASE("cuda: partial and multiple head tiles, small and large head_dim", "[cuda]") {
+  KVCACHE_CUDA_CASE();
+  // G = 2 takes the 2-head tile, G = 3 a 4-head tile with one idle head, G = 16 two 8-head
+  // tiles (blockIdx.z > 0); head_dim 32 and 72 (generic kernel, lanes without channels) and
+  // 256 (kMaxHeadDim, eight channels per lane).
+  struct Shape {
+    int32_t group;
+    int32_t head_dim;
+  };
+  const Shape shape = GENERATE(Shape{2, 128}, Shape{3, 64}, Shape{16, 72}, Shape{3, 256},
+                               Shape{16, 32});
+  const DType dtype = GENERATE(DType::kF16, DType::kF32);
+  const int32_t length = Long(900, 300);
+  INFO(Describe(dtype, shape.group, shape.head_dim, length));
+  Twin twin(Config(dtype, shape.group, shape.head_dim));
+  std::mt19937 rng(31u + static_cast<unsigned>(shape.group * shape.head_dim));
+  const SequenceId seq = twin.AddSequence();
+  twin.Append(seq, length, kFirstPosition, rng);
+  const SequenceId other = twin.AddSequence();
+  twin.Append(other, 17, kFirstPosition, rng);
+  DecodeOptions accumulate;
+  accumulate.accumulate_scores = true;
+  twin.CompareDecode({seq, other}, 0, accumulate, /*with_lse=*/true, rng);
+  accumulate.aggregation = GqaAggregation::kMax;
+  twin.CompareDecode({seq}, 1, accumulate, /*with_lse=*/true, rng);
+  EvictionPlan plan;
+  plan.sequence = seq;
+  plan.policy = "test: random subsets, ThinK channels, merges";
+  for (int32_t layer = 0; layer < 2; ++layer) {
+    for (int32_t h = 0; h < 2; ++h) {
+      plan.streams.push_back(RandomPlan(layer, h, length, shape.head_dim, /*prune=*/h == 0,
+                                        /*merge=*/layer == 0, rng));
+    }
+  }
+  twin.Apply(plan);
+  twin.CompareStreams(seq);
+  twin.CompareDecode({seq}, 0, accumulate, /*with_lse=*/true, rng);
+  const std::vector<int32_t> rows = {2, kFirstPosition + 3, kFirstPosition + length};
+  twin.CompareScoreRows(seq, 0, rows, GqaAggregation::kMean, /*accumulate=*/true, rng);
+  twin.CompareScoreRows(seq, 1, rows, GqaAggregation::kMax, /*accumulate=*/false, rng);
+  twin.CompareStreams(seq);
+  twin.CompareStreams(other);
+}
+
+TEST_CASE("cuda: pages of 1, 5 and 64 tokens match cpu-reference", "[cuda]") {
+  KVCACHE_CUDA_CASE();
+  const int32_t page_tokens = GENERATE(1, 5, 64);
+  const DType dtype = GENERATE(DType::kF32, DType::kBF16);
+  const int32_t head_dim = GENERATE(64, 80);
+  const int32_t length = Long(1000, 300);
+  INFO(Describe(dtype, 4, head_dim, length) << " page_tokens=" << page_tokens);
+  // Room for both layers and kv heads of the stream, a fork's copied tail and the compaction.
+  const int32_t num_pages = 8 * (length / page_tokens + 4);
+  Twin twin(Config(dtype, /*group=*/4, head_dim, num_pages, page_tokens));
+  std::mt19937 rng(21u + static_cast<unsigned>(page_tokens));
+  const SequenceId seq = twin.AddSequence();
+  twin.Append(seq, length, kFirstPosition, rng);
+  twin.CompareStreams(seq);
+  DecodeOptions accumulate;
+  accumulate.accumulate_scores = true;
+  twin.CompareDecode({seq}, 0, accumulate, /*with_lse=*/true, rng);
+  const SequenceId child = twin.Fork(seq);
+  twin.Append(child, 1, kFirstPosition + length, rng);
+  twin.CompareDecode({seq, child}, 1, accumulate, /*with_lse=*/true, rng);
+  twin.CompareStreams(child);
+  twin.Free(child);
+
+  EvictionPlan plan;
+  plan.sequence = seq;
+  plan.policy = "test: random subsets, ThinK channels, merges";
+  plan.streams.push_back(RandomPlan(0, 0, length, head_dim, /*prune=*/true, /*merge=*/true, rng));
+  plan.streams.push_back(RandomPlan(0, 1, length, head_dim, /*prune=*/false, /*merge=*/true, rng));
+  plan.streams.push_back(RandomPlan(1, 0, length, head_dim, /*prune=*/true, /*merge=*/false, rng));
+  plan.streams.push_back(
+      RandomPlan(1, 1, length, head_dim, /*prune=*/false, /*merge=*/false, rng));
+  twin.Apply(plan);
+  twin.CompareStreams(seq);
+  twin.CompareDecode({seq}, 0, accumulate, /*with_lse=*/true, rng);
+  const std::vector<int32_t> rows = {kFirstPosition, kFirstPosition + length / 3,
+                                     kFirstPosition + length};
+  twin.CompareScoreRows(seq, 0, rows, GqaAggregation::kMean, /*accumulate=*/true, rng);
+  twin.CompareScoreRows(seq, 1, rows, GqaAggregation::kMax, /*accumulate=*/false, rng);
+  twin.CompareStreams(seq);
+}
+
 TEST_CASE("cuda: f16 and bf16 engine buffers are stored like the cpu backend stores them",
           "[cuda]") {
-  RequireCudaOrSkip();
+  KVCACHE_CUDA_CASE();
   struct Case {
     DType pool;
     DType source;
@@ -475,7 +620,7 @@ TEST_CASE("cuda: f16 and bf16 engine buffers are stored like the cpu backend sto
 }
 
 TEST_CASE("cuda: head_dim above the kernel limit is reported as unimplemented", "[cuda]") {
-  RequireCudaOrSkip();
+  KVCACHE_CUDA_CASE();
   CacheConfig c = Config(DType::kF16, /*group=*/1, /*head_dim=*/512, /*num_pages=*/64);
   Twin twin(c);
   std::mt19937 rng(2u);
@@ -491,11 +636,11 @@ TEST_CASE("cuda: head_dim above the kernel limit is reported as unimplemented", 
 }
 
 TEST_CASE("cuda: arena allocation validates its size", "[cuda]") {
-  RequireCudaOrSkip();
-  absl::StatusOr<std::unique_ptr<Backend>> backend = CreateBackend("cuda");
+  KVCACHE_CUDA_CASE();
+  absl::StatusOr<std::unique_ptr<Backend>> backend = CreateBackend(CudaBackend());
   REQUIRE(backend.ok());
   CHECK_FALSE((*backend)->HostAccessible());
-  CHECK((*backend)->Name() == "cuda");
+  CHECK((*backend)->Name() == CudaBackend());
   CHECK((*backend)->AllocateArena(0).status().code() == absl::StatusCode::kInvalidArgument);
   absl::StatusOr<void*> arena = (*backend)->AllocateArena(1 << 20);
   REQUIRE(arena.ok());

@@ -1,0 +1,279 @@
+// The emulated CUDA runtime: device allocations as tracked host memory, synchronous copies that
+// check their direction, stream tokens, one device, thread-local last error.
+#include "cuda/emulation/runtime.h"
+
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <set>
+
+namespace kvcache::cuda_emu {
+namespace {
+
+struct Registry {
+  std::mutex mu;
+  std::map<uintptr_t, size_t> allocations;  // start -> bytes
+  std::set<cudaStream_t> streams;
+};
+
+Registry& GetRegistry() {
+  static Registry* r = new Registry;  // never destroyed: frees may run during exit
+  return *r;
+}
+
+thread_local cudaError_t last_error = cudaSuccess;
+thread_local int current_device = 0;
+
+cudaError_t Record(cudaError_t e) {
+  if (e != cudaSuccess) last_error = e;
+  return e;
+}
+
+bool IsDeviceRangeLocked(Registry& r, const void* ptr, size_t bytes) {
+  const auto p = reinterpret_cast<uintptr_t>(ptr);
+  auto it = r.allocations.upper_bound(p);
+  if (it == r.allocations.begin()) return false;
+  --it;
+  return p >= it->first && p - it->first <= it->second && bytes <= it->second - (p - it->first);
+}
+
+bool ValidStream(Registry& r, cudaStream_t s) {
+  return s == nullptr || r.streams.count(s) != 0;
+}
+
+}  // namespace
+
+bool IsDeviceRange(const void* ptr, size_t bytes) {
+  Registry& r = GetRegistry();
+  std::lock_guard<std::mutex> lock(r.mu);
+  return IsDeviceRangeLocked(r, ptr, bytes);
+}
+
+cudaError_t Malloc(void** ptr, size_t bytes) {
+  if (ptr == nullptr) return Record(cudaErrorInvalidValue);
+  *ptr = nullptr;
+  if (bytes == 0) return cudaSuccess;
+  // posix_memalign, not aligned_alloc: the exact size, so that AddressSanitizer reports a
+  // kernel reading even one byte past the allocation.
+  void* p = nullptr;
+  if (posix_memalign(&p, 256, bytes) != 0) return Record(cudaErrorMemoryAllocation);
+  Registry& r = GetRegistry();
+  std::lock_guard<std::mutex> lock(r.mu);
+  r.allocations[reinterpret_cast<uintptr_t>(p)] = bytes;
+  *ptr = p;
+  return cudaSuccess;
+}
+
+cudaError_t Free(void* ptr) {
+  if (ptr == nullptr) return cudaSuccess;
+  Registry& r = GetRegistry();
+  {
+    std::lock_guard<std::mutex> lock(r.mu);
+    if (r.allocations.erase(reinterpret_cast<uintptr_t>(ptr)) == 0) {
+      return Record(cudaErrorInvalidValue);
+    }
+  }
+  std::free(ptr);
+  return cudaSuccess;
+}
+
+cudaError_t Memcpy(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind) {
+  return MemcpyAsync(dst, src, bytes, kind, nullptr);
+}
+
+cudaError_t MemcpyAsync(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind,
+                        cudaStream_t stream) {
+  if (bytes == 0) return cudaSuccess;
+  if (dst == nullptr || src == nullptr) return Record(cudaErrorInvalidValue);
+  Registry& r = GetRegistry();
+  {
+    std::lock_guard<std::mutex> lock(r.mu);
+    if (!ValidStream(r, stream)) return Record(cudaErrorInvalidResourceHandle);
+    const bool dst_device = IsDeviceRangeLocked(r, dst, bytes);
+    const bool src_device = IsDeviceRangeLocked(r, src, bytes);
+    bool ok = false;
+    switch (kind) {
+      case cudaMemcpyHostToDevice:
+        ok = dst_device && !src_device;
+        break;
+      case cudaMemcpyDeviceToHost:
+        ok = !dst_device && src_device;
+        break;
+      case cudaMemcpyDeviceToDevice:
+        ok = dst_device && src_device;
+        break;
+      case cudaMemcpyHostToHost:
+        ok = !dst_device && !src_device;
+        break;
+      case cudaMemcpyDefault:
+        ok = true;
+        break;
+    }
+    if (!ok) return Record(cudaErrorInvalidValue);
+  }
+  std::memmove(dst, src, bytes);
+  return cudaSuccess;
+}
+
+cudaError_t MemsetAsync(void* dst, int value, size_t bytes, cudaStream_t stream) {
+  if (bytes == 0) return cudaSuccess;
+  Registry& r = GetRegistry();
+  {
+    std::lock_guard<std::mutex> lock(r.mu);
+    if (!ValidStream(r, stream)) return Record(cudaErrorInvalidResourceHandle);
+    if (!IsDeviceRangeLocked(r, dst, bytes)) return Record(cudaErrorInvalidValue);
+  }
+  std::memset(dst, value, bytes);
+  return cudaSuccess;
+}
+
+cudaError_t StreamCreate(cudaStream_t* stream) { return StreamCreateWithFlags(stream, 0); }
+
+cudaError_t StreamCreateWithFlags(cudaStream_t* stream, unsigned flags) {
+  if (stream == nullptr || (flags & ~1u) != 0) return Record(cudaErrorInvalidValue);
+  // A distinct address per stream; its bytes are never read.
+  auto* token = reinterpret_cast<cudaStream_t>(new uint64_t(0));
+  Registry& r = GetRegistry();
+  std::lock_guard<std::mutex> lock(r.mu);
+  r.streams.insert(token);
+  *stream = token;
+  return cudaSuccess;
+}
+
+cudaError_t StreamDestroy(cudaStream_t stream) {
+  Registry& r = GetRegistry();
+  {
+    std::lock_guard<std::mutex> lock(r.mu);
+    if (stream == nullptr || r.streams.erase(stream) == 0) {
+      return Record(cudaErrorInvalidResourceHandle);
+    }
+  }
+  delete reinterpret_cast<uint64_t*>(stream);
+  return cudaSuccess;
+}
+
+cudaError_t StreamSynchronize(cudaStream_t stream) {
+  Registry& r = GetRegistry();
+  std::lock_guard<std::mutex> lock(r.mu);
+  return ValidStream(r, stream) ? cudaSuccess : Record(cudaErrorInvalidResourceHandle);
+}
+
+cudaError_t DeviceSynchronize() { return cudaSuccess; }
+
+cudaError_t GetDeviceCount(int* count) {
+  if (count == nullptr) return Record(cudaErrorInvalidValue);
+  *count = 1;
+  return cudaSuccess;
+}
+
+cudaError_t GetDevice(int* device) {
+  if (device == nullptr) return Record(cudaErrorInvalidValue);
+  *device = current_device;
+  return cudaSuccess;
+}
+
+cudaError_t SetDevice(int device) {
+  if (device != 0) return Record(cudaErrorInvalidDevice);
+  current_device = device;
+  return cudaSuccess;
+}
+
+cudaError_t DeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) {
+  if (value == nullptr) return Record(cudaErrorInvalidValue);
+  if (device != 0) return Record(cudaErrorInvalidDevice);
+  switch (attr) {
+    case cudaDevAttrMultiProcessorCount:
+      *value = kEmulatedSms;
+      return cudaSuccess;
+    case cudaDevAttrMaxThreadsPerBlock:
+      *value = 1024;
+      return cudaSuccess;
+    case cudaDevAttrWarpSize:
+      *value = 32;
+      return cudaSuccess;
+    case cudaDevAttrMaxSharedMemoryPerBlock:
+      *value = 48 * 1024;
+      return cudaSuccess;
+    case cudaDevAttrMaxGridDimX:
+      *value = 0x7FFFFFFF;
+      return cudaSuccess;
+    case cudaDevAttrMaxGridDimY:
+    case cudaDevAttrMaxGridDimZ:
+      *value = 65535;
+      return cudaSuccess;
+    default:
+      return Record(cudaErrorInvalidValue);
+  }
+}
+
+void SetLastError(cudaError_t e) { last_error = e; }
+
+cudaError_t GetLastError() {
+  const cudaError_t e = last_error;
+  last_error = cudaSuccess;
+  return e;
+}
+
+cudaError_t PeekAtLastError() { return last_error; }
+
+const char* GetErrorName(cudaError_t e) {
+  switch (e) {
+    case cudaSuccess:
+      return "cudaSuccess";
+    case cudaErrorInvalidValue:
+      return "cudaErrorInvalidValue";
+    case cudaErrorMemoryAllocation:
+      return "cudaErrorMemoryAllocation";
+    case cudaErrorInitializationError:
+      return "cudaErrorInitializationError";
+    case cudaErrorInvalidConfiguration:
+      return "cudaErrorInvalidConfiguration";
+    case cudaErrorInvalidDevice:
+      return "cudaErrorInvalidDevice";
+    case cudaErrorInvalidResourceHandle:
+      return "cudaErrorInvalidResourceHandle";
+    case cudaErrorNotSupported:
+      return "cudaErrorNotSupported";
+    case cudaErrorNoDevice:
+      return "cudaErrorNoDevice";
+    case cudaErrorInsufficientDriver:
+      return "cudaErrorInsufficientDriver";
+    case cudaErrorDevicesUnavailable:
+      return "cudaErrorDevicesUnavailable";
+    default:
+      return "cudaErrorUnknown";
+  }
+}
+
+const char* GetErrorString(cudaError_t e) {
+  switch (e) {
+    case cudaSuccess:
+      return "no error";
+    case cudaErrorInvalidValue:
+      return "invalid argument";
+    case cudaErrorMemoryAllocation:
+      return "out of memory";
+    case cudaErrorInitializationError:
+      return "initialization error";
+    case cudaErrorInvalidConfiguration:
+      return "invalid configuration argument";
+    case cudaErrorInvalidDevice:
+      return "invalid device ordinal";
+    case cudaErrorInvalidResourceHandle:
+      return "invalid resource handle";
+    case cudaErrorNotSupported:
+      return "operation not supported";
+    case cudaErrorNoDevice:
+      return "no CUDA-capable device is detected";
+    case cudaErrorInsufficientDriver:
+      return "CUDA driver version is insufficient for CUDA runtime version";
+    case cudaErrorDevicesUnavailable:
+      return "CUDA-capable device(s) is/are busy or unavailable";
+    default:
+      return "unknown error (emulated runtime)";
+  }
+}
+
+}  // namespace kvcache::cuda_emu

@@ -1,0 +1,54 @@
+// cuda/emulation/runtime.h — the CUDA runtime calls the CUDA backend makes, emulated on the host
+// (internal). cuda_emulation.h maps cudaMalloc, cudaMemcpyAsync, ... onto these functions by
+// macro, so cuda/cuda_backend.cc compiles unchanged and no symbol clashes with the real libcudart
+// when both backends are linked into one program.
+//
+// "Device" memory is host memory of exactly the requested size, 256-byte aligned as
+// cudaMalloc's. Every allocation is recorded so that copies check their direction: a host
+// pointer passed where the kind says device (or the reverse) is cudaErrorInvalidValue here, as
+// it would fail or corrupt memory on a GPU. Streams are tokens: every call runs to completion before it returns, so
+// stream order holds trivially. The emulated device has kEmulatedSms multiprocessors (few, so
+// that the backend's split planner splits long streams the way it does on a small GPU).
+//
+// Example:
+//   void* p = nullptr;
+//   if (kvcache::cuda_emu::Malloc(&p, 1024) != cudaSuccess) ...
+#ifndef KVCACHE_CUDA_EMULATION_RUNTIME_H_
+#define KVCACHE_CUDA_EMULATION_RUNTIME_H_
+
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+
+namespace kvcache::cuda_emu {
+
+inline constexpr int kEmulatedSms = 4;
+
+cudaError_t Malloc(void** ptr, size_t bytes);
+cudaError_t Free(void* ptr);
+cudaError_t MemcpyAsync(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind,
+                        cudaStream_t stream);
+cudaError_t Memcpy(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind);
+cudaError_t MemsetAsync(void* dst, int value, size_t bytes, cudaStream_t stream);
+cudaError_t StreamCreateWithFlags(cudaStream_t* stream, unsigned flags);
+cudaError_t StreamCreate(cudaStream_t* stream);
+cudaError_t StreamDestroy(cudaStream_t stream);
+cudaError_t StreamSynchronize(cudaStream_t stream);
+cudaError_t DeviceSynchronize();
+cudaError_t GetDeviceCount(int* count);
+cudaError_t GetDevice(int* device);
+cudaError_t SetDevice(int device);
+cudaError_t DeviceGetAttribute(int* value, cudaDeviceAttr attr, int device);
+cudaError_t GetLastError();
+cudaError_t PeekAtLastError();
+const char* GetErrorName(cudaError_t e);
+const char* GetErrorString(cudaError_t e);
+
+// Records e as the calling thread's last error (what a failed launch does).
+void SetLastError(cudaError_t e);
+// Whether [ptr, ptr + bytes) lies inside one emulated device allocation.
+bool IsDeviceRange(const void* ptr, size_t bytes);
+
+}  // namespace kvcache::cuda_emu
+
+#endif  // KVCACHE_CUDA_EMULATION_RUNTIME_H_
