@@ -24,6 +24,7 @@
 #include "absl/strings/string_view.h"
 #include "absl/synchronization/mutex.h"
 #include "cuda/kernels.cuh"
+#include "kvcache/internal/attention_math.h"
 
 // The registry name: "cuda-emulated" in the emulated build (cuda/emulation/).
 #ifndef KVCACHE_CUDA_BACKEND_NAME
@@ -195,10 +196,6 @@ absl::Status CheckSegment(const SegmentView& s, int32_t head_dim, absl::string_v
         absl::StrCat(what, ": key_width ", s.key_width, " does not fit head_dim ", head_dim));
   }
   return absl::OkStatus();
-}
-
-float ResolveScale(float scale, int32_t head_dim) {
-  return scale != 0.0f ? scale : 1.0f / std::sqrt(static_cast<float>(head_dim));
 }
 
 class CudaBackend final : public Backend {
