@@ -9,6 +9,7 @@
 
 #include "kvcache/cache.h"
 #include "kvcache/testing/fault_injection.h"
+#include "kvcache/testing/forwarding_backend.h"
 #include "test_util.h"
 
 using namespace kvcache;
@@ -156,38 +157,17 @@ TEST_CASE("ExportPageTable lists every stream's pages in FlashInfer form", "[cac
 namespace {
 
 // The CPU backend with DecodeAttention reported unsupported; records whether it was called.
-class NoDecodeBackend final : public Backend {
+class NoDecodeBackend final : public kvcache::testing::ForwardingBackend {
  public:
-  NoDecodeBackend() : inner_(*CreateBackend("cpu")) {}
+  NoDecodeBackend() : ForwardingBackend(*CreateBackend("cpu")) {}
   std::string_view Name() const override { return "no-decode"; }
-  bool HostAccessible() const override { return true; }
   bool Supports(BackendOp op) const override { return op == BackendOp::kScoreRows; }
-  absl::StatusOr<void*> AllocateArena(int64_t bytes) override {
-    return inner_->AllocateArena(bytes);
-  }
-  void FreeArena(void* arena) override { inner_->FreeArena(arena); }
-  absl::Status CopyPages(const PoolView& pool, std::span<const PageCopy> copies) override {
-    return inner_->CopyPages(pool, copies);
-  }
-  absl::Status WriteRows(const PoolView& pool, std::span<const RowWrite> writes) override {
-    return inner_->WriteRows(pool, writes);
-  }
-  absl::Status GatherRows(const PoolView& pool, std::span<const RowGather> gathers) override {
-    return inner_->GatherRows(pool, gathers);
-  }
-  absl::Status ReadRows(const PoolView& pool, const SegmentView& segment, int32_t head_dim,
-                        int32_t first_row, int32_t count, float* keys, float* values) override {
-    return inner_->ReadRows(pool, segment, head_dim, first_row, count, keys, values);
-  }
   absl::Status DecodeAttention(const PagedKVView& kv, const DecodeParams& params, const float* q,
                                float* out, float* lse) override {
     decode_calls.fetch_add(1);
-    return inner_->DecodeAttention(kv, params, q, out, lse);
+    return ForwardingBackend::DecodeAttention(kv, params, q, out, lse);
   }
   std::atomic<int> decode_calls{0};
-
- private:
-  std::unique_ptr<Backend> inner_;
 };
 
 }  // namespace

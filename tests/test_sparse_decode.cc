@@ -19,6 +19,7 @@
 #include "kvcache/internal/kernel_isa.h"
 #include "kvcache/backend.h"
 #include "kvcache/cache.h"
+#include "kvcache/testing/forwarding_backend.h"
 #include "test_util.h"
 
 namespace kvcache {
@@ -722,33 +723,13 @@ TEST_CASE("Bad read policy parameters are rejected and leave the cache unchanged
 
 // A backend with the CPU's memory and dense kernel but no sparse decode and no key index (as the
 // CUDA backend is today).
-class DenseOnlyBackend final : public Backend {
+class DenseOnlyBackend final : public kvcache::testing::ForwardingBackend {
  public:
-  DenseOnlyBackend() : inner_(*CreateBackend("cpu")) {}
+  DenseOnlyBackend() : ForwardingBackend(*CreateBackend("cpu")) {}
   std::string_view Name() const override { return "dense-only"; }
-  bool HostAccessible() const override { return true; }
-  absl::StatusOr<void*> AllocateArena(int64_t bytes) override { return inner_->AllocateArena(bytes); }
-  void FreeArena(void* arena) override { inner_->FreeArena(arena); }
-  absl::Status CopyPages(const PoolView& pool, std::span<const PageCopy> copies) override {
-    return inner_->CopyPages(pool, copies);
+  bool Supports(BackendOp op) const override {
+    return op == BackendOp::kDecodeAttention || op == BackendOp::kScoreRows;
   }
-  absl::Status WriteRows(const PoolView& pool, std::span<const RowWrite> writes) override {
-    return inner_->WriteRows(pool, writes);
-  }
-  absl::Status GatherRows(const PoolView& pool, std::span<const RowGather> gathers) override {
-    return inner_->GatherRows(pool, gathers);
-  }
-  absl::Status ReadRows(const PoolView& pool, const SegmentView& segment, int32_t head_dim,
-                        int32_t first_row, int32_t count, float* keys, float* values) override {
-    return inner_->ReadRows(pool, segment, head_dim, first_row, count, keys, values);
-  }
-  absl::Status DecodeAttention(const PagedKVView& kv, const DecodeParams& params, const float* q,
-                               float* out, float* lse) override {
-    return inner_->DecodeAttention(kv, params, q, out, lse);
-  }
-
- private:
-  std::unique_ptr<Backend> inner_;
 };
 
 TEST_CASE("A backend without sparse decode answers Unimplemented, never dense",

@@ -11,6 +11,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "kvcache/policy/select.h"
+#include "src/policy/image_stream_plans.h"
 #include "src/policy/similarity.h"
 
 namespace kvcache::policy {
@@ -137,22 +138,14 @@ class PruMergePolicy final : public Policy {
     plan.sequence = snap.sequence;
     plan.policy = Describe();
     const size_t d = static_cast<size_t>(snap.head_dim);
-    // Streams are independent: each is planned on its own (in parallel, ForEachStream) into its
-    // slot, then the slots are read in (layer, kv head) order, so the plan and the first error
-    // are the serial ones.
-    const int32_t streams = snap.num_layers * snap.num_kv_heads;
-    std::vector<absl::StatusOr<std::optional<StreamPlan>>> planned(streams, std::nullopt);
-    std::vector<uint8_t> visual(streams, 0);
-    ForEachStream(streams, [&](int32_t i) {
-      planned[i] = PlanStream(snap, i / snap.num_kv_heads, i % snap.num_kv_heads, d, visual[i]);
-    });
-    bool any_visual = false;
-    for (int32_t i = 0; i < streams; ++i) {
-      if (!planned[i].ok()) return planned[i].status();
-      any_visual = any_visual || visual[i];
-      if (planned[i]->has_value()) plan.streams.push_back(std::move(**planned[i]));
+    // Streams are planned independently, in parallel (image_stream_plans.h).
+    if (absl::Status s = CollectImageStreamPlans(
+            snap,
+            [&](int32_t l, int32_t h, uint8_t& visual) { return PlanStream(snap, l, h, d, visual); },
+            plan);
+        !s.ok()) {
+      return s;
     }
-    if (!any_visual) absl::StrAppend(&plan.policy, " (no image tokens: no-op)");
     return plan;
   }
 
