@@ -22,8 +22,9 @@ constexpr double kMiB = 1024.0 * 1024.0;
 
 std::string KeepText(double keep) { return keep < 0 ? std::string("-") : absl::StrFormat("%.2f", keep); }
 
-std::string RecallText(double x, const char* format) {
-  return std::isnan(x) ? std::string("-") : absl::StrFormat(format, x);
+// Recall with four decimals, "-" for a read policy (it keeps every token: no recall).
+std::string RecallText(double x) {
+  return std::isnan(x) ? std::string("-") : absl::StrFormat("%.4f", x);
 }
 
 double Share(int64_t kept, int64_t total) {
@@ -134,7 +135,7 @@ std::string FormatTable(const EvalResults& res) {
         100.0 * (1.0 - Share(r.kv_bytes, f.kv_bytes)), r.decode_ms_per_step,
         f.decode_ms_per_step > 0 ? r.decode_ms_per_step / f.decode_ms_per_step : 0.0,
         r.collect_ms, r.plan_ms + r.apply_ms, r.rel_l2, r.rel_l2_worst,
-        RecallText(r.attn_recall, "%.4f"), RecallText(r.attn_recall_worst, "%.4f"),
+        RecallText(r.attn_recall), RecallText(r.attn_recall_worst),
         r.norm_ratio, r.cosine,
         100.0 * Share(r.kept_by_modality[static_cast<int>(Modality::kText)],
                       r.total_by_modality[static_cast<int>(Modality::kText)]),
@@ -272,7 +273,7 @@ absl::StatusOr<std::string> WriteReport(const EvalResults& res, const std::strin
         100.0 * (1.0 - Share(r.kv_bytes, f.kv_bytes)), r.decode_ms_per_step,
         f.decode_ms_per_step > 0 ? r.decode_ms_per_step / f.decode_ms_per_step : 0.0,
         r.collect_ms, r.plan_ms + r.apply_ms, r.rel_l2, r.rel_l2_worst,
-        RecallText(r.attn_recall, "%.4f"), RecallText(r.attn_recall_worst, "%.4f"),
+        RecallText(r.attn_recall), RecallText(r.attn_recall_worst),
         r.norm_ratio, r.cosine,
         100.0 * Share(r.kept_by_modality[0], r.total_by_modality[0]),
         100.0 * Share(r.kept_by_modality[1], r.total_by_modality[1]));
@@ -305,7 +306,7 @@ absl::StatusOr<std::string> WriteReport(const EvalResults& res, const std::strin
       md << "| " << l << " |";
       for (const RunResult* r : sel) {
         md << absl::StrFormat(" %.4f / %s |", r->layer_rel_l2[l],
-                              RecallText(r->layer_attn_recall[l], "%.4f"));
+                              RecallText(r->layer_attn_recall[l]));
       }
       md << "\n";
     }
