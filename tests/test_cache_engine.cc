@@ -33,12 +33,7 @@ CacheConfig Config() {
 
 void AppendTokens(Cache& cache, SequenceId seq, int32_t layer, int n, int first,
                   std::mt19937& rng) {
-  const CacheConfig& c = cache.config();
-  const std::vector<float> k = RandomVector(rng, size_t(n) * c.num_kv_heads * c.head_dim);
-  const std::vector<float> v = RandomVector(rng, size_t(n) * c.num_kv_heads * c.head_dim);
-  std::vector<int32_t> pos(n);
-  for (int i = 0; i < n; ++i) pos[i] = first + i;
-  REQUIRE(cache.Append(seq, layer, {TensorRef::Of(k), TensorRef::Of(v), pos}).ok());
+  REQUIRE(kvcache::testing::AppendRandomTokens(cache, seq, layer, n, first, rng).ok());
 }
 
 EvictionPlan KeepEven(SequenceId seq, int32_t layer, int32_t kv_head, int32_t length) {

@@ -25,6 +25,18 @@ inline std::vector<float> RandomVector(std::mt19937& rng, size_t n, float scale 
   return v;
 }
 
+// Appends `n` random tokens (K then V drawn from rng) at positions [first, first + n) to one
+// layer of a sequence.
+inline absl::Status AppendRandomTokens(Cache& cache, SequenceId seq, int32_t layer, int n,
+                                       int first, std::mt19937& rng) {
+  const CacheConfig& c = cache.config();
+  const std::vector<float> k = RandomVector(rng, size_t(n) * c.num_kv_heads * c.head_dim);
+  const std::vector<float> v = RandomVector(rng, size_t(n) * c.num_kv_heads * c.head_dim);
+  std::vector<int32_t> pos(n);
+  for (int i = 0; i < n; ++i) pos[i] = first + i;
+  return cache.Append(seq, layer, {TensorRef::Of(k), TensorRef::Of(v), pos});
+}
+
 // Everything observable about every stream of every sequence.
 struct CacheImage {
   std::map<std::tuple<SequenceId, int, int>, StreamContents> streams;
