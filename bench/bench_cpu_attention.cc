@@ -41,6 +41,7 @@
 #include <random>
 #include <vector>
 
+#include "bench/bench_buffers.h"
 #include "bench/read_bandwidth.h"
 #include "cpu/attention.h"
 #include "kvcache/backend.h"
@@ -56,32 +57,9 @@ constexpr int32_t kKvHeads = 8;
 constexpr int32_t kGroup = 4;
 constexpr int32_t kHeadDim = 128;
 
-struct FreeDeleter {
-  void operator()(void* p) const { std::free(p); }
-};
-using Buffer = std::unique_ptr<uint8_t, FreeDeleter>;
-
-Buffer AllocateBytes(int64_t bytes) {
-  const int64_t rounded = (bytes + 4095) / 4096 * 4096;
-  return Buffer(static_cast<uint8_t*>(std::aligned_alloc(4096, static_cast<size_t>(rounded))));
-}
-
-// Fills a buffer with small random values of type t (a repeated random block: generating 1 GiB
-// of fresh random numbers would dominate the benchmark's setup time, and timing does not depend
-// on the values as long as they are ordinary numbers).
-void FillRandom(uint8_t* data, int64_t elements, DType t, uint32_t seed) {
-  std::mt19937 rng(seed);
-  std::uniform_real_distribution<float> uniform(-1.0f, 1.0f);
-  constexpr int64_t kBlockElements = 1 << 16;
-  std::vector<uint8_t> block(kBlockElements * DTypeSize(t));
-  for (int64_t i = 0; i < kBlockElements; ++i) StoreFromFloat(block.data(), t, i, uniform(rng));
-  const int64_t bytes = elements * DTypeSize(t);
-  for (int64_t off = 0; off < bytes; off += static_cast<int64_t>(block.size())) {
-    std::memcpy(
-        data + off, block.data(),
-        static_cast<size_t>(std::min<int64_t>(static_cast<int64_t>(block.size()), bytes - off)));
-  }
-}
+using bench::AllocateBytes;
+using bench::Buffer;
+using bench::FillRandom;
 
 // num_streams = batch * kKvHeads streams of `context` full-width tokens in one segment each,
 // pages in scrambled order.

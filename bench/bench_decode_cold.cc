@@ -36,6 +36,7 @@
 #include <tuple>
 #include <vector>
 
+#include "bench/bench_buffers.h"
 #include "bench/read_bandwidth.h"
 #include "cpu/attention.h"
 #include "kvcache/backend.h"
@@ -52,30 +53,11 @@ constexpr int32_t kHeadDim = 128;
 constexpr int64_t kPageTokens = 16;
 constexpr int64_t kTargetBytes = int64_t{1} << 30;  // K/V of all layers together
 
-struct FreeDeleter {
-  void operator()(void* p) const { std::free(p); }
-};
-using Buffer = std::unique_ptr<uint8_t, FreeDeleter>;
-
-Buffer AllocateBytes(int64_t bytes) {
-  const int64_t rounded = (bytes + 4095) / 4096 * 4096;
-  return Buffer(static_cast<uint8_t*>(std::aligned_alloc(4096, static_cast<size_t>(rounded))));
-}
+using bench::AllocateBytes;
+using bench::Buffer;
+using bench::FillRandom;
 
 DType DTypeArg(int64_t a) { return a == 0 ? DType::kF32 : a == 1 ? DType::kF16 : DType::kBF16; }
-
-// A random block of values repeated over the arena (timing does not depend on the values).
-void FillRandom(uint8_t* data, int64_t bytes, DType t) {
-  std::mt19937 rng(1);
-  std::uniform_real_distribution<float> uniform(-1.0f, 1.0f);
-  constexpr int64_t kElements = 1 << 16;
-  std::vector<uint8_t> block(kElements * DTypeSize(t));
-  for (int64_t i = 0; i < kElements; ++i) StoreFromFloat(block.data(), t, i, uniform(rng));
-  for (int64_t off = 0; off < bytes; off += static_cast<int64_t>(block.size())) {
-    std::memcpy(data + off, block.data(),
-                static_cast<size_t>(std::min<int64_t>(static_cast<int64_t>(block.size()), bytes - off)));
-  }
-}
 
 // L layers of batch * kKvHeads streams of `tokens` tokens in one arena of 16-token pages.
 struct ColdFixture {
@@ -127,7 +109,7 @@ ColdFixture& GetCold(int64_t context, int64_t batch, DType dtype, int64_t keep) 
   const int64_t num_pages = f->layers * streams * pages_per_stream;
   f->arena_bytes = num_pages * f->page_bytes;
   f->arena = AllocateBytes(f->arena_bytes);
-  FillRandom(f->arena.get(), f->arena_bytes, dtype);
+  FillRandom(f->arena.get(), f->arena_bytes / DTypeSize(dtype), dtype, /*seed=*/1);
   f->pages.resize(num_pages);
   std::iota(f->pages.begin(), f->pages.end(), 0);
   std::mt19937 rng(2);
