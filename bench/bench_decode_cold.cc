@@ -215,28 +215,31 @@ int64_t ColdIterations(int64_t context, int64_t batch, int64_t dtype) {
   return std::max<int64_t>(8, 2 * layers);
 }
 
+// One BM_DecodeCold configuration under `name`: fixed iterations, wall time with the process's
+// CPU time beside it.
+void RegisterColdCase(const char* name, int64_t context, int64_t batch, int64_t dtype,
+                      int64_t keep, int64_t prefetch, int64_t iterations) {
+  benchmark::RegisterBenchmark(name, BM_DecodeCold)
+      ->Args({context, batch, dtype, keep, prefetch})
+      ->ArgNames({"ctx", "batch", "dtype", "keep", "prefetch"})
+      ->Iterations(iterations)
+      ->MeasureProcessCPUTime()
+      ->UseRealTime()
+      ->Unit(benchmark::kMicrosecond);
+}
+
 void RegisterCold() {
   // Full context with the default (no page prefetch) and 2 pages ahead, then 10% keep.
   for (int64_t dtype : {1, 0, 2}) {
     for (int64_t context : {1024, 8192, 32768}) {
       for (int64_t batch : {1, 8}) {
         for (int64_t prefetch : {0, 2}) {
-          benchmark::RegisterBenchmark("BM_DecodeCold", BM_DecodeCold)
-              ->Args({context, batch, dtype, 100, prefetch})
-              ->ArgNames({"ctx", "batch", "dtype", "keep", "prefetch"})
-              ->Iterations(ColdIterations(context, batch, dtype))
-              ->MeasureProcessCPUTime()
-              ->UseRealTime()
-              ->Unit(benchmark::kMicrosecond);
+          RegisterColdCase("BM_DecodeCold", context, batch, dtype, 100, prefetch,
+                           ColdIterations(context, batch, dtype));
         }
         if (dtype == 1 && context >= 8192) {
-          benchmark::RegisterBenchmark("BM_DecodeCold", BM_DecodeCold)
-              ->Args({context, batch, dtype, 10, 0})
-              ->ArgNames({"ctx", "batch", "dtype", "keep", "prefetch"})
-              ->Iterations(ColdIterations(context, batch, dtype) * 4)
-              ->MeasureProcessCPUTime()
-              ->UseRealTime()
-              ->Unit(benchmark::kMicrosecond);
+          RegisterColdCase("BM_DecodeCold", context, batch, dtype, 10, 0,
+                           ColdIterations(context, batch, dtype) * 4);
         }
       }
     }
@@ -248,13 +251,8 @@ void RegisterSweep() {
   for (int64_t dtype : {1, 0}) {
     for (auto [context, batch] : {std::pair<int64_t, int64_t>{8192, 1}, {1024, 8}}) {
       for (int64_t prefetch : {0, 1, 2, 3, 4, 6, 8}) {
-        benchmark::RegisterBenchmark("BM_DecodeColdSweep", BM_DecodeCold)
-            ->Args({context, batch, dtype, 100, prefetch})
-            ->ArgNames({"ctx", "batch", "dtype", "keep", "prefetch"})
-            ->Iterations(ColdIterations(context, batch, dtype))
-            ->MeasureProcessCPUTime()
-            ->UseRealTime()
-            ->Unit(benchmark::kMicrosecond);
+        RegisterColdCase("BM_DecodeColdSweep", context, batch, dtype, 100, prefetch,
+                         ColdIterations(context, batch, dtype));
       }
     }
   }
