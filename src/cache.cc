@@ -65,7 +65,8 @@ absl::Status CheckTensor(const char* name, const TensorRef& t, int64_t expected)
 }
 
 // Append's request checks that need no sequence (sizes, dtypes, positions, modalities).
-absl::Status CheckAppendRequest(const CacheConfig& c, int32_t layer, const AppendRequest& req) {
+absl::Status CheckAppendRequest(const CacheConfig& c, const Backend& backend, int32_t layer,
+                                const AppendRequest& req) {
   const int64_t heads = c.num_kv_heads, d = c.head_dim;
   if (layer < 0 || layer >= c.num_layers) {
     return absl::OutOfRangeError(
@@ -79,6 +80,19 @@ absl::Status CheckAppendRequest(const CacheConfig& c, int32_t layer, const Appen
   if (absl::Status s = CheckTensor("Append: keys", req.keys, n * heads * d); !s.ok()) return s;
   if (absl::Status s = CheckTensor("Append: values", req.values, n * heads * d); !s.ok()) {
     return s;
+  }
+  if (req.keys.space != req.values.space ||
+      (req.keys.space != MemorySpace::kHost && req.keys.space != MemorySpace::kDevice)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("Append: keys are in memory space ", static_cast<int>(req.keys.space), " (",
+                     MemorySpaceName(req.keys.space), ") but values in ",
+                     static_cast<int>(req.values.space), " (", MemorySpaceName(req.values.space),
+                     "); both host or both device"));
+  }
+  if (req.keys.space == MemorySpace::kDevice && !backend.Supports(BackendOp::kDeviceTensors)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("Append: keys and values are device tensors but the ",
+                     std::string(backend.Name()), " backend has no device tensors"));
   }
   if (req.keys.dtype != req.values.dtype) {
     return absl::InvalidArgumentError(absl::StrCat("Append: keys are ", DTypeName(req.keys.dtype),
@@ -265,7 +279,7 @@ CacheStats Cache::Stats() const {
 absl::Status Cache::Append(SequenceId seq_id, int32_t layer, const AppendRequest& req) {
   const CacheConfig& c = config_;
   const int32_t heads = c.num_kv_heads, d = c.head_dim;
-  if (absl::Status s = CheckAppendRequest(c, layer, req); !s.ok()) return s;
+  if (absl::Status s = CheckAppendRequest(c, *backend_, layer, req); !s.ok()) return s;
   const int64_t n = static_cast<int64_t>(req.positions.size());
   absl::StatusOr<LockedSequence> locked = Lock("Append", seq_id);
   if (!locked.ok()) return locked.status();
@@ -372,6 +386,7 @@ absl::Status Cache::Append(SequenceId seq_id, int32_t layer, const AppendRequest
       w.values = static_cast<const uint8_t*>(req.values.data) + offset;
       w.src_dtype = req.keys.dtype;
       w.src_stride = token_stride;
+      w.src_space = req.keys.space;
       writes.push_back(w);
       i = j;
     }
