@@ -367,10 +367,12 @@ absl::Status Cache::Append(SequenceId seq_id, int32_t layer, const AppendRequest
   std::vector<RowWrite> writes;
   const int64_t token_stride = int64_t{heads} * d;
   const int esize = DTypeSize(req.keys.dtype);
+  std::vector<int32_t> base_rows(heads);
   for (int32_t h = 0; h < heads; ++h) {
     // Rows continue after the committed tail's tokens (the staged copy holds only pages).
     const int32_t base_row =
         work[h].new_segment ? 0 : table.stream(layer, h).segments.back().length();
+    base_rows[h] = base_row;
     const SegmentView view = staged[h].View();
     int32_t i = 0;
     while (i < m) {  // one write per run of consecutive admitted tokens
@@ -393,6 +395,31 @@ absl::Status Cache::Append(SequenceId seq_id, int32_t layer, const AppendRequest
   }
   if (absl::Status s = backend_->WriteRows(pool_->view(), writes); !s.ok()) return s;
 
+  // Device K/V: page summaries and key indexes need the stored keys on the host, and the host
+  // cannot read the request's, so they are read back from the pool (f32, exactly the
+  // dtype-rounded values the host path computes), before anything is committed.
+  const bool device_kv = req.keys.space == MemorySpace::kDevice;
+  std::vector<float> device_stored;  // [heads, m, head_dim] when device_kv and needed
+  if (device_kv) {
+    bool needed = c.page_summaries;
+    for (int32_t h = 0; h < heads; ++h) {
+      needed = needed || internal::HasKeyIndex(seq, table.Index(layer, h));
+    }
+    if (needed) {
+      device_stored.resize(static_cast<size_t>(heads) * m * d);
+      for (int32_t h = 0; h < heads; ++h) {
+        SegmentView view = staged[h].View();
+        view.length = base_rows[h] + m;  // the rows just written
+        if (absl::Status s = backend_->ReadRows(pool_->view(), view, d, base_rows[h], m,
+                                                device_stored.data() + int64_t{h} * m * d,
+                                                nullptr);
+            !s.ok()) {
+          return s;
+        }
+      }
+    }
+  }
+
   // Commit.
   std::vector<int32_t> positions(m);
   std::vector<uint8_t> modalities(m, static_cast<uint8_t>(Modality::kText));
@@ -407,7 +434,11 @@ absl::Status Cache::Append(SequenceId seq_id, int32_t layer, const AppendRequest
     if (c.page_summaries || indexed) {
       // Append always writes full-width rows, so the stored keys are full width too.
       stored.resize(static_cast<size_t>(m) * d);
-      for (int32_t i = 0; i < m; ++i) {
+      if (device_kv) {
+        std::copy_n(device_stored.begin() + static_cast<int64_t>(h) * m * d,
+                    static_cast<int64_t>(m) * d, stored.begin());
+      }
+      for (int32_t i = 0; i < m && !device_kv; ++i) {
         const int64_t src = (int64_t{admitted[i]} * heads + h) * d;
         for (int32_t ch = 0; ch < d; ++ch) {
           stored[static_cast<size_t>(i) * d + ch] =

@@ -263,6 +263,135 @@ TEST_CASE("cuda device tensors: host memory passed as device, short buffers, bad
   REQUIRE(cache->Validate().ok());
 }
 
+bool SameSummaries(const std::vector<PageSummary>& a, const std::vector<PageSummary>& b) {
+  if (a.size() != b.size()) return false;
+  for (size_t i = 0; i < a.size(); ++i) {
+    if (a[i].first_token != b[i].first_token || a[i].num_tokens != b[i].num_tokens ||
+        a[i].key_channels != b[i].key_channels || a[i].key_min != b[i].key_min ||
+        a[i].key_max != b[i].key_max) {
+      return false;
+    }
+  }
+  return true;
+}
+
+// Device K/V Append: the write kernel reads the caller's strided device rows in place. Two
+// caches receive the same tokens, one from host buffers and one from device buffers: every
+// stored row, position, page summary (read back from the pool for device K/V) and decode must
+// be equal, for f32 / f16 / bf16 sources, with an admission mask that splits the rows into
+// runs, a partial tail page filled one token at a time, and a forked (copy-on-write) tail.
+TEST_CASE("cuda device tensors: Append of device K/V equals Append of host K/V",
+          "[cuda][device][append]") {
+  KVCACHE_CUDA_CASE();
+  CacheConfig c = Config(2);
+  c.page_summaries = true;
+  auto host = NewCache(c);
+  auto device = NewCache(c);
+  std::mt19937 rng(53);
+  const SequenceId a = *host->AddSequence();
+  REQUIRE(*device->AddSequence() == a);
+  const int64_t row = int64_t{c.num_kv_heads} * c.head_dim;
+  int32_t next_position = 0;
+  const auto append_both = [&](SequenceId seq, int32_t layer, int n, DType dtype,
+                               bool with_admit) {
+    INFO("append " << n << " tokens of " << DTypeName(dtype) << " to layer " << layer);
+    const std::vector<float> kf = RandomVector(rng, static_cast<size_t>(n * row));
+    const std::vector<float> vf = RandomVector(rng, static_cast<size_t>(n * row));
+    const Query k = MakeQuery(kf, dtype), v = MakeQuery(vf, dtype);  // bytes in `dtype`
+    std::vector<int32_t> positions(n);
+    std::vector<uint8_t> admit(n);
+    for (int i = 0; i < n; ++i) {
+      positions[i] = next_position++;
+      admit[i] = (i % 5 == 2) ? 0 : 1;
+    }
+    DeviceMemory dk(k.bytes.size()), dv(v.bytes.size());
+    dk.Upload(k.bytes.data(), k.bytes.size());
+    dv.Upload(v.bytes.data(), v.bytes.size());
+    AppendRequest h_req, d_req;
+    h_req.keys = TensorRef{k.bytes.data(), dtype, n * row};
+    h_req.values = TensorRef{v.bytes.data(), dtype, n * row};
+    d_req.keys = TensorRef::OnDevice(dk.get(), dtype, n * row);
+    d_req.values = TensorRef::OnDevice(dv.get(), dtype, n * row);
+    h_req.positions = d_req.positions = positions;
+    if (with_admit) h_req.admit = d_req.admit = admit;
+    REQUIRE(host->Append(seq, layer, h_req).ok());
+    const absl::Status s = device->Append(seq, layer, d_req);
+    INFO(s.ToString());
+    REQUIRE(s.ok());
+  };
+  const auto compare = [&](SequenceId seq) {
+    for (int32_t l = 0; l < c.num_layers; ++l) {
+      for (int32_t h = 0; h < c.num_kv_heads; ++h) {
+        INFO("sequence " << seq << " layer " << l << " kv head " << h);
+        const StreamContents hs = *host->ReadStream(seq, l, h);
+        const StreamContents ds = *device->ReadStream(seq, l, h);
+        REQUIRE(ds.length == hs.length);
+        REQUIRE(ds.positions == hs.positions);
+        REQUIRE(ds.keys == hs.keys);
+        REQUIRE(ds.values == hs.values);
+        REQUIRE(SameSummaries(*device->ReadPageSummaries(seq, l, h),
+                              *host->ReadPageSummaries(seq, l, h)));
+      }
+    }
+  };
+  append_both(a, 0, 37, DType::kF32, true);
+  append_both(a, 1, 37, DType::kBF16, false);
+  compare(a);
+  for (DType dtype : {DType::kF16, DType::kBF16, DType::kF32}) {  // decode-style single tokens
+    append_both(a, 0, 1, dtype, false);
+    append_both(a, 1, 1, dtype, false);
+  }
+  const SequenceId child = *host->Fork(a);
+  REQUIRE(*device->Fork(a) == child);
+  append_both(child, 0, 3, DType::kF16, false);  // copies the shared partial tail page first
+  compare(a);
+  compare(child);
+  // And the decodes over them agree.
+  const std::vector<SequenceId> batch{a, child};
+  const std::vector<float> q = RandomVector(rng, 2 * static_cast<size_t>(c.num_q_heads) * c.head_dim);
+  std::vector<float> h_out(q.size()), d_out(q.size());
+  REQUIRE(host->DecodeAttention(batch, 0, q, h_out).ok());
+  REQUIRE(device->DecodeAttention(batch, 0, q, d_out).ok());
+  REQUIRE(h_out == d_out);
+  REQUIRE(device->Validate().ok());
+}
+
+TEST_CASE("cuda device tensors: Append refuses host memory labelled device and mixed spaces",
+          "[cuda][device][append][errors]") {
+  KVCACHE_CUDA_CASE();
+  auto cache = NewCache(Config(1));
+  const CacheConfig& c = cache->config();
+  std::mt19937 rng(59);
+  const SequenceId a = *cache->AddSequence();
+  REQUIRE(testing::AppendRandomTokens(*cache, a, 0, 5, 0, rng).ok());
+  const StreamContents before = *cache->ReadStream(a, 0, 0);
+  const int64_t n = 2 * int64_t{c.num_kv_heads} * c.head_dim;
+  std::vector<float> host(static_cast<size_t>(n), 1.0f);
+  DeviceMemory d(n * 4), d_short(n * 4 - 4);
+  const std::vector<int32_t> positions{10, 11};
+  const auto expect = [&](const AppendRequest& req, const std::string& needle) {
+    const absl::Status s = cache->Append(a, 0, req);
+    INFO(s.ToString());
+    REQUIRE(s.code() == absl::StatusCode::kInvalidArgument);
+    REQUIRE(s.message().find(needle) != std::string_view::npos);
+    REQUIRE(testing::SameContents(*cache->ReadStream(a, 0, 0), before));
+  };
+  AppendRequest req;
+  req.positions = positions;
+  req.keys = TensorRef::OnDevice(host.data(), DType::kF32, n);
+  req.values = TensorRef::OnDevice(d.get(), DType::kF32, n);
+  expect(req, "WriteRows: keys");
+  req.keys = TensorRef::OnDevice(d.get(), DType::kF32, n);
+  req.values = TensorRef::OnDevice(d_short.get(), DType::kF32, n);  // 4 bytes short
+  expect(req, "WriteRows: values");
+  req.values = TensorRef::Of(host);
+  expect(req, "both host or both device");
+  req.values = TensorRef::OnDevice(d.get(), DType::kF32, n);
+  REQUIRE(cache->Append(a, 0, req).ok());
+  REQUIRE(*cache->StreamLength(a, 0, 0) == before.length + 2);
+  REQUIRE(cache->Validate().ok());
+}
+
 #else  // no CUDA runtime of any kind: the [cuda] cases skip (exit code 4)
 
 TEST_CASE("cuda device tensors: no CUDA backend", "[cuda][device]") { (void)CudaBackend(); }

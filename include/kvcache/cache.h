@@ -47,6 +47,12 @@
 namespace kvcache {
 
 // K/V of num_tokens = positions.size() new tokens for ONE layer, all kv heads.
+// keys and values are host memory, or both device memory on a backend with
+// BackendOp::kDeviceTensors (the CUDA backend's write kernel reads the strided rows in place, no
+// host staging; InvalidArgument elsewhere). Append is synchronous on the backend's own stream
+// and does not order itself after the caller's streams: device K/V must be complete (the
+// stream that produced them synchronised) when Append is called. positions, modalities and
+// admit are host memory always.
 struct AppendRequest {
   TensorRef keys;                       // [num_tokens, num_kv_heads, head_dim]
   TensorRef values;                     // [num_tokens, num_kv_heads, head_dim]
