@@ -6,7 +6,10 @@
 // positions, SegmentView structs rewritten to device addresses, query vectors, source rows),
 // copy it with one cudaMemcpyAsync into `inputs_`, carve outputs and scratch out of `work_`,
 // launch, copy the results back and synchronise. Both device buffers only grow, so steady-state
-// decode allocates nothing.
+// decode allocates no device memory.
+// Device tensors (DeviceDecodeAttention) skip the q upload and the result download (q / out /
+// lse are the caller's device buffers) and the synchronisation; device K/V row writes skip
+// the row packing (the write kernel reads the caller's strided rows).
 #include "cuda/cuda_backend.h"
 
 #include <cuda_runtime_api.h>
@@ -202,14 +205,21 @@ absl::Status CheckSegment(const SegmentView& s, int32_t head_dim, absl::string_v
 
 class CudaBackend final : public Backend {
  public:
-  CudaBackend(int device, int num_sms, cudaStream_t stream, cudaEvent_t buffers_free)
-      : device_(device), num_sms_(num_sms), stream_(stream), buffers_free_(buffers_free) {}
+  CudaBackend(int device, int num_sms, cudaStream_t stream, cudaEvent_t buffers_free,
+              cudaEvent_t own_done)
+      : device_(device),
+        num_sms_(num_sms),
+        stream_(stream),
+        buffers_free_(buffers_free),
+        own_done_(own_done) {}
   ~CudaBackend() override {
     cudaSetDevice(device_);
     // The caller's streams may still run a device-tensor decode that reads inputs_ / work_:
     // wait for it before the buffers are freed (cudaFree would also wait, for the device).
     cudaEventSynchronize(buffers_free_);
+    cudaStreamSynchronize(stream_);
     cudaEventDestroy(buffers_free_);
+    cudaEventDestroy(own_done_);
     cudaStreamDestroy(stream_);
   }
 
@@ -677,10 +687,9 @@ class CudaBackend final : public Backend {
     const int32_t group = params.group_size;
     const int32_t d = kv.head_dim;
     const int64_t heads = int64_t{kv.num_streams} * group;
-    const bool accumulate = params.accumulate_scores;
     if (device) {
-      if (absl::Status s = CheckDeviceMemory(io.q, heads * d * DTypeSize(io.q_dtype),
-                                             "DecodeAttention: q");
+      if (absl::Status s =
+              CheckDeviceMemory(io.q, heads * d * DTypeSize(io.q_dtype), "DecodeAttention: q");
           !s.ok()) {
         return s;
       }
@@ -697,14 +706,33 @@ class CudaBackend final : public Backend {
       }
     }
     if (kv.num_streams == 0) return absl::OkStatus();
-    cudaStream_t stream = device && io.stream != nullptr ? static_cast<cudaStream_t>(io.stream)
-                                                         : stream_;
-    const bool q_in_place = device && io.q_dtype == DType::kF32;
-    const bool out_in_place = device && io.out_dtype == DType::kF32;
-    const bool lse_in_place = device && io.lse != nullptr;
+    cudaStream_t stream =
+        device && io.stream != nullptr ? static_cast<cudaStream_t>(io.stream) : stream_;
 
     absl::MutexLock lock(&mu_);
     if (absl::Status s = Begin(stream); !s.ok()) return s;
+    absl::Status status = DecodeLocked(kv, params, io, device, layout, stream);
+    if (device) {
+      // Whatever happened, work on `stream` may read inputs_ / work_ from now on (a failure
+      // can follow a launch): calls on other streams wait for it (Begin).
+      absl::Status recorded = Enqueued("DecodeAttention", stream);
+      if (status.ok()) status = recorded;
+    }
+    return status;
+  }
+
+  // Decode after Begin(stream), under mu_. Returns with the work enqueued (device tensors
+  // without score accumulation) or finished.
+  absl::Status DecodeLocked(const PagedKVView& kv, const DecodeParams& params, const DecodeIO& io,
+                            bool device, const StreamLayout& layout, cudaStream_t stream)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    const int32_t group = params.group_size;
+    const int32_t d = kv.head_dim;
+    const int64_t heads = int64_t{kv.num_streams} * group;
+    const bool accumulate = params.accumulate_scores;
+    const bool q_in_place = device && io.q_dtype == DType::kF32;
+    const bool out_in_place = device && io.out_dtype == DType::kF32;
+    const bool lse_in_place = device && io.lse != nullptr;
     staging_.Clear();
     const StagedView view = StageView(kv, layout, /*with_positions=*/false);
     const int64_t q_at = device ? -1 : staging_.Append(io.q, heads * d * sizeof(float));
@@ -729,7 +757,7 @@ class CudaBackend final : public Backend {
     args.num_queries = kv.num_streams;
     args.group_size = group;
     args.scale = ResolveScale(params.scale, d);
-    args.q = !device     ? reinterpret_cast<const float*>(dev + q_at)
+    args.q = !device      ? reinterpret_cast<const float*>(dev + q_at)
              : q_in_place ? static_cast<const float*>(io.q)
                           : reinterpret_cast<const float*>(work + q32_at);
     args.out = out_in_place ? static_cast<float*>(io.out) : reinterpret_cast<float*>(work + out_at);
@@ -749,8 +777,8 @@ class CudaBackend final : public Backend {
     // buffers_free_ event across streams (Begin).
     if (absl::Status s = Upload("DecodeAttention", stream); !s.ok()) return s;
     if (device && !q_in_place) {
-      if (cudaError_t e = LaunchConvert(io.q, io.q_dtype, work + q32_at, DType::kF32, heads * d,
-                                        stream);
+      if (cudaError_t e =
+              LaunchConvert(io.q, io.q_dtype, work + q32_at, DType::kF32, heads * d, stream);
           e != cudaSuccess) {
         return CudaError(e, "DecodeAttention (q conversion)");
       }
@@ -761,8 +789,8 @@ class CudaBackend final : public Backend {
       return CudaError(e, "DecodeAttention");
     }
     if (device && !out_in_place) {
-      if (cudaError_t e = LaunchConvert(work + out_at, DType::kF32, io.out, io.out_dtype,
-                                        heads * d, stream);
+      if (cudaError_t e =
+              LaunchConvert(work + out_at, DType::kF32, io.out, io.out_dtype, heads * d, stream);
           e != cudaSuccess) {
         return CudaError(e, "DecodeAttention (out conversion)");
       }
@@ -778,8 +806,8 @@ class CudaBackend final : public Backend {
       }
     }
     if (!accumulate) {
-      if (!device) return Finish("DecodeAttention", stream);
-      return Enqueued("DecodeAttention", stream);  // asynchronous: no host synchronisation
+      // Device tensors: asynchronous, no host synchronisation (Decode records the event).
+      return device ? absl::OkStatus() : Finish("DecodeAttention", stream);
     }
     // Score accumulation: the accumulators are host memory (SegmentView::scores), so the
     // probabilities come back and the stream is synchronised, device tensors or not.
@@ -810,15 +838,15 @@ class CudaBackend final : public Backend {
   // records could tell apart).
   absl::Status CheckDeviceMemory(const void* p, int64_t bytes, absl::string_view what) const {
     if (bytes <= 0) return absl::OkStatus();
-    for (const void* at : {p, static_cast<const void*>(static_cast<const uint8_t*>(p) + bytes - 1)}) {
+    for (const void* at :
+         {p, static_cast<const void*>(static_cast<const uint8_t*>(p) + bytes - 1)}) {
       cudaPointerAttributes a{};
       const cudaError_t e = cudaPointerGetAttributes(&a, at);
       if (e != cudaSuccess) {
         cudaGetLastError();  // not sticky: clear it so that later calls do not report it
-        return absl::InvalidArgumentError(absl::StrCat(what, " (", bytes, " bytes at 0x",
-                                                       absl::Hex(reinterpret_cast<uintptr_t>(p)),
-                                                       ") is not device memory: ",
-                                                       cudaGetErrorName(e)));
+        return absl::InvalidArgumentError(absl::StrCat(
+            what, " (", bytes, " bytes at 0x", absl::Hex(reinterpret_cast<uintptr_t>(p)),
+            ") is not device memory: ", cudaGetErrorName(e)));
       }
       if ((a.type != cudaMemoryTypeDevice && a.type != cudaMemoryTypeManaged) ||
           a.device != device_) {
@@ -901,15 +929,28 @@ class CudaBackend final : public Backend {
 
   // Start of every device operation on `stream`: the calling thread may have another device
   // current, and a previous asynchronous failure must not be blamed on this call. inputs_ and
-  // work_ are shared by every call; after a device-tensor decode enqueued on another stream
-  // they may still be in use, so `stream` first waits for that decode (buffers_free_).
+  // work_ are shared by every call, so `stream` first waits for the earlier users that may
+  // still run on other streams:
+  //   - a device-tensor decode on a caller's stream (recorded in buffers_free_ right after it,
+  //     since the caller may destroy its stream later);
+  //   - work left on the backend's own stream by an operation that failed before its Finish
+  //     (recorded now in own_done_: stream_ lives as long as the backend).
   absl::Status Begin(cudaStream_t stream) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     if (cudaError_t e = cudaSetDevice(device_); e != cudaSuccess) return CudaError(e, "set device");
+    if (own_pending_ && stream != stream_) {
+      if (cudaError_t e = cudaEventRecord(own_done_, stream_); e != cudaSuccess) {
+        return CudaError(e, "record the backend stream's work");
+      }
+      if (cudaError_t e = cudaStreamWaitEvent(stream, own_done_, 0); e != cudaSuccess) {
+        return CudaError(e, "wait for the backend stream's work");
+      }
+    }
     if (in_flight_ && stream != in_flight_stream_) {
       if (cudaError_t e = cudaStreamWaitEvent(stream, buffers_free_, 0); e != cudaSuccess) {
         return CudaError(e, "wait for the previous decode's stream");
       }
     }
+    if (stream == stream_) own_pending_ = true;
     return absl::OkStatus();
   }
   absl::Status Upload(absl::string_view what, cudaStream_t stream = nullptr)
@@ -926,9 +967,9 @@ class CudaBackend final : public Backend {
   absl::Status Download(void* host, const void* device, int64_t bytes, absl::string_view what,
                         cudaStream_t stream = nullptr) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     if (host == nullptr || bytes == 0) return absl::OkStatus();
-    if (cudaError_t e = cudaMemcpyAsync(host, device, static_cast<size_t>(bytes),
-                                        cudaMemcpyDeviceToHost,
-                                        stream != nullptr ? stream : stream_);
+    if (cudaError_t e =
+            cudaMemcpyAsync(host, device, static_cast<size_t>(bytes), cudaMemcpyDeviceToHost,
+                            stream != nullptr ? stream : stream_);
         e != cudaSuccess) {
       return CudaError(e, what);
     }
@@ -938,14 +979,16 @@ class CudaBackend final : public Backend {
   // reused, and every earlier user of the buffers is done (Begin made `stream` wait for it).
   absl::Status Finish(absl::string_view what, cudaStream_t stream = nullptr)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    if (cudaError_t e = cudaStreamSynchronize(stream != nullptr ? stream : stream_);
-        e != cudaSuccess) {
+    if (stream == nullptr) stream = stream_;
+    if (cudaError_t e = cudaStreamSynchronize(stream); e != cudaSuccess) {
       return CudaError(e, what);
     }
     in_flight_ = false;
+    if (stream == stream_) own_pending_ = false;
     return absl::OkStatus();
   }
-  // End of an asynchronous operation on `stream`: records when the buffers are free again.
+  // End of a device-tensor decode on `stream` (asynchronous, or failed after enqueueing
+  // something): records when the buffers are free again.
   absl::Status Enqueued(absl::string_view what, cudaStream_t stream)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     if (cudaError_t e = cudaEventRecord(buffers_free_, stream); e != cudaSuccess) {
@@ -959,11 +1002,14 @@ class CudaBackend final : public Backend {
   const int device_;
   const int num_sms_;
   cudaStream_t stream_;
-  // Recorded after the last asynchronous (device-tensor) decode; valid while in_flight_.
+  // Recorded after the last device-tensor decode, on its stream; valid while in_flight_.
   cudaEvent_t buffers_free_;
+  // Recorded on stream_ when a call on another stream must wait for it (own_pending_).
+  cudaEvent_t own_done_;
   absl::Mutex mu_;
   bool in_flight_ ABSL_GUARDED_BY(mu_) = false;
   cudaStream_t in_flight_stream_ ABSL_GUARDED_BY(mu_) = nullptr;
+  bool own_pending_ ABSL_GUARDED_BY(mu_) = false;  // stream_ may have unfinished work
   StagingBlob staging_ ABSL_GUARDED_BY(mu_);
   DeviceBuffer inputs_ ABSL_GUARDED_BY(mu_);  // mirrored host arrays and source rows
   DeviceBuffer work_ ABSL_GUARDED_BY(mu_);    // outputs and scratch
@@ -994,13 +1040,16 @@ absl::StatusOr<std::unique_ptr<Backend>> CreateCudaBackend() {
   if (cudaError_t e = cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking); e != cudaSuccess) {
     return CudaError(e, "stream creation");
   }
-  cudaEvent_t buffers_free = nullptr;
-  if (cudaError_t e = cudaEventCreateWithFlags(&buffers_free, cudaEventDisableTiming);
-      e != cudaSuccess) {
-    cudaStreamDestroy(stream);
-    return CudaError(e, "event creation");
+  cudaEvent_t events[2] = {nullptr, nullptr};  // buffers_free, own_done
+  for (int i = 0; i < 2; ++i) {
+    if (cudaError_t e = cudaEventCreateWithFlags(&events[i], cudaEventDisableTiming);
+        e != cudaSuccess) {
+      if (i == 1) cudaEventDestroy(events[0]);
+      cudaStreamDestroy(stream);
+      return CudaError(e, "event creation");
+    }
   }
-  return std::unique_ptr<Backend>(new CudaBackend(device, num_sms, stream, buffers_free));
+  return std::unique_ptr<Backend>(new CudaBackend(device, num_sms, stream, events[0], events[1]));
 }
 
 }  // namespace kvcache::KVCACHE_CUDA_NAMESPACE

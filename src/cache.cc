@@ -83,11 +83,10 @@ absl::Status CheckAppendRequest(const CacheConfig& c, const Backend& backend, in
   }
   if (req.keys.space != req.values.space ||
       (req.keys.space != MemorySpace::kHost && req.keys.space != MemorySpace::kDevice)) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("Append: keys are in memory space ", static_cast<int>(req.keys.space), " (",
-                     MemorySpaceName(req.keys.space), ") but values in ",
-                     static_cast<int>(req.values.space), " (", MemorySpaceName(req.values.space),
-                     "); both host or both device"));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "Append: keys are in memory space ", static_cast<int>(req.keys.space), " (",
+        MemorySpaceName(req.keys.space), ") but values in ", static_cast<int>(req.values.space),
+        " (", MemorySpaceName(req.values.space), "); both host or both device"));
   }
   if (req.keys.space == MemorySpace::kDevice && !backend.Supports(BackendOp::kDeviceTensors)) {
     return absl::InvalidArgumentError(
@@ -411,8 +410,7 @@ absl::Status Cache::Append(SequenceId seq_id, int32_t layer, const AppendRequest
         SegmentView view = staged[h].View();
         view.length = base_rows[h] + m;  // the rows just written
         if (absl::Status s = backend_->ReadRows(pool_->view(), view, d, base_rows[h], m,
-                                                device_stored.data() + int64_t{h} * m * d,
-                                                nullptr);
+                                                device_stored.data() + int64_t{h} * m * d, nullptr);
             !s.ok()) {
           return s;
         }

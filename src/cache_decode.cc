@@ -58,9 +58,7 @@ absl::Status CheckReadPolicy(const ReadPolicy& rp) {
   return absl::OkStatus();
 }
 
-bool ValidDType(DType t) {
-  return t == DType::kF32 || t == DType::kF16 || t == DType::kBF16;
-}
+bool ValidDType(DType t) { return t == DType::kF32 || t == DType::kF16 || t == DType::kBF16; }
 bool ValidSpace(MemorySpace s) { return s == MemorySpace::kHost || s == MemorySpace::kDevice; }
 
 // One tensor of a decode call: `expected` elements (lse: 0 = not requested is allowed), a known
@@ -69,19 +67,17 @@ absl::Status CheckDecodeTensor(const char* name, const void* data, DType dtype, 
                                MemorySpace space, int64_t expected, bool f32_only,
                                const char* shape) {
   if (n != expected) {
-    return absl::InvalidArgumentError(absl::StrCat("DecodeAttention: ", name, " has ", n,
-                                                   " elements, expected ", expected, " (", shape,
-                                                   ")"));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "DecodeAttention: ", name, " has ", n, " elements, expected ", expected, " (", shape, ")"));
   }
   if (!ValidDType(dtype) || (f32_only && dtype != DType::kF32)) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("DecodeAttention: ", name, " has dtype ", static_cast<int>(dtype), " (",
-                     DTypeName(dtype), "); ", f32_only ? "f32 is" : "f32, f16 and bf16 are",
-                     " supported"));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "DecodeAttention: ", name, " has dtype ", static_cast<int>(dtype), " (", DTypeName(dtype),
+        "); ", f32_only ? "f32 is" : "f32, f16 and bf16 are", " supported"));
   }
   if (!ValidSpace(space)) {
-    return absl::InvalidArgumentError(absl::StrCat("DecodeAttention: ", name, " has memory space ",
-                                                   static_cast<int>(space)));
+    return absl::InvalidArgumentError(
+        absl::StrCat("DecodeAttention: ", name, " has memory space ", static_cast<int>(space)));
   }
   if (n > 0 && data == nullptr) {
     return absl::InvalidArgumentError(
@@ -101,8 +97,8 @@ absl::Status CheckDecodeArgs(const CacheConfig& c, const Backend& backend, int64
         absl::StrCat("DecodeAttention: layer ", layer, " is out of range [0, ", c.num_layers, ")"));
   }
   const int64_t per_seq = int64_t{c.num_q_heads} * c.head_dim;
-  if (absl::Status s = CheckDecodeTensor("q", q.data, q.dtype, q.num_elements, q.space,
-                                         b * per_seq, false, "batch * num_q_heads * head_dim");
+  if (absl::Status s = CheckDecodeTensor("q", q.data, q.dtype, q.num_elements, q.space, b * per_seq,
+                                         false, "batch * num_q_heads * head_dim");
       !s.ok()) {
     return s;
   }
@@ -122,11 +118,11 @@ absl::Status CheckDecodeArgs(const CacheConfig& c, const Backend& backend, int64
   }
   const bool device = q.space == MemorySpace::kDevice;
   if (out.space != q.space || (with_lse && lse.space != q.space)) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "DecodeAttention: q is in ", MemorySpaceName(q.space), " memory but ",
-        out.space != q.space ? "out" : "lse", " is in ",
-        MemorySpaceName(out.space != q.space ? out.space : lse.space),
-        " memory; the tensors of one call share one memory space"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("DecodeAttention: q is in ", MemorySpaceName(q.space), " memory but ",
+                     out.space != q.space ? "out" : "lse", " is in ",
+                     MemorySpaceName(out.space != q.space ? out.space : lse.space),
+                     " memory; the tensors of one call share one memory space"));
   }
   const bool device_tensors = backend.Supports(BackendOp::kDeviceTensors);
   if (device && !device_tensors) {
@@ -135,9 +131,9 @@ absl::Status CheckDecodeArgs(const CacheConfig& c, const Backend& backend, int64
                      std::string(backend.Name()), " backend has no device tensors"));
   }
   if (options.stream != nullptr && !device_tensors) {
-    return absl::InvalidArgumentError(absl::StrCat("DecodeAttention: options.stream is set but the ",
-                                                   std::string(backend.Name()),
-                                                   " backend has no streams (no device tensors)"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("DecodeAttention: options.stream is set but the ", std::string(backend.Name()),
+                     " backend has no streams (no device tensors)"));
   }
   if (options.stream != nullptr && !device) {
     return absl::InvalidArgumentError(
@@ -288,15 +284,15 @@ MutableTensorRef OptionalOf(std::span<float> s) {
 absl::Status Cache::DecodeAttention(DecodePlan& plan, int32_t layer, std::span<const float> q,
                                     std::span<float> out, std::span<float> lse,
                                     const DecodeOptions& options) {
-  return DecodeAttention(plan, layer, TensorRef::Of(q), MutableTensorRef::Of(out),
-                         OptionalOf(lse), options);
+  return DecodeAttention(plan, layer, TensorRef::Of(q), MutableTensorRef::Of(out), OptionalOf(lse),
+                         options);
 }
 
 absl::Status Cache::DecodeAttention(std::span<const SequenceId> batch, int32_t layer,
                                     std::span<const float> q, std::span<float> out,
                                     std::span<float> lse, const DecodeOptions& options) {
-  return DecodeAttention(batch, layer, TensorRef::Of(q), MutableTensorRef::Of(out),
-                         OptionalOf(lse), options);
+  return DecodeAttention(batch, layer, TensorRef::Of(q), MutableTensorRef::Of(out), OptionalOf(lse),
+                         options);
 }
 
 absl::Status Cache::DecodeAttention(DecodePlan& plan, int32_t layer, TensorRef q,
@@ -323,8 +319,8 @@ absl::Status Cache::DecodeAttention(DecodePlan& plan, int32_t layer, TensorRef q
   return RunDecode(st, layer, q, out, lse, options, /*one_shot=*/false);
 }
 
-absl::Status Cache::DecodeAttention(std::span<const SequenceId> batch, int32_t layer,
-                                    TensorRef q, MutableTensorRef out, MutableTensorRef lse,
+absl::Status Cache::DecodeAttention(std::span<const SequenceId> batch, int32_t layer, TensorRef q,
+                                    MutableTensorRef out, MutableTensorRef lse,
                                     const DecodeOptions& options) {
   if (batch.empty()) return absl::InvalidArgumentError("DecodeAttention: empty batch");
   if (absl::Status s = CheckDecodeArgs(config_, *backend_, static_cast<int64_t>(batch.size()),

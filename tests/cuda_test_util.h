@@ -65,8 +65,8 @@ inline bool UseCudaBackend(bool reverse) {
 }
 
 // The start of every [cuda] test case (the generator must be in the test case itself).
-#define KVCACHE_CUDA_CASE()                   \
-  const bool reverse_order = GENERATE(false, true); \
+#define KVCACHE_CUDA_CASE()                                         \
+  const bool reverse_order = GENERATE(false, true);                 \
   INFO("thread order " << (reverse_order ? "reverse" : "forward")); \
   if (!UseCudaBackend(reverse_order)) return
 

@@ -25,10 +25,10 @@
 #include <string>
 #include <vector>
 
+#include "cuda_test_util.h"
 #include "kvcache/backend.h"
 #include "kvcache/cache.h"
 #include "kvcache/plan.h"
-#include "cuda_test_util.h"
 #include "test_util.h"
 
 namespace kvcache {

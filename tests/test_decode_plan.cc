@@ -8,8 +8,8 @@
 
 #include <algorithm>
 #include <atomic>
-#include <cmath>
 #include <catch2/catch.hpp>
+#include <cmath>
 #include <cstdlib>
 #include <new>
 #include <random>
@@ -136,13 +136,15 @@ void AppendAllLayers(Cache& cache, SequenceId seq, int n, int first, std::mt1993
 // x rounded to f16 / bf16 bits.
 std::vector<uint16_t> ToBits(const std::vector<float>& x, DType t) {
   std::vector<uint16_t> bits(x.size());
-  for (size_t i = 0; i < x.size(); ++i) StoreFromFloat(bits.data(), t, static_cast<long long>(i), x[i]);
+  for (size_t i = 0; i < x.size(); ++i)
+    StoreFromFloat(bits.data(), t, static_cast<long long>(i), x[i]);
   return bits;
 }
 
 std::vector<float> FromBits(const std::vector<uint16_t>& bits, DType t) {
   std::vector<float> x(bits.size());
-  for (size_t i = 0; i < x.size(); ++i) x[i] = LoadAsFloat(bits.data(), t, static_cast<long long>(i));
+  for (size_t i = 0; i < x.size(); ++i)
+    x[i] = LoadAsFloat(bits.data(), t, static_cast<long long>(i));
   return x;
 }
 
@@ -232,10 +234,9 @@ TEST_CASE("a per-layer decode call with a plan does not allocate (cpu backend)",
       const std::vector<uint16_t> q16 = ToBits(q, DType::kF16);
       const std::vector<uint16_t> qb16 = ToBits(q, DType::kBF16);
       std::vector<uint16_t> out16(q.size());
-      for (auto [q_dtype, out_dtype] : {std::pair{DType::kF16, DType::kF16},
-                                        std::pair{DType::kBF16, DType::kBF16},
-                                        std::pair{DType::kF32, DType::kBF16},
-                                        std::pair{DType::kF16, DType::kF32}}) {
+      for (auto [q_dtype, out_dtype] :
+           {std::pair{DType::kF16, DType::kF16}, std::pair{DType::kBF16, DType::kBF16},
+            std::pair{DType::kF32, DType::kBF16}, std::pair{DType::kF16, DType::kF32}}) {
         const TensorRef q_ref = q_dtype == DType::kF32   ? TensorRef::Of(q)
                                 : q_dtype == DType::kF16 ? TensorRef::Of(q16, DType::kF16)
                                                          : TensorRef::Of(qb16, DType::kBF16);
@@ -421,14 +422,14 @@ TEST_CASE("f16 and bf16 host q and out equal the f32 decode, converted", "[decod
     for (DType q_dtype : {DType::kF32, DType::kF16, DType::kBF16}) {
       for (DType out_dtype : {DType::kF32, DType::kF16, DType::kBF16}) {
         INFO("q " << DTypeName(q_dtype) << ", out " << DTypeName(out_dtype));
-        const std::vector<uint16_t> q_bits = ToBits(q_raw, q_dtype == DType::kF32 ? DType::kF16
-                                                                                   : q_dtype);
+        const std::vector<uint16_t> q_bits =
+            ToBits(q_raw, q_dtype == DType::kF32 ? DType::kF16 : q_dtype);
         const std::vector<float> q =
             q_dtype == DType::kF32 ? q_raw : FromBits(q_bits, q_dtype);  // the widened q
         std::vector<float> expected(q.size()), expected_lse(n_lse);
         REQUIRE(cache->DecodeAttention(plan, 1, q, expected, expected_lse).ok());
-        const TensorRef q_ref = q_dtype == DType::kF32 ? TensorRef::Of(q_raw)
-                                                       : TensorRef::Of(q_bits, q_dtype);
+        const TensorRef q_ref =
+            q_dtype == DType::kF32 ? TensorRef::Of(q_raw) : TensorRef::Of(q_bits, q_dtype);
         for (bool planned : {true, false}) {
           INFO("planned " << planned);
           std::vector<float> out32(q.size(), 9.0f), lse(n_lse, 9.0f);
@@ -438,8 +439,7 @@ TEST_CASE("f16 and bf16 host q and out equal the f32 decode, converted", "[decod
                                                : MutableTensorRef::Of(out16, out_dtype);
           const absl::Status s =
               planned ? cache->DecodeAttention(plan, 1, q_ref, out_ref, MutableTensorRef::Of(lse))
-                      : cache->DecodeAttention(batch, 1, q_ref, out_ref,
-                                               MutableTensorRef::Of(lse));
+                      : cache->DecodeAttention(batch, 1, q_ref, out_ref, MutableTensorRef::Of(lse));
           INFO(s.ToString());
           REQUIRE(s.ok());
           REQUIRE(lse == expected_lse);
@@ -500,15 +500,14 @@ TEST_CASE("tensor refs: device tensors, streams and bad sizes or dtypes are refu
   // Sizes and dtypes.
   expect(cache->DecodeAttention(plan, 0, TensorRef{q.data(), DType::kF32, n - 1}, hout, hlse),
          absl::StatusCode::kInvalidArgument, "q has " + std::to_string(n - 1) + " elements");
-  expect(cache->DecodeAttention(plan, 0, hq, MutableTensorRef{out.data(), DType::kF16, n + 1},
-                                hlse),
-         absl::StatusCode::kInvalidArgument, "out has " + std::to_string(n + 1) + " elements");
+  expect(
+      cache->DecodeAttention(plan, 0, hq, MutableTensorRef{out.data(), DType::kF16, n + 1}, hlse),
+      absl::StatusCode::kInvalidArgument, "out has " + std::to_string(n + 1) + " elements");
   expect(cache->DecodeAttention(plan, 0, hq, hout, MutableTensorRef{lse.data(), DType::kF16, 4}),
          absl::StatusCode::kInvalidArgument, "lse has dtype");
   expect(cache->DecodeAttention(plan, 0, hq, hout, MutableTensorRef{lse.data(), DType::kF32, 3}),
          absl::StatusCode::kInvalidArgument, "lse has 3 elements");
-  expect(cache->DecodeAttention(plan, 0, TensorRef{q.data(), static_cast<DType>(7), n}, hout,
-                                hlse),
+  expect(cache->DecodeAttention(plan, 0, TensorRef{q.data(), static_cast<DType>(7), n}, hout, hlse),
          absl::StatusCode::kInvalidArgument, "q has dtype 7");
   expect(cache->DecodeAttention(plan, 0, TensorRef{nullptr, DType::kF32, n}, hout, hlse),
          absl::StatusCode::kInvalidArgument, "null pointer");

@@ -17,6 +17,7 @@ struct Registry {
   std::map<uintptr_t, size_t> allocations;  // start -> bytes
   std::set<cudaStream_t> streams;
   std::set<cudaEvent_t> events;
+  std::map<cudaStream_t, int64_t> waits;  // successful StreamWaitEvent calls per waiting stream
 };
 
 Registry& GetRegistry() {
@@ -217,7 +218,15 @@ cudaError_t StreamWaitEvent(cudaStream_t stream, cudaEvent_t event, unsigned fla
   if (r.events.count(event) == 0 || !ValidStream(r, stream)) {
     return Record(cudaErrorInvalidResourceHandle);
   }
+  ++r.waits[stream];
   return cudaSuccess;
+}
+
+int64_t StreamWaitEventCount(cudaStream_t stream) {
+  Registry& r = GetRegistry();
+  std::lock_guard<std::mutex> lock(r.mu);
+  auto it = r.waits.find(stream);
+  return it == r.waits.end() ? 0 : it->second;
 }
 
 cudaError_t PointerGetAttributes(cudaPointerAttributes* attributes, const void* ptr) {

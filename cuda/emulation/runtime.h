@@ -10,8 +10,9 @@
 // completion before it returns, so stream order (and every cross-stream wait) holds trivially;
 // the handles are still checked, so a destroyed or made-up stream / event is an error as on a
 // GPU. PointerGetAttributes answers from the allocation records: device memory for a pointer
-// inside an emulated allocation, unregistered host memory for anything else. The emulated device has kEmulatedSms multiprocessors (few, so
-// that the backend's split planner splits long streams the way it does on a small GPU).
+// inside an emulated allocation, unregistered host memory for anything else. The emulated device
+// has kEmulatedSms multiprocessors (few, so that the backend's split planner splits long streams
+// the way it does on a small GPU).
 //
 // Example:
 //   void* p = nullptr;
@@ -22,6 +23,7 @@
 #include <cuda_runtime_api.h>
 
 #include <cstddef>
+#include <cstdint>
 
 namespace kvcache::cuda_emu {
 
@@ -58,6 +60,9 @@ const char* GetErrorString(cudaError_t e);
 void SetLastError(cudaError_t e);
 // Whether [ptr, ptr + bytes) lies inside one emulated device allocation.
 bool IsDeviceRange(const void* ptr, size_t bytes);
+// How often StreamWaitEvent succeeded with `stream` as the waiting stream (tests: the backend's
+// cross-stream hand-off cannot be observed otherwise, every call being synchronous here).
+int64_t StreamWaitEventCount(cudaStream_t stream);
 // Whether `stream` is nullptr (the legacy default stream) or a live stream (kernel launches).
 bool IsValidStream(cudaStream_t stream);
 

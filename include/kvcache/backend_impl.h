@@ -97,9 +97,9 @@ struct DecodeParams {
 struct DecodeIO {
   const void* q = nullptr;  // [num_streams, G, head_dim] q_dtype, device
   DType q_dtype = DType::kF32;
-  void* out = nullptr;      // [num_streams, G, head_dim] out_dtype, device
+  void* out = nullptr;  // [num_streams, G, head_dim] out_dtype, device
   DType out_dtype = DType::kF32;
-  float* lse = nullptr;     // [num_streams, G] f32 device, or nullptr
+  float* lse = nullptr;  // [num_streams, G] f32 device, or nullptr
   // The stream to enqueue on (a cudaStream_t on CUDA); nullptr: the backend's own stream.
   void* stream = nullptr;
 };
