@@ -98,12 +98,16 @@ inline void TestFree(void* p) {
 #endif
 }
 
+// Synchronous in every respect: on a GPU the copy is followed by a device synchronisation,
+// because a pageable host-to-device cudaMemcpy may return before its DMA lands and the
+// backend's streams are non-blocking (no implicit ordering with the legacy default stream).
 inline cudaError_t TestMemcpy(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind) {
 #if KVCACHE_HAVE_CUDA_EMULATED
   if (Emulated()) return cuda_emu::Memcpy(dst, src, bytes, kind);
 #endif
 #if KVCACHE_HAVE_CUDA_RUNTIME
-  return cudaMemcpy(dst, src, bytes, kind);
+  if (cudaError_t e = cudaMemcpy(dst, src, bytes, kind); e != cudaSuccess) return e;
+  return cudaDeviceSynchronize();
 #else
   return cudaErrorNoDevice;
 #endif
