@@ -386,7 +386,14 @@ class CpuBackend final : public Backend {
 
   absl::Status WriteRows(const PoolView& pool, std::span<const RowWrite> writes) override {
     int64_t rows = 0;
-    for (const RowWrite& w : writes) rows += w.num_tokens;
+    for (const RowWrite& w : writes) {
+      // The Cache refuses device K/V before this; a direct caller gets the same answer.
+      if (w.src_space != MemorySpace::kHost) {
+        return absl::InvalidArgumentError(
+            "WriteRows: the cpu backend reads host rows only (src_space is device)");
+      }
+      rows += w.num_tokens;
+    }
     // Below a few hundred rows the task dispatch costs more than the copies.
     auto write = flavor_ == KernelFlavor::kFast ? WriteOneFast : WriteOneReference;
     if (writes.size() == 1 || rows < 512) {
@@ -416,10 +423,8 @@ class CpuBackend final : public Backend {
   }
 
   // Both flavours implement every optional operation.
-  bool Supports(BackendOp op) const override {
-    (void)op;
-    return true;
-  }
+  // Every kernel, on host memory only.
+  bool Supports(BackendOp op) const override { return op != BackendOp::kDeviceTensors; }
 
   absl::Status DecodeAttention(const PagedKVView& kv, const DecodeParams& params, const float* q,
                                float* out, float* lse) override {

@@ -6,7 +6,10 @@
 // positions, SegmentView structs rewritten to device addresses, query vectors, source rows),
 // copy it with one cudaMemcpyAsync into `inputs_`, carve outputs and scratch out of `work_`,
 // launch, copy the results back and synchronise. Both device buffers only grow, so steady-state
-// decode allocates nothing.
+// decode allocates no device memory.
+// Device tensors (DeviceDecodeAttention) skip the q upload and the result download (q / out /
+// lse are the caller's device buffers) and the synchronisation; device K/V row writes skip
+// the row packing (the write kernel reads the caller's strided rows).
 #include "cuda/cuda_backend.h"
 
 #include <cuda_runtime_api.h>
@@ -14,6 +17,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
+#include <cstdint>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -59,6 +63,7 @@ absl::Status CudaError(cudaError_t e, absl::string_view what) {
     case cudaErrorNotSupported:
       return absl::UnimplementedError(message);
     case cudaErrorInvalidValue:
+    case cudaErrorInvalidResourceHandle:  // e.g. a destroyed or made-up stream
       return absl::InvalidArgumentError(message);
     case cudaErrorNoDevice:
     case cudaErrorInsufficientDriver:
@@ -200,15 +205,30 @@ absl::Status CheckSegment(const SegmentView& s, int32_t head_dim, absl::string_v
 
 class CudaBackend final : public Backend {
  public:
-  CudaBackend(int device, int num_sms, cudaStream_t stream)
-      : device_(device), num_sms_(num_sms), stream_(stream) {}
+  CudaBackend(int device, int num_sms, cudaStream_t stream, cudaEvent_t buffers_free,
+              cudaEvent_t own_done)
+      : device_(device),
+        num_sms_(num_sms),
+        stream_(stream),
+        buffers_free_(buffers_free),
+        own_done_(own_done) {}
   ~CudaBackend() override {
     cudaSetDevice(device_);
+    // The caller's streams may still run a device-tensor decode that reads inputs_ / work_:
+    // wait for it before the buffers are freed (cudaFree would also wait, for the device).
+    cudaEventSynchronize(buffers_free_);
+    cudaStreamSynchronize(stream_);
+    cudaEventDestroy(buffers_free_);
+    cudaEventDestroy(own_done_);
     cudaStreamDestroy(stream_);
   }
 
   std::string_view Name() const override { return KVCACHE_CUDA_BACKEND_NAME; }
   bool HostAccessible() const override { return false; }
+  bool Supports(BackendOp op) const override {
+    return op == BackendOp::kDecodeAttention || op == BackendOp::kScoreRows ||
+           op == BackendOp::kDeviceTensors;
+  }
 
   absl::StatusOr<void*> AllocateArena(int64_t bytes) override {
     if (bytes <= 0) return absl::InvalidArgumentError(absl::StrCat("arena of ", bytes, " bytes"));
@@ -237,7 +257,7 @@ class CudaBackend final : public Backend {
       }
     }
     absl::MutexLock lock(&mu_);
-    if (absl::Status s = Begin(); !s.ok()) return s;
+    if (absl::Status s = Begin(stream_); !s.ok()) return s;
     for (const PageCopy& c : copies) {
       if (cudaError_t e = cudaMemcpyAsync(pool.base + int64_t{c.dst} * pool.page_bytes,
                                           pool.base + int64_t{c.src} * pool.page_bytes,
@@ -277,20 +297,49 @@ class CudaBackend final : public Backend {
     if (total_rows > INT32_MAX) return absl::InvalidArgumentError("WriteRows: too many rows");
     const DType src_dtype = writes[0].src_dtype;
     const int64_t row_bytes = int64_t{head_dim} * DTypeSize(src_dtype);
+    // Device sources (device K/V Append) are read in place: check they are device memory.
+    int64_t host_rows = 0;
+    for (size_t j = 0; j < writes.size(); ++j) {
+      const RowWrite& w = writes[j];
+      if (w.src_space == MemorySpace::kHost) {
+        host_rows += w.num_tokens;
+        continue;
+      }
+      if (w.num_tokens == 0) continue;
+      const int64_t span_bytes =
+          ((int64_t{w.num_tokens} - 1) * w.src_stride + head_dim) * DTypeSize(src_dtype);
+      if (w.src_stride < head_dim) {
+        return absl::InvalidArgumentError(absl::StrCat("WriteRows[", j, "]: src_stride ",
+                                                       w.src_stride, " < head_dim ", head_dim));
+      }
+      if (absl::Status s = CheckDeviceMemory(w.keys, span_bytes, "WriteRows: keys"); !s.ok()) {
+        return s;
+      }
+      if (absl::Status s = CheckDeviceMemory(w.values, span_bytes, "WriteRows: values"); !s.ok()) {
+        return s;
+      }
+    }
 
     absl::MutexLock lock(&mu_);
-    if (absl::Status s = Begin(); !s.ok()) return s;
+    if (absl::Status s = Begin(stream_); !s.ok()) return s;
     staging_.Clear();
-    // Source rows, packed densely: the engine's buffers are strided and live in host memory.
-    const int64_t keys_at = staging_.Reserve(total_rows * row_bytes);
-    const int64_t values_at = staging_.Reserve(total_rows * row_bytes);
+    // Host source rows, packed densely: the engine's buffers are strided and live in host
+    // memory. Device sources need no staging (the kernel reads them strided).
+    const int64_t keys_at = staging_.Reserve(host_rows * row_bytes);
+    const int64_t values_at = staging_.Reserve(host_rows * row_bytes);
     std::vector<SegmentArrays> arrays(writes.size());
+    std::vector<int64_t> packed_first(writes.size(), 0);  // first packed row of a host write
     std::vector<int2> rows;
     rows.reserve(static_cast<size_t>(total_rows));
     {
       int64_t r = 0;
       for (size_t j = 0; j < writes.size(); ++j) {
         const RowWrite& w = writes[j];
+        for (int32_t t = 0; t < w.num_tokens; ++t) {
+          rows.push_back(int2{static_cast<int>(j), w.first_row + t});
+        }
+        if (w.src_space != MemorySpace::kHost) continue;
+        packed_first[j] = r;
         const int64_t stride_bytes = w.src_stride * DTypeSize(src_dtype);
         for (int32_t t = 0; t < w.num_tokens; ++t, ++r) {
           std::memcpy(staging_.At<uint8_t>(keys_at) + r * row_bytes,
@@ -299,7 +348,6 @@ class CudaBackend final : public Backend {
           std::memcpy(staging_.At<uint8_t>(values_at) + r * row_bytes,
                       static_cast<const uint8_t*>(w.values) + t * stride_bytes,
                       static_cast<size_t>(row_bytes));
-          rows.push_back(int2{static_cast<int>(j), w.first_row + t});
         }
       }
     }
@@ -314,7 +362,19 @@ class CudaBackend final : public Backend {
     if (absl::Status s = inputs_.Reserve(staging_.size(), "WriteRows"); !s.ok()) return s;
     uint8_t* dev = inputs_.data();
     for (size_t j = 0; j < writes.size(); ++j) {
-      staging_.At<WriteJob>(jobs_at)[j].dst = DeviceSegment(writes[j].dst, arrays[j], dev);
+      const RowWrite& w = writes[j];
+      WriteJob& job = staging_.At<WriteJob>(jobs_at)[j];
+      job.dst = DeviceSegment(w.dst, arrays[j], dev);
+      job.first_row = w.first_row;
+      if (w.src_space == MemorySpace::kHost) {
+        job.keys = dev + keys_at + packed_first[j] * row_bytes;
+        job.values = dev + values_at + packed_first[j] * row_bytes;
+        job.src_stride = head_dim;
+      } else {
+        job.keys = w.keys;
+        job.values = w.values;
+        job.src_stride = w.src_stride;
+      }
     }
     if (absl::Status s = Upload("WriteRows"); !s.ok()) return s;
     WriteRowsArgs args;
@@ -324,8 +384,6 @@ class CudaBackend final : public Backend {
     args.jobs = reinterpret_cast<const WriteJob*>(dev + jobs_at);
     args.rows = reinterpret_cast<const int2*>(dev + rows_at);
     args.num_rows = static_cast<int32_t>(total_rows);
-    args.keys = dev + keys_at;
-    args.values = dev + values_at;
     if (cudaError_t e = LaunchWriteRows(args, stream_); e != cudaSuccess) {
       return CudaError(e, "WriteRows");
     }
@@ -366,7 +424,7 @@ class CudaBackend final : public Backend {
     if (total_rows > INT32_MAX) return absl::InvalidArgumentError("GatherRows: too many rows");
 
     absl::MutexLock lock(&mu_);
-    if (absl::Status s = Begin(); !s.ok()) return s;
+    if (absl::Status s = Begin(stream_); !s.ok()) return s;
     staging_.Clear();
     struct Staged {
       SegmentArrays dst;
@@ -439,7 +497,7 @@ class CudaBackend final : public Backend {
     }
     if (count == 0 || (keys == nullptr && values == nullptr)) return absl::OkStatus();
     absl::MutexLock lock(&mu_);
-    if (absl::Status s = Begin(); !s.ok()) return s;
+    if (absl::Status s = Begin(stream_); !s.ok()) return s;
     staging_.Clear();
     const SegmentArrays arrays =
         StageSegment(staging_, segment, int64_t{first_row} + count, /*with_positions=*/false);
@@ -468,87 +526,23 @@ class CudaBackend final : public Backend {
 
   absl::Status DecodeAttention(const PagedKVView& kv, const DecodeParams& params, const float* q,
                                float* out, float* lse) override {
-    StreamLayout layout;
-    if (absl::Status s = CheckView(kv, params.group_size, "DecodeAttention", layout); !s.ok()) {
-      return s;
-    }
-    if (kv.num_streams == 0) return absl::OkStatus();
-    const int32_t group = params.group_size;
-    const int32_t d = kv.head_dim;
-    const int64_t heads = int64_t{kv.num_streams} * group;
-    const bool accumulate = params.accumulate_scores;
+    DecodeIO io;
+    io.q = q;
+    io.out = out;
+    io.lse = lse;
+    return Decode(kv, params, io, /*device=*/false);
+  }
 
-    absl::MutexLock lock(&mu_);
-    if (absl::Status s = Begin(); !s.ok()) return s;
-    staging_.Clear();
-    const StagedView view = StageView(kv, layout, /*with_positions=*/false);
-    const int64_t q_at = staging_.Append(q, heads * d * sizeof(float));
-    if (absl::Status s = inputs_.Reserve(staging_.size(), "DecodeAttention"); !s.ok()) return s;
+  absl::Status DeviceDecodeAttention(const PagedKVView& kv, const DecodeParams& params,
+                                     const DecodeIO& io) override {
+    return Decode(kv, params, io, /*device=*/true);
+  }
 
-    const DecodeSplit split = PlanDecodeSplit(kv.num_streams, group, layout.max_length, num_sms_);
-    Carver carve;
-    const int64_t out_at = carve.Take(heads * d * 4);
-    const int64_t lse_at = carve.Take(heads * 4);
-    const int64_t m_at = carve.Take(accumulate ? heads * 4 : 0);
-    const int64_t l_at = carve.Take(accumulate ? heads * 4 : 0);
-    const int64_t logits_at = carve.Take(accumulate ? layout.total_tokens * group * 4 : 0);
-    const int64_t probs_at = carve.Take(accumulate ? layout.total_tokens * 4 : 0);
-    const int64_t workspace_at =
-        carve.Take(DecodeWorkspaceFloats(split, kv.num_streams, group, d) * 4);
-    if (absl::Status s = work_.Reserve(carve.size(), "DecodeAttention"); !s.ok()) return s;
-
-    uint8_t* dev = inputs_.data();
-    uint8_t* work = work_.data();
-    AttentionArgs args = DeviceArgs(kv, view, layout, dev);
-    args.num_queries = kv.num_streams;
-    args.group_size = group;
-    args.scale = ResolveScale(params.scale, d);
-    args.q = reinterpret_cast<const float*>(dev + q_at);
-    args.out = reinterpret_cast<float*>(work + out_at);
-    args.lse = reinterpret_cast<float*>(work + lse_at);
-    if (accumulate) {
-      args.state_m = reinterpret_cast<float*>(work + m_at);
-      args.state_l = reinterpret_cast<float*>(work + l_at);
-      args.logits = reinterpret_cast<float*>(work + logits_at);
-      args.token_probs = reinterpret_cast<float*>(work + probs_at);
-      args.aggregation = static_cast<Aggregation>(params.aggregation);
-    }
-    if (absl::Status s = Upload("DecodeAttention"); !s.ok()) return s;
-    if (cudaError_t e = LaunchDecodeAttention(
-            args, split, reinterpret_cast<float*>(work + workspace_at), stream_);
-        e != cudaSuccess) {
-      return CudaError(e, "DecodeAttention");
-    }
-    if (absl::Status s = Download(out, args.out, heads * d * 4, "DecodeAttention"); !s.ok()) {
-      return s;
-    }
-    if (lse != nullptr) {
-      if (absl::Status s = Download(lse, args.lse, heads * 4, "DecodeAttention"); !s.ok()) {
-        return s;
-      }
-    }
-    std::vector<float> probs;
-    if (accumulate) {
-      probs.resize(static_cast<size_t>(layout.total_tokens));
-      if (absl::Status s =
-              Download(probs.data(), args.token_probs, layout.total_tokens * 4, "DecodeAttention");
-          !s.ok()) {
-        return s;
-      }
-    }
-    if (absl::Status s = Finish("DecodeAttention"); !s.ok()) return s;
-    if (accumulate) {
-      // Score accumulators live on the host (SegmentView::scores); add in token order.
-      int64_t t = 0;
-      for (int32_t i = 0; i < kv.num_streams; ++i) {
-        for (int32_t sidx = kv.stream_segment_offsets[i]; sidx < kv.stream_segment_offsets[i + 1];
-             ++sidx) {
-          const SegmentView& s = kv.segments[sidx];
-          for (int32_t j = 0; j < s.length; ++j, ++t) {
-            if (s.scores != nullptr) s.scores[j] += probs[static_cast<size_t>(t)];
-          }
-        }
-      }
+  absl::Status Synchronize(void* stream) override {
+    if (cudaError_t e = cudaSetDevice(device_); e != cudaSuccess) return CudaError(e, "set device");
+    cudaStream_t s = stream != nullptr ? static_cast<cudaStream_t>(stream) : stream_;
+    if (cudaError_t e = cudaStreamSynchronize(s); e != cudaSuccess) {
+      return CudaError(e, "Synchronize");
     }
     return absl::OkStatus();
   }
@@ -591,7 +585,7 @@ class CudaBackend final : public Backend {
     if (kv.num_streams == 0) return absl::OkStatus();
 
     absl::MutexLock lock(&mu_);
-    if (absl::Status s = Begin(); !s.ok()) return s;
+    if (absl::Status s = Begin(stream_); !s.ok()) return s;
     staging_.Clear();
     const StagedView view = StageView(kv, layout, /*with_positions=*/true);
     const int64_t q_at = staging_.Append(queries, num_queries * group * d * sizeof(float));
@@ -669,6 +663,204 @@ class CudaBackend final : public Backend {
     int64_t token_offsets_at = 0;
   };
 
+  // Dense decode for both faces. Host (device = false): q / out / lse are f32 host memory, q is
+  // staged with the views, results are downloaded and the stream is synchronised. Device:
+  // q / out / lse are the caller's device memory in their dtypes, enqueued on io.stream (or
+  // stream_) without synchronising unless scores are accumulated (the accumulators are host
+  // memory, added below once the probabilities are back).
+  //
+  // f16 / bf16 device q and out are converted by a small elementwise kernel into / out of f32
+  // scratch in work_, rather than by templating the attention kernels on the q and out dtypes:
+  // q and out are batch * q_heads * head_dim elements (one row per query head; 1 MiB of f32 at
+  // batch 64, 32 heads, 128 dims) while the attention kernel reads every cached K/V row of the
+  // batch (about 0.5 GiB at 8k context for the same shape in bf16), so the extra pass moves
+  // well under 1% of the bytes; it costs one launch each way (a few microseconds, and none for
+  // f32), and it keeps the number of attention kernel instantiations (pool dtype x head dim x
+  // group tile) from growing by 9x. Not measured on a GPU (none was available to this change):
+  // the argument is the byte count above.
+  absl::Status Decode(const PagedKVView& kv, const DecodeParams& params, const DecodeIO& io,
+                      bool device) {
+    StreamLayout layout;
+    if (absl::Status s = CheckView(kv, params.group_size, "DecodeAttention", layout); !s.ok()) {
+      return s;
+    }
+    const int32_t group = params.group_size;
+    const int32_t d = kv.head_dim;
+    const int64_t heads = int64_t{kv.num_streams} * group;
+    if (device) {
+      if (absl::Status s =
+              CheckDeviceMemory(io.q, heads * d * DTypeSize(io.q_dtype), "DecodeAttention: q");
+          !s.ok()) {
+        return s;
+      }
+      if (absl::Status s = CheckDeviceMemory(io.out, heads * d * DTypeSize(io.out_dtype),
+                                             "DecodeAttention: out");
+          !s.ok()) {
+        return s;
+      }
+      if (io.lse != nullptr) {
+        if (absl::Status s = CheckDeviceMemory(io.lse, heads * 4, "DecodeAttention: lse");
+            !s.ok()) {
+          return s;
+        }
+      }
+    }
+    if (kv.num_streams == 0) return absl::OkStatus();
+    cudaStream_t stream =
+        device && io.stream != nullptr ? static_cast<cudaStream_t>(io.stream) : stream_;
+
+    absl::MutexLock lock(&mu_);
+    if (absl::Status s = Begin(stream); !s.ok()) return s;
+    absl::Status status = DecodeLocked(kv, params, io, device, layout, stream);
+    if (device) {
+      // Whatever happened, work on `stream` may read inputs_ / work_ from now on (a failure
+      // can follow a launch): calls on other streams wait for it (Begin).
+      absl::Status recorded = Enqueued("DecodeAttention", stream);
+      if (status.ok()) status = recorded;
+    }
+    return status;
+  }
+
+  // Decode after Begin(stream), under mu_. Returns with the work enqueued (device tensors
+  // without score accumulation) or finished.
+  absl::Status DecodeLocked(const PagedKVView& kv, const DecodeParams& params, const DecodeIO& io,
+                            bool device, const StreamLayout& layout, cudaStream_t stream)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    const int32_t group = params.group_size;
+    const int32_t d = kv.head_dim;
+    const int64_t heads = int64_t{kv.num_streams} * group;
+    const bool accumulate = params.accumulate_scores;
+    const bool q_in_place = device && io.q_dtype == DType::kF32;
+    const bool out_in_place = device && io.out_dtype == DType::kF32;
+    const bool lse_in_place = device && io.lse != nullptr;
+    staging_.Clear();
+    const StagedView view = StageView(kv, layout, /*with_positions=*/false);
+    const int64_t q_at = device ? -1 : staging_.Append(io.q, heads * d * sizeof(float));
+    if (absl::Status s = inputs_.Reserve(staging_.size(), "DecodeAttention"); !s.ok()) return s;
+
+    const DecodeSplit split = PlanDecodeSplit(kv.num_streams, group, layout.max_length, num_sms_);
+    Carver carve;
+    const int64_t q32_at = carve.Take(device && !q_in_place ? heads * d * 4 : 0);
+    const int64_t out_at = carve.Take(out_in_place ? 0 : heads * d * 4);
+    const int64_t lse_at = carve.Take(lse_in_place ? 0 : heads * 4);
+    const int64_t m_at = carve.Take(accumulate ? heads * 4 : 0);
+    const int64_t l_at = carve.Take(accumulate ? heads * 4 : 0);
+    const int64_t logits_at = carve.Take(accumulate ? layout.total_tokens * group * 4 : 0);
+    const int64_t probs_at = carve.Take(accumulate ? layout.total_tokens * 4 : 0);
+    const int64_t workspace_at =
+        carve.Take(DecodeWorkspaceFloats(split, kv.num_streams, group, d) * 4);
+    if (absl::Status s = work_.Reserve(carve.size(), "DecodeAttention"); !s.ok()) return s;
+
+    uint8_t* dev = inputs_.data();
+    uint8_t* work = work_.data();
+    AttentionArgs args = DeviceArgs(kv, view, layout, dev);
+    args.num_queries = kv.num_streams;
+    args.group_size = group;
+    args.scale = ResolveScale(params.scale, d);
+    args.q = !device      ? reinterpret_cast<const float*>(dev + q_at)
+             : q_in_place ? static_cast<const float*>(io.q)
+                          : reinterpret_cast<const float*>(work + q32_at);
+    args.out = out_in_place ? static_cast<float*>(io.out) : reinterpret_cast<float*>(work + out_at);
+    args.lse = lse_in_place ? io.lse : reinterpret_cast<float*>(work + lse_at);
+    if (accumulate) {
+      args.state_m = reinterpret_cast<float*>(work + m_at);
+      args.state_l = reinterpret_cast<float*>(work + l_at);
+      args.logits = reinterpret_cast<float*>(work + logits_at);
+      args.token_probs = reinterpret_cast<float*>(work + probs_at);
+      args.aggregation = static_cast<Aggregation>(params.aggregation);
+    }
+    // The staging blob is pageable host memory: cudaMemcpyAsync from pageable memory returns
+    // only once the driver has copied the source into its own pinned staging buffer (CUDA
+    // runtime "API synchronization behavior"), so the next call may clear and refill staging_
+    // as soon as this one returns, even though the copy to inputs_ may still be in flight. The
+    // device side of inputs_ / work_ is protected by stream order on one stream and by the
+    // buffers_free_ event across streams (Begin).
+    if (absl::Status s = Upload("DecodeAttention", stream); !s.ok()) return s;
+    if (device && !q_in_place) {
+      if (cudaError_t e =
+              LaunchConvert(io.q, io.q_dtype, work + q32_at, DType::kF32, heads * d, stream);
+          e != cudaSuccess) {
+        return CudaError(e, "DecodeAttention (q conversion)");
+      }
+    }
+    if (cudaError_t e = LaunchDecodeAttention(
+            args, split, reinterpret_cast<float*>(work + workspace_at), stream);
+        e != cudaSuccess) {
+      return CudaError(e, "DecodeAttention");
+    }
+    if (device && !out_in_place) {
+      if (cudaError_t e =
+              LaunchConvert(work + out_at, DType::kF32, io.out, io.out_dtype, heads * d, stream);
+          e != cudaSuccess) {
+        return CudaError(e, "DecodeAttention (out conversion)");
+      }
+    }
+    if (!device) {
+      if (absl::Status s = Download(io.out, args.out, heads * d * 4, "DecodeAttention", stream);
+          !s.ok()) {
+        return s;
+      }
+      if (absl::Status s = Download(io.lse, args.lse, heads * 4, "DecodeAttention", stream);
+          !s.ok()) {
+        return s;
+      }
+    }
+    if (!accumulate) {
+      // Device tensors: asynchronous, no host synchronisation (Decode records the event).
+      return device ? absl::OkStatus() : Finish("DecodeAttention", stream);
+    }
+    // Score accumulation: the accumulators are host memory (SegmentView::scores), so the
+    // probabilities come back and the stream is synchronised, device tensors or not.
+    std::vector<float> probs(static_cast<size_t>(layout.total_tokens));
+    if (absl::Status s = Download(probs.data(), args.token_probs, layout.total_tokens * 4,
+                                  "DecodeAttention", stream);
+        !s.ok()) {
+      return s;
+    }
+    if (absl::Status s = Finish("DecodeAttention", stream); !s.ok()) return s;
+    int64_t t = 0;  // add in token order
+    for (int32_t i = 0; i < kv.num_streams; ++i) {
+      for (int32_t sidx = kv.stream_segment_offsets[i]; sidx < kv.stream_segment_offsets[i + 1];
+           ++sidx) {
+        const SegmentView& seg = kv.segments[sidx];
+        for (int32_t j = 0; j < seg.length; ++j, ++t) {
+          if (seg.scores != nullptr) seg.scores[j] += probs[static_cast<size_t>(t)];
+        }
+      }
+    }
+    return absl::OkStatus();
+  }
+
+  // InvalidArgument unless [p, p + bytes) is memory of this backend's device (device or
+  // managed memory), naming `what`. cudaPointerGetAttributes describes the allocation holding
+  // one address, so both ends are asked: a buffer too short for `bytes` ends outside it (up to
+  // an adjacent allocation of the same device, which no check short of the allocator's own
+  // records could tell apart).
+  absl::Status CheckDeviceMemory(const void* p, int64_t bytes, absl::string_view what) const {
+    if (bytes <= 0) return absl::OkStatus();
+    for (const void* at :
+         {p, static_cast<const void*>(static_cast<const uint8_t*>(p) + bytes - 1)}) {
+      cudaPointerAttributes a{};
+      const cudaError_t e = cudaPointerGetAttributes(&a, at);
+      if (e != cudaSuccess) {
+        cudaGetLastError();  // not sticky: clear it so that later calls do not report it
+        return absl::InvalidArgumentError(absl::StrCat(
+            what, " (", bytes, " bytes at 0x", absl::Hex(reinterpret_cast<uintptr_t>(p)),
+            ") is not device memory: ", cudaGetErrorName(e)));
+      }
+      if ((a.type != cudaMemoryTypeDevice && a.type != cudaMemoryTypeManaged) ||
+          a.device != device_) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            what, " (", bytes, " bytes at 0x", absl::Hex(reinterpret_cast<uintptr_t>(p)),
+            ") is not memory of CUDA device ", device_,
+            a.type == cudaMemoryTypeDevice || a.type == cudaMemoryTypeManaged
+                ? absl::StrCat(" (it is on device ", a.device, ")")
+                : std::string(" (it is host memory)")));
+      }
+    }
+    return absl::OkStatus();
+  }
+
   absl::Status CheckView(const PagedKVView& kv, int32_t group, absl::string_view what,
                          StreamLayout& layout) const {
     if (kv.num_streams < 0 || kv.head_dim <= 0 || group <= 0 ||
@@ -735,44 +927,89 @@ class CudaBackend final : public Backend {
     return args;
   }
 
-  // Start of every device operation: the calling thread may have another device current, and a
-  // previous asynchronous failure must not be blamed on this call.
-  absl::Status Begin() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+  // Start of every device operation on `stream`: the calling thread may have another device
+  // current, and a previous asynchronous failure must not be blamed on this call. inputs_ and
+  // work_ are shared by every call, so `stream` first waits for the earlier users that may
+  // still run on other streams:
+  //   - a device-tensor decode on a caller's stream (recorded in buffers_free_ right after it,
+  //     since the caller may destroy its stream later);
+  //   - work left on the backend's own stream by an operation that failed before its Finish
+  //     (recorded now in own_done_: stream_ lives as long as the backend).
+  absl::Status Begin(cudaStream_t stream) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     if (cudaError_t e = cudaSetDevice(device_); e != cudaSuccess) return CudaError(e, "set device");
+    if (own_pending_ && stream != stream_) {
+      if (cudaError_t e = cudaEventRecord(own_done_, stream_); e != cudaSuccess) {
+        return CudaError(e, "record the backend stream's work");
+      }
+      if (cudaError_t e = cudaStreamWaitEvent(stream, own_done_, 0); e != cudaSuccess) {
+        return CudaError(e, "wait for the backend stream's work");
+      }
+    }
+    if (in_flight_ && stream != in_flight_stream_) {
+      if (cudaError_t e = cudaStreamWaitEvent(stream, buffers_free_, 0); e != cudaSuccess) {
+        return CudaError(e, "wait for the previous decode's stream");
+      }
+    }
+    if (stream == stream_) own_pending_ = true;
     return absl::OkStatus();
   }
-  absl::Status Upload(absl::string_view what) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+  absl::Status Upload(absl::string_view what, cudaStream_t stream = nullptr)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     if (staging_.size() == 0) return absl::OkStatus();
     if (cudaError_t e =
             cudaMemcpyAsync(inputs_.data(), staging_.data(), static_cast<size_t>(staging_.size()),
-                            cudaMemcpyHostToDevice, stream_);
+                            cudaMemcpyHostToDevice, stream != nullptr ? stream : stream_);
         e != cudaSuccess) {
       return CudaError(e, what);
     }
     return absl::OkStatus();
   }
-  absl::Status Download(void* host, const void* device, int64_t bytes, absl::string_view what)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+  absl::Status Download(void* host, const void* device, int64_t bytes, absl::string_view what,
+                        cudaStream_t stream = nullptr) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     if (host == nullptr || bytes == 0) return absl::OkStatus();
-    if (cudaError_t e = cudaMemcpyAsync(host, device, static_cast<size_t>(bytes),
-                                        cudaMemcpyDeviceToHost, stream_);
+    if (cudaError_t e =
+            cudaMemcpyAsync(host, device, static_cast<size_t>(bytes), cudaMemcpyDeviceToHost,
+                            stream != nullptr ? stream : stream_);
         e != cudaSuccess) {
       return CudaError(e, what);
     }
     return absl::OkStatus();
   }
-  // Waits for the stream: results are on the host and the staging blob may be reused.
-  absl::Status Finish(absl::string_view what) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    if (cudaError_t e = cudaStreamSynchronize(stream_); e != cudaSuccess) {
+  // Waits for `stream` (stream_ when null): results are on the host, the staging blob may be
+  // reused, and every earlier user of the buffers is done (Begin made `stream` wait for it).
+  absl::Status Finish(absl::string_view what, cudaStream_t stream = nullptr)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (stream == nullptr) stream = stream_;
+    if (cudaError_t e = cudaStreamSynchronize(stream); e != cudaSuccess) {
       return CudaError(e, what);
     }
+    in_flight_ = false;
+    if (stream == stream_) own_pending_ = false;
+    return absl::OkStatus();
+  }
+  // End of a device-tensor decode on `stream` (asynchronous, or failed after enqueueing
+  // something): records when the buffers are free again.
+  absl::Status Enqueued(absl::string_view what, cudaStream_t stream)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (cudaError_t e = cudaEventRecord(buffers_free_, stream); e != cudaSuccess) {
+      return CudaError(e, what);
+    }
+    in_flight_ = true;
+    in_flight_stream_ = stream;
     return absl::OkStatus();
   }
 
   const int device_;
   const int num_sms_;
   cudaStream_t stream_;
+  // Recorded after the last device-tensor decode, on its stream; valid while in_flight_.
+  cudaEvent_t buffers_free_;
+  // Recorded on stream_ when a call on another stream must wait for it (own_pending_).
+  cudaEvent_t own_done_;
   absl::Mutex mu_;
+  bool in_flight_ ABSL_GUARDED_BY(mu_) = false;
+  cudaStream_t in_flight_stream_ ABSL_GUARDED_BY(mu_) = nullptr;
+  bool own_pending_ ABSL_GUARDED_BY(mu_) = false;  // stream_ may have unfinished work
   StagingBlob staging_ ABSL_GUARDED_BY(mu_);
   DeviceBuffer inputs_ ABSL_GUARDED_BY(mu_);  // mirrored host arrays and source rows
   DeviceBuffer work_ ABSL_GUARDED_BY(mu_);    // outputs and scratch
@@ -803,7 +1040,16 @@ absl::StatusOr<std::unique_ptr<Backend>> CreateCudaBackend() {
   if (cudaError_t e = cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking); e != cudaSuccess) {
     return CudaError(e, "stream creation");
   }
-  return std::unique_ptr<Backend>(new CudaBackend(device, num_sms, stream));
+  cudaEvent_t events[2] = {nullptr, nullptr};  // buffers_free, own_done
+  for (int i = 0; i < 2; ++i) {
+    if (cudaError_t e = cudaEventCreateWithFlags(&events[i], cudaEventDisableTiming);
+        e != cudaSuccess) {
+      if (i == 1) cudaEventDestroy(events[0]);
+      cudaStreamDestroy(stream);
+      return CudaError(e, "event creation");
+    }
+  }
+  return std::unique_ptr<Backend>(new CudaBackend(device, num_sms, stream, events[0], events[1]));
 }
 
 }  // namespace kvcache::KVCACHE_CUDA_NAMESPACE

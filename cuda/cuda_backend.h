@@ -4,9 +4,12 @@
 //
 // The views the Cache hands a backend keep their small arrays (page ids, key channel maps,
 // positions, score accumulators) in host memory; each call mirrors what its kernels need into a
-// reusable device buffer, runs on the backend's own stream and waits for it, so every call is
-// synchronous and the host arrays may change as soon as it returns. Calls are serialised by one
-// lock (the Cache may call from several threads).
+// reusable device buffer. Every call runs on the backend's own stream and waits for it, so it is
+// synchronous and the host arrays may change as soon as it returns, except a device-tensor
+// decode (BackendOp::kDeviceTensors, DeviceDecodeAttention) without score accumulation: it is
+// enqueued on the caller's stream (or the backend's) and returns at once; Synchronize(stream)
+// waits (docs/ARCHITECTURE.md, "Device tensors, streams and what synchronises"). Calls are
+// serialised by one lock (the Cache may call from several threads).
 //
 // Example:
 //   absl::StatusOr<std::unique_ptr<kvcache::Backend>> b = kvcache::cuda::CreateCudaBackend();

@@ -585,16 +585,26 @@ __device__ __forceinline__ void CopyElement(const void* src, DType src_dtype, in
 // Grid: x = row of the call.
 __global__ void __launch_bounds__(kThreads) WriteRowsKernel(const WriteRowsArgs a) {
   const int2 job_row = a.rows[blockIdx.x];
-  const SegmentView dst = a.jobs[job_row.x].dst;
-  const int64_t src = static_cast<int64_t>(blockIdx.x) * a.head_dim;
+  const WriteJob& job = a.jobs[job_row.x];
+  const SegmentView dst = job.dst;
+  const int64_t src = static_cast<int64_t>(job_row.y - job.first_row) * job.src_stride;
   uint8_t* krow = SegmentKeyRow(a.pool, dst, job_row.y);
   uint8_t* vrow = SegmentValueRow(a.pool, dst, job_row.y);
   for (int i = threadIdx.x; i < dst.key_width; i += kThreads) {
     const int channel = dst.key_channels != nullptr ? dst.key_channels[i] : i;
-    CopyElement(a.keys, a.src_dtype, src + channel, krow, a.pool.dtype, i);
+    CopyElement(job.keys, a.src_dtype, src + channel, krow, a.pool.dtype, i);
   }
   for (int c = threadIdx.x; c < dst.value_width; c += kThreads) {
-    CopyElement(a.values, a.src_dtype, src + c, vrow, a.pool.dtype, c);
+    CopyElement(job.values, a.src_dtype, src + c, vrow, a.pool.dtype, c);
+  }
+}
+
+// Grid-stride loop over [0, n).
+__global__ void __launch_bounds__(kThreads)
+    ConvertKernel(const void* src, DType src_dtype, void* dst, DType dst_dtype, int64_t n) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < n; i += stride) {
+    CopyElement(src, src_dtype, i, dst, dst_dtype, i);
   }
 }
 
@@ -752,6 +762,18 @@ cudaError_t LaunchWriteRows(const WriteRowsArgs& args, cudaStream_t stream) {
   if (args.num_rows < 0 || args.head_dim <= 0) return cudaErrorInvalidValue;
   if (args.num_rows == 0) return cudaSuccess;
   KVCACHE_LAUNCH(static_cast<unsigned>(args.num_rows), kThreads, 0, stream, WriteRowsKernel)(args);
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchConvert(const void* src, DType src_dtype, void* dst, DType dst_dtype, int64_t n,
+                          cudaStream_t stream) {
+  if (n < 0 || (n > 0 && (src == nullptr || dst == nullptr))) return cudaErrorInvalidValue;
+  if (n == 0) return cudaSuccess;
+  // At most 1024 blocks: q / out of a decode step are at most a few million elements, and a
+  // grid-stride loop keeps every block busy.
+  const int64_t blocks = std::min<int64_t>(CeilDiv(n, int64_t{kThreads}), 1024);
+  KVCACHE_LAUNCH(static_cast<unsigned>(blocks), kThreads, 0, stream, ConvertKernel)
+  (src, src_dtype, dst, dst_dtype, n);
   return cudaGetLastError();
 }
 

@@ -108,9 +108,15 @@ struct ScoreRowsArgs {
 cudaError_t LaunchScoreRowsAggregate(const ScoreRowsArgs& args, cudaStream_t stream);
 
 // Row writes: token j of the call is row `rows[j].y` of job `rows[j].x`; its source is
-// keys/values + j * head_dim elements of src_dtype (the host packed the rows densely).
+// job.keys / job.values + (rows[j].y - job.first_row) * job.src_stride elements of src_dtype.
+// The sources are device memory: the backend's packed copy of host rows (src_stride =
+// head_dim), or the caller's own strided device buffer read in place (device K/V Append).
 struct WriteJob {
   SegmentView dst;  // device pointers
+  const void* keys = nullptr;    // [num_tokens, src_stride] src_dtype, device
+  const void* values = nullptr;  // [num_tokens, src_stride] src_dtype, device
+  int64_t src_stride = 0;        // elements between consecutive source rows
+  int32_t first_row = 0;         // destination row of source row 0
 };
 struct WriteRowsArgs {
   PoolView pool;
@@ -119,10 +125,13 @@ struct WriteRowsArgs {
   const WriteJob* jobs = nullptr;  // [num jobs]
   const int2* rows = nullptr;      // [num_rows] (job, destination row)
   int32_t num_rows = 0;
-  const void* keys = nullptr;    // [num_rows, head_dim] src_dtype
-  const void* values = nullptr;  // [num_rows, head_dim] src_dtype
 };
 cudaError_t LaunchWriteRows(const WriteRowsArgs& args, cudaStream_t stream);
+
+// dst[i] = src[i] converted from src_dtype to dst_dtype (round-to-nearest-even, dtype.h; a bit
+// copy when the dtypes agree), i in [0, n): device-tensor q and out of a decode.
+cudaError_t LaunchConvert(const void* src, DType src_dtype, void* dst, DType dst_dtype, int64_t n,
+                          cudaStream_t stream);
 
 // Rows [first_row, first_row + count) of one segment as f32, keys expanded to head_dim
 // (channels the segment does not store read 0).

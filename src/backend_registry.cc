@@ -80,6 +80,7 @@ const char* BackendOpName(BackendOp op) {
     case BackendOp::kSparseDecodeAttention: return "SparseDecodeAttention";
     case BackendOp::kKeyIndex: return "KeyIndex";
     case BackendOp::kScoreRows: return "ScoreRows";
+    case BackendOp::kDeviceTensors: return "DeviceTensors";
   }
   return "unknown";
 }

@@ -65,7 +65,8 @@ absl::Status CheckTensor(const char* name, const TensorRef& t, int64_t expected)
 }
 
 // Append's request checks that need no sequence (sizes, dtypes, positions, modalities).
-absl::Status CheckAppendRequest(const CacheConfig& c, int32_t layer, const AppendRequest& req) {
+absl::Status CheckAppendRequest(const CacheConfig& c, const Backend& backend, int32_t layer,
+                                const AppendRequest& req) {
   const int64_t heads = c.num_kv_heads, d = c.head_dim;
   if (layer < 0 || layer >= c.num_layers) {
     return absl::OutOfRangeError(
@@ -79,6 +80,18 @@ absl::Status CheckAppendRequest(const CacheConfig& c, int32_t layer, const Appen
   if (absl::Status s = CheckTensor("Append: keys", req.keys, n * heads * d); !s.ok()) return s;
   if (absl::Status s = CheckTensor("Append: values", req.values, n * heads * d); !s.ok()) {
     return s;
+  }
+  if (req.keys.space != req.values.space ||
+      (req.keys.space != MemorySpace::kHost && req.keys.space != MemorySpace::kDevice)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "Append: keys are in memory space ", static_cast<int>(req.keys.space), " (",
+        MemorySpaceName(req.keys.space), ") but values in ", static_cast<int>(req.values.space),
+        " (", MemorySpaceName(req.values.space), "); both host or both device"));
+  }
+  if (req.keys.space == MemorySpace::kDevice && !backend.Supports(BackendOp::kDeviceTensors)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("Append: keys and values are device tensors but the ",
+                     std::string(backend.Name()), " backend has no device tensors"));
   }
   if (req.keys.dtype != req.values.dtype) {
     return absl::InvalidArgumentError(absl::StrCat("Append: keys are ", DTypeName(req.keys.dtype),
@@ -265,7 +278,7 @@ CacheStats Cache::Stats() const {
 absl::Status Cache::Append(SequenceId seq_id, int32_t layer, const AppendRequest& req) {
   const CacheConfig& c = config_;
   const int32_t heads = c.num_kv_heads, d = c.head_dim;
-  if (absl::Status s = CheckAppendRequest(c, layer, req); !s.ok()) return s;
+  if (absl::Status s = CheckAppendRequest(c, *backend_, layer, req); !s.ok()) return s;
   const int64_t n = static_cast<int64_t>(req.positions.size());
   absl::StatusOr<LockedSequence> locked = Lock("Append", seq_id);
   if (!locked.ok()) return locked.status();
@@ -353,10 +366,12 @@ absl::Status Cache::Append(SequenceId seq_id, int32_t layer, const AppendRequest
   std::vector<RowWrite> writes;
   const int64_t token_stride = int64_t{heads} * d;
   const int esize = DTypeSize(req.keys.dtype);
+  std::vector<int32_t> base_rows(heads);
   for (int32_t h = 0; h < heads; ++h) {
     // Rows continue after the committed tail's tokens (the staged copy holds only pages).
     const int32_t base_row =
         work[h].new_segment ? 0 : table.stream(layer, h).segments.back().length();
+    base_rows[h] = base_row;
     const SegmentView view = staged[h].View();
     int32_t i = 0;
     while (i < m) {  // one write per run of consecutive admitted tokens
@@ -372,11 +387,36 @@ absl::Status Cache::Append(SequenceId seq_id, int32_t layer, const AppendRequest
       w.values = static_cast<const uint8_t*>(req.values.data) + offset;
       w.src_dtype = req.keys.dtype;
       w.src_stride = token_stride;
+      w.src_space = req.keys.space;
       writes.push_back(w);
       i = j;
     }
   }
   if (absl::Status s = backend_->WriteRows(pool_->view(), writes); !s.ok()) return s;
+
+  // Device K/V: page summaries and key indexes need the stored keys on the host, and the host
+  // cannot read the request's, so they are read back from the pool (f32, exactly the
+  // dtype-rounded values the host path computes), before anything is committed.
+  const bool device_kv = req.keys.space == MemorySpace::kDevice;
+  std::vector<float> device_stored;  // [heads, m, head_dim] when device_kv and needed
+  if (device_kv) {
+    bool needed = c.page_summaries;
+    for (int32_t h = 0; h < heads; ++h) {
+      needed = needed || internal::HasKeyIndex(seq, table.Index(layer, h));
+    }
+    if (needed) {
+      device_stored.resize(static_cast<size_t>(heads) * m * d);
+      for (int32_t h = 0; h < heads; ++h) {
+        SegmentView view = staged[h].View();
+        view.length = base_rows[h] + m;  // the rows just written
+        if (absl::Status s = backend_->ReadRows(pool_->view(), view, d, base_rows[h], m,
+                                                device_stored.data() + int64_t{h} * m * d, nullptr);
+            !s.ok()) {
+          return s;
+        }
+      }
+    }
+  }
 
   // Commit.
   std::vector<int32_t> positions(m);
@@ -392,7 +432,11 @@ absl::Status Cache::Append(SequenceId seq_id, int32_t layer, const AppendRequest
     if (c.page_summaries || indexed) {
       // Append always writes full-width rows, so the stored keys are full width too.
       stored.resize(static_cast<size_t>(m) * d);
-      for (int32_t i = 0; i < m; ++i) {
+      if (device_kv) {
+        std::copy_n(device_stored.begin() + static_cast<int64_t>(h) * m * d,
+                    static_cast<int64_t>(m) * d, stored.begin());
+      }
+      for (int32_t i = 0; i < m && !device_kv; ++i) {
         const int64_t src = (int64_t{admitted[i]} * heads + h) * d;
         for (int32_t ch = 0; ch < d; ++ch) {
           stored[static_cast<size_t>(i) * d + ch] =

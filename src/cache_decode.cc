@@ -4,6 +4,7 @@
 // DecodeAttention is a one-layer plan made and run inside the call.
 #include <algorithm>
 #include <cmath>
+#include <memory>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -57,29 +58,87 @@ absl::Status CheckReadPolicy(const ReadPolicy& rp) {
   return absl::OkStatus();
 }
 
-// The checks of a decode call that need no sequence: layer, buffer sizes, options, and whether
-// the backend implements the reads asked for (before anything is locked).
+bool ValidDType(DType t) { return t == DType::kF32 || t == DType::kF16 || t == DType::kBF16; }
+bool ValidSpace(MemorySpace s) { return s == MemorySpace::kHost || s == MemorySpace::kDevice; }
+
+// One tensor of a decode call: `expected` elements (lse: 0 = not requested is allowed), a known
+// dtype (f32 only when `f32_only`) and memory space, a pointer when it has elements.
+absl::Status CheckDecodeTensor(const char* name, const void* data, DType dtype, int64_t n,
+                               MemorySpace space, int64_t expected, bool f32_only,
+                               const char* shape) {
+  if (n != expected) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "DecodeAttention: ", name, " has ", n, " elements, expected ", expected, " (", shape, ")"));
+  }
+  if (!ValidDType(dtype) || (f32_only && dtype != DType::kF32)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "DecodeAttention: ", name, " has dtype ", static_cast<int>(dtype), " (", DTypeName(dtype),
+        "); ", f32_only ? "f32 is" : "f32, f16 and bf16 are", " supported"));
+  }
+  if (!ValidSpace(space)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("DecodeAttention: ", name, " has memory space ", static_cast<int>(space)));
+  }
+  if (n > 0 && data == nullptr) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("DecodeAttention: ", name, " has ", n, " elements and a null pointer"));
+  }
+  return absl::OkStatus();
+}
+
+// The checks of a decode call that need no sequence: layer, tensor sizes / dtypes / memory
+// spaces, options, and whether the backend implements the reads asked for (before anything is
+// locked).
 absl::Status CheckDecodeArgs(const CacheConfig& c, const Backend& backend, int64_t b, int32_t layer,
-                             std::span<const float> q, std::span<float> out, std::span<float> lse,
-                             const DecodeOptions& options) {
+                             const TensorRef& q, const MutableTensorRef& out,
+                             const MutableTensorRef& lse, const DecodeOptions& options) {
   if (layer < 0 || layer >= c.num_layers) {
     return absl::OutOfRangeError(
         absl::StrCat("DecodeAttention: layer ", layer, " is out of range [0, ", c.num_layers, ")"));
   }
   const int64_t per_seq = int64_t{c.num_q_heads} * c.head_dim;
-  if (static_cast<int64_t>(q.size()) != b * per_seq) {
-    return absl::InvalidArgumentError(absl::StrCat("DecodeAttention: q has ", q.size(),
-                                                   " elements, expected ", b * per_seq,
-                                                   " (batch * num_q_heads * head_dim)"));
+  if (absl::Status s = CheckDecodeTensor("q", q.data, q.dtype, q.num_elements, q.space, b * per_seq,
+                                         false, "batch * num_q_heads * head_dim");
+      !s.ok()) {
+    return s;
   }
-  if (static_cast<int64_t>(out.size()) != b * per_seq) {
+  if (absl::Status s = CheckDecodeTensor("out", out.data, out.dtype, out.num_elements, out.space,
+                                         b * per_seq, false, "batch * num_q_heads * head_dim");
+      !s.ok()) {
+    return s;
+  }
+  const bool with_lse = lse.num_elements != 0;
+  if (with_lse) {
+    if (absl::Status s =
+            CheckDecodeTensor("lse", lse.data, lse.dtype, lse.num_elements, lse.space,
+                              b * c.num_q_heads, true, "batch * num_q_heads, or 0 elements");
+        !s.ok()) {
+      return s;
+    }
+  }
+  const bool device = q.space == MemorySpace::kDevice;
+  if (out.space != q.space || (with_lse && lse.space != q.space)) {
     return absl::InvalidArgumentError(
-        absl::StrCat("DecodeAttention: out has ", out.size(), " elements, expected ", b * per_seq));
+        absl::StrCat("DecodeAttention: q is in ", MemorySpaceName(q.space), " memory but ",
+                     out.space != q.space ? "out" : "lse", " is in ",
+                     MemorySpaceName(out.space != q.space ? out.space : lse.space),
+                     " memory; the tensors of one call share one memory space"));
   }
-  if (!lse.empty() && static_cast<int64_t>(lse.size()) != b * c.num_q_heads) {
-    return absl::InvalidArgumentError(absl::StrCat("DecodeAttention: lse has ", lse.size(),
-                                                   " elements, expected ", b * c.num_q_heads,
-                                                   " (batch * num_q_heads) or 0"));
+  const bool device_tensors = backend.Supports(BackendOp::kDeviceTensors);
+  if (device && !device_tensors) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("DecodeAttention: q, out and lse are device tensors but the ",
+                     std::string(backend.Name()), " backend has no device tensors"));
+  }
+  if (options.stream != nullptr && !device_tensors) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("DecodeAttention: options.stream is set but the ", std::string(backend.Name()),
+                     " backend has no streams (no device tensors)"));
+  }
+  if (options.stream != nullptr && !device) {
+    return absl::InvalidArgumentError(
+        "DecodeAttention: options.stream is set but q, out and lse are host tensors (host-tensor "
+        "calls are synchronous; a stream orders device-tensor calls)");
   }
   if (!(options.scale >= 0.0f) || !std::isfinite(options.scale)) {
     return absl::InvalidArgumentError(
@@ -91,6 +150,11 @@ absl::Status CheckDecodeArgs(const CacheConfig& c, const Backend& backend, int64
     if (absl::Status s = CheckReadPolicy(rp); !s.ok()) return s;
   }
   const bool sparse = rp.kind != ReadPolicy::Kind::kDense && layer >= rp.dense_first_layers;
+  if (sparse && device) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("DecodeAttention: read_policy ", static_cast<int>(rp.kind),
+                     " (sparse) with device tensors; sparse reads take host tensors"));
+  }
   if (sparse && rp.kind == ReadPolicy::Kind::kQuest && !c.page_summaries) {
     return absl::FailedPreconditionError(
         "DecodeAttention: the Quest read policy needs CacheConfig::page_summaries = true");
@@ -198,6 +262,10 @@ absl::StatusOr<DecodePlan> Cache::PrepareLayers(absl::string_view fn,
   for (auto it = st->lock_order.rbegin(); it != st->lock_order.rend(); ++it) (*it)->mu.Unlock();
   if (!status.ok()) return status;
   st->views.resize(st->view_begin[num_layers]);
+  const size_t elements = batch.size() * static_cast<size_t>(config_.num_q_heads) *
+                          static_cast<size_t>(config_.head_dim);
+  st->q_f32 = std::make_unique_for_overwrite<float[]>(elements);
+  st->out_f32 = std::make_unique_for_overwrite<float[]>(elements);
   DecodePlan plan;
   plan.state_ = std::move(st);
   return plan;
@@ -205,8 +273,30 @@ absl::StatusOr<DecodePlan> Cache::PrepareLayers(absl::string_view fn,
 
 // ---- Run --------------------------------------------------------------------------------------
 
+namespace {
+
+MutableTensorRef OptionalOf(std::span<float> s) {
+  return s.empty() ? MutableTensorRef{} : MutableTensorRef::Of(s);
+}
+
+}  // namespace
+
 absl::Status Cache::DecodeAttention(DecodePlan& plan, int32_t layer, std::span<const float> q,
                                     std::span<float> out, std::span<float> lse,
+                                    const DecodeOptions& options) {
+  return DecodeAttention(plan, layer, TensorRef::Of(q), MutableTensorRef::Of(out), OptionalOf(lse),
+                         options);
+}
+
+absl::Status Cache::DecodeAttention(std::span<const SequenceId> batch, int32_t layer,
+                                    std::span<const float> q, std::span<float> out,
+                                    std::span<float> lse, const DecodeOptions& options) {
+  return DecodeAttention(batch, layer, TensorRef::Of(q), MutableTensorRef::Of(out), OptionalOf(lse),
+                         options);
+}
+
+absl::Status Cache::DecodeAttention(DecodePlan& plan, int32_t layer, TensorRef q,
+                                    MutableTensorRef out, MutableTensorRef lse,
                                     const DecodeOptions& options) {
   if (!plan.valid()) {
     return absl::InvalidArgumentError(
@@ -229,9 +319,9 @@ absl::Status Cache::DecodeAttention(DecodePlan& plan, int32_t layer, std::span<c
   return RunDecode(st, layer, q, out, lse, options, /*one_shot=*/false);
 }
 
-absl::Status Cache::DecodeAttention(std::span<const SequenceId> batch, int32_t layer,
-                                    std::span<const float> q, std::span<float> out,
-                                    std::span<float> lse, const DecodeOptions& options) {
+absl::Status Cache::DecodeAttention(std::span<const SequenceId> batch, int32_t layer, TensorRef q,
+                                    MutableTensorRef out, MutableTensorRef lse,
+                                    const DecodeOptions& options) {
   if (batch.empty()) return absl::InvalidArgumentError("DecodeAttention: empty batch");
   if (absl::Status s = CheckDecodeArgs(config_, *backend_, static_cast<int64_t>(batch.size()),
                                        layer, q, out, lse, options);
@@ -244,9 +334,42 @@ absl::Status Cache::DecodeAttention(std::span<const SequenceId> batch, int32_t l
   return RunDecode(*plan->state_, layer, q, out, lse, options, /*one_shot=*/true);
 }
 
-absl::Status Cache::RunDecode(DecodePlan::State& st, int32_t layer, std::span<const float> q,
-                              std::span<float> out, std::span<float> lse,
+absl::Status Cache::Synchronize(void* stream) {
+  if (stream != nullptr && !backend_->Supports(BackendOp::kDeviceTensors)) {
+    return absl::InvalidArgumentError(absl::StrCat("Synchronize: a stream was given but the ",
+                                                   std::string(backend_->Name()),
+                                                   " backend has no streams (no device tensors)"));
+  }
+  return backend_->Synchronize(stream);
+}
+
+absl::Status Cache::RunDecode(DecodePlan::State& st, int32_t layer, const TensorRef& q,
+                              const MutableTensorRef& out, const MutableTensorRef& lse,
                               const DecodeOptions& options, bool one_shot) {
+  const bool device = q.space == MemorySpace::kDevice;
+  const int64_t elements =
+      static_cast<int64_t>(st.batch.size()) * config_.num_q_heads * config_.head_dim;
+  // Host tensors: the kernels take f32, so f16 / bf16 q is widened into the plan's scratch
+  // (exact) and the f32 result is rounded into an f16 / bf16 out after the kernel.
+  const float* q_f32 = nullptr;
+  float* out_f32 = nullptr;
+  if (!device) {
+    if (q.dtype == DType::kF32) {
+      q_f32 = static_cast<const float*>(q.data);
+    } else {
+      if (st.q_f32 == nullptr) st.q_f32 = std::make_unique_for_overwrite<float[]>(elements);
+      for (int64_t i = 0; i < elements; ++i) st.q_f32[i] = LoadAsFloat(q.data, q.dtype, i);
+      q_f32 = st.q_f32.get();
+    }
+    if (out.dtype == DType::kF32) {
+      out_f32 = static_cast<float*>(out.data);
+    } else {
+      if (st.out_f32 == nullptr) st.out_f32 = std::make_unique_for_overwrite<float[]>(elements);
+      out_f32 = st.out_f32.get();
+    }
+  }
+  float* lse_out = lse.num_elements == 0 ? nullptr : static_cast<float*>(lse.data);
+
   const int32_t heads = st.num_kv_heads;
   const int32_t streams = st.num_streams();
   const int32_t slot = layer - st.first_layer;
@@ -319,9 +442,17 @@ absl::Status Cache::RunDecode(DecodePlan::State& st, int32_t layer, std::span<co
     params.scale = options.scale;
     params.accumulate_scores = options.accumulate_scores;
     params.aggregation = options.aggregation;
-    float* lse_out = lse.empty() ? nullptr : lse.data();
-    if (!sparse) {
-      status = backend_->DecodeAttention(kv, params, q.data(), out.data(), lse_out);
+    if (device) {  // dense (CheckDecodeArgs): asynchronous on options.stream
+      DecodeIO io;
+      io.q = q.data;
+      io.q_dtype = q.dtype;
+      io.out = out.data;
+      io.out_dtype = out.dtype;
+      io.lse = lse_out;
+      io.stream = options.stream;
+      status = backend_->DeviceDecodeAttention(kv, params, io);
+    } else if (!sparse) {
+      status = backend_->DecodeAttention(kv, params, q_f32, out_f32, lse_out);
     } else {
       params.read_policy = rp;
       if (rp.kind == ReadPolicy::Kind::kRetrieval && !rp.exact_search) {
@@ -339,11 +470,14 @@ absl::Status Cache::RunDecode(DecodePlan::State& st, int32_t layer, std::span<co
         params.key_indexes = st.key_indexes.data();
       }
       if (status.ok()) {
-        status = backend_->SparseDecodeAttention(kv, params, q.data(), out.data(), lse_out);
+        status = backend_->SparseDecodeAttention(kv, params, q_f32, out_f32, lse_out);
       }
     }
   }
   for (auto it = st.lock_order.rbegin(); it != st.lock_order.rend(); ++it) (*it)->mu.Unlock();
+  if (status.ok() && !device && out.dtype != DType::kF32) {
+    for (int64_t i = 0; i < elements; ++i) StoreFromFloat(out.data, out.dtype, i, out_f32[i]);
+  }
   return status;
 }
 

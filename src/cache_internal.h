@@ -64,6 +64,11 @@ struct DecodePlan::State {
   std::vector<SegmentView> views;            // [view_begin[num_layers]] refreshed by each call
   std::vector<int32_t> offsets;              // [batch * kv_heads + 1] CSR of the layer being run
   std::vector<const KeyIndex*> key_indexes;  // [batch * kv_heads] retrieval decode only
+  // f32 scratch for f16 / bf16 host q and out, [batch, num_q_heads, head_dim] each, allocated
+  // at PrepareDecode without being touched (make_unique_for_overwrite: an f32 caller never
+  // faults its pages in), so a per-layer call converts without allocating.
+  std::unique_ptr<float[]> q_f32;
+  std::unique_ptr<float[]> out_f32;
 
   int32_t num_streams() const { return static_cast<int32_t>(batch.size()) * num_kv_heads; }
 };

@@ -20,6 +20,16 @@ const char* DTypeName(DType t) {
   return "unknown";
 }
 
+const char* MemorySpaceName(MemorySpace s) {
+  switch (s) {
+    case MemorySpace::kHost:
+      return "host";
+    case MemorySpace::kDevice:
+      return "device";
+  }
+  return "unknown";
+}
+
 const char* ModalityName(Modality m) {
   switch (m) {
     case Modality::kText:

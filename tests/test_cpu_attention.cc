@@ -924,7 +924,9 @@ TEST_CASE("cache: attention entry points reject bad input", "[cache]") {
   std::vector<float> bad_lse(3);
   CHECK(cache.DecodeAttention(one, 0, q, out, bad_lse).code() ==
         absl::StatusCode::kInvalidArgument);
-  CHECK(cache.DecodeAttention({}, 0, {}, {}).code() == absl::StatusCode::kInvalidArgument);
+  // (Typed empties: `{}` for q and out would also fit the TensorRef overload.)
+  CHECK(cache.DecodeAttention({}, 0, std::span<const float>(), std::span<float>()).code() ==
+        absl::StatusCode::kInvalidArgument);
   CHECK(cache.DecodeAttention(one, 2, q, out).code() == absl::StatusCode::kOutOfRange);
   CHECK(cache.DecodeAttention(one, -1, q, out).code() == absl::StatusCode::kOutOfRange);
   const std::vector<SequenceId> unknown = {seq + 1000};

@@ -25,65 +25,16 @@
 #include <string>
 #include <vector>
 
+#include "cuda_test_util.h"
 #include "kvcache/backend.h"
 #include "kvcache/cache.h"
 #include "kvcache/plan.h"
 #include "test_util.h"
-#if KVCACHE_HAVE_CUDA_EMULATED
-#include "cuda/emulation/simt.h"
-#endif
 
 namespace kvcache {
 namespace {
 
 using testing::RandomVector;
-
-// "cuda" when a CUDA device can be used, else "cuda-emulated" when built, else "" (with the
-// reason in *why).
-std::string FindCudaBackend(std::string* why) {
-  absl::StatusOr<std::unique_ptr<Backend>> real = CreateBackend("cuda");
-  if (real.ok()) return "cuda";
-  absl::StatusOr<std::unique_ptr<Backend>> emulated = CreateBackend("cuda-emulated");
-  if (emulated.ok()) return "cuda-emulated";
-  *why = real.status().ToString() + "; " + emulated.status().ToString();
-  return "";
-}
-
-const std::string& CudaBackend() {
-  static const std::string* name = [] {
-    std::string why;
-    auto* n = new std::string(FindCudaBackend(&why));
-    if (n->empty()) {
-      std::printf("SKIPPED: %s\n", why.c_str());
-      std::fflush(stdout);
-      std::exit(4);
-    }
-    std::printf("CUDA backend under test: %s\n", n->c_str());
-    return n;
-  }();
-  return *name;
-}
-
-bool Emulated() { return CudaBackend() == "cuda-emulated"; }
-
-// Call first in every [cuda] test case with `reverse` = GENERATE(false, true): exits with CTest's
-// skip code when no CUDA backend exists, sets the emulator's thread order, and returns false for
-// the reverse pass on a real device (nothing to reorder there), where the case returns at once.
-bool UseCudaBackend(bool reverse) {
-  const std::string& name = CudaBackend();
-  if (name != "cuda-emulated") return !reverse;
-#if KVCACHE_HAVE_CUDA_EMULATED
-  cuda_emu::SetThreadOrder(reverse ? cuda_emu::ThreadOrder::kReverse
-                                   : cuda_emu::ThreadOrder::kForward);
-#endif
-  return true;
-}
-
-// The start of every [cuda] test case (the generator must be in the test case itself).
-#define KVCACHE_CUDA_CASE()                   \
-  const bool reverse_order = GENERATE(false, true); \
-  INFO("thread order " << (reverse_order ? "reverse" : "forward")); \
-  if (!UseCudaBackend(reverse_order)) return
 
 // A long length on a GPU, a shorter one (still several key splits) under the emulator, or on
 // a GPU with KVCACHE_CUDA_TEST_SHORT=1 (scripts/gpu_check.sh under compute-sanitizer).

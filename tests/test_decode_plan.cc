@@ -8,11 +8,14 @@
 
 #include <algorithm>
 #include <atomic>
-#include <cmath>
 #include <catch2/catch.hpp>
+#include <cmath>
 #include <cstdlib>
 #include <new>
 #include <random>
+#include <string>
+#include <string_view>
+#include <utility>
 #include <vector>
 
 #include "kvcache/cache.h"
@@ -130,6 +133,21 @@ void AppendAllLayers(Cache& cache, SequenceId seq, int n, int first, std::mt1993
     AppendTokens(cache, seq, l, n, first, rng);
 }
 
+// x rounded to f16 / bf16 bits.
+std::vector<uint16_t> ToBits(const std::vector<float>& x, DType t) {
+  std::vector<uint16_t> bits(x.size());
+  for (size_t i = 0; i < x.size(); ++i)
+    StoreFromFloat(bits.data(), t, static_cast<long long>(i), x[i]);
+  return bits;
+}
+
+std::vector<float> FromBits(const std::vector<uint16_t>& bits, DType t) {
+  std::vector<float> x(bits.size());
+  for (size_t i = 0; i < x.size(); ++i)
+    x[i] = LoadAsFloat(bits.data(), t, static_cast<long long>(i));
+  return x;
+}
+
 size_t QSize(const Cache& cache, size_t batch) {
   return batch * cache.config().num_q_heads * cache.config().head_dim;
 }
@@ -209,6 +227,29 @@ TEST_CASE("a per-layer decode call with a plan does not allocate (cpu backend)",
           }
         });
         INFO("accumulate_scores " << accumulate);
+        REQUIRE(status.ok());
+        REQUIRE(allocations == 0);
+      }
+      // f16 / bf16 host q and out go through the plan's f32 scratch: still no allocation.
+      const std::vector<uint16_t> q16 = ToBits(q, DType::kF16);
+      const std::vector<uint16_t> qb16 = ToBits(q, DType::kBF16);
+      std::vector<uint16_t> out16(q.size());
+      for (auto [q_dtype, out_dtype] :
+           {std::pair{DType::kF16, DType::kF16}, std::pair{DType::kBF16, DType::kBF16},
+            std::pair{DType::kF32, DType::kBF16}, std::pair{DType::kF16, DType::kF32}}) {
+        const TensorRef q_ref = q_dtype == DType::kF32   ? TensorRef::Of(q)
+                                : q_dtype == DType::kF16 ? TensorRef::Of(q16, DType::kF16)
+                                                         : TensorRef::Of(qb16, DType::kBF16);
+        const MutableTensorRef out_ref = out_dtype == DType::kF32
+                                             ? MutableTensorRef::Of(out)
+                                             : MutableTensorRef::Of(out16, out_dtype);
+        absl::Status status;
+        const int64_t allocations = CountAllocations([&] {
+          for (int32_t l = 0; l < cache->config().num_layers && status.ok(); ++l) {
+            status = cache->DecodeAttention(*plan, l, q_ref, out_ref, MutableTensorRef::Of(lse));
+          }
+        });
+        INFO("q " << DTypeName(q_dtype) << ", out " << DTypeName(out_dtype));
         REQUIRE(status.ok());
         REQUIRE(allocations == 0);
       }
@@ -360,4 +401,130 @@ TEST_CASE("PrepareDecode and planned calls reject bad input", "[decode_plan][err
   REQUIRE(!plan.valid());  // NOLINT(bugprone-use-after-move): the moved-from state is the point
   REQUIRE(cache->DecodeAttention(plan, 0, q, out).code() == absl::StatusCode::kInvalidArgument);
   REQUIRE(cache->DecodeAttention(moved, 0, q, out).ok());
+}
+
+// Host f16 / bf16 q and out on every host backend: exactly the f32 decode of the widened q,
+// rounded to the out dtype (the Cache converts; the kernels are the f32 ones), planned and
+// one-shot alike.
+TEST_CASE("f16 and bf16 host q and out equal the f32 decode, converted", "[decode_plan][dtype]") {
+  for (const char* backend : {"cpu", "cpu-reference"}) {
+    INFO(backend);
+    auto cache = *Cache::Create(Config(2), backend);
+    std::mt19937 rng(17);
+    std::vector<SequenceId> batch;
+    for (int b = 0; b < 2; ++b) {
+      batch.push_back(*cache->AddSequence());
+      AppendAllLayers(*cache, batch.back(), 21 + 9 * b, 0, rng);
+    }
+    DecodePlan plan = *cache->PrepareDecode(batch);
+    const std::vector<float> q_raw = RandomVector(rng, QSize(*cache, batch.size()));
+    const size_t n_lse = batch.size() * cache->config().num_q_heads;
+    for (DType q_dtype : {DType::kF32, DType::kF16, DType::kBF16}) {
+      for (DType out_dtype : {DType::kF32, DType::kF16, DType::kBF16}) {
+        INFO("q " << DTypeName(q_dtype) << ", out " << DTypeName(out_dtype));
+        const std::vector<uint16_t> q_bits =
+            ToBits(q_raw, q_dtype == DType::kF32 ? DType::kF16 : q_dtype);
+        const std::vector<float> q =
+            q_dtype == DType::kF32 ? q_raw : FromBits(q_bits, q_dtype);  // the widened q
+        std::vector<float> expected(q.size()), expected_lse(n_lse);
+        REQUIRE(cache->DecodeAttention(plan, 1, q, expected, expected_lse).ok());
+        const TensorRef q_ref =
+            q_dtype == DType::kF32 ? TensorRef::Of(q_raw) : TensorRef::Of(q_bits, q_dtype);
+        for (bool planned : {true, false}) {
+          INFO("planned " << planned);
+          std::vector<float> out32(q.size(), 9.0f), lse(n_lse, 9.0f);
+          std::vector<uint16_t> out16(q.size(), 0xFFFF);
+          const MutableTensorRef out_ref = out_dtype == DType::kF32
+                                               ? MutableTensorRef::Of(out32)
+                                               : MutableTensorRef::Of(out16, out_dtype);
+          const absl::Status s =
+              planned ? cache->DecodeAttention(plan, 1, q_ref, out_ref, MutableTensorRef::Of(lse))
+                      : cache->DecodeAttention(batch, 1, q_ref, out_ref, MutableTensorRef::Of(lse));
+          INFO(s.ToString());
+          REQUIRE(s.ok());
+          REQUIRE(lse == expected_lse);
+          if (out_dtype == DType::kF32) {
+            REQUIRE(out32 == expected);
+          } else {
+            REQUIRE(out16 == ToBits(expected, out_dtype));
+          }
+        }
+      }
+    }
+  }
+}
+
+TEST_CASE("tensor refs: device tensors, streams and bad sizes or dtypes are refused on cpu",
+          "[decode_plan][dtype][errors]") {
+  auto cache = *Cache::Create(Config(2), "cpu");
+  std::mt19937 rng(19);
+  const SequenceId a = *cache->AddSequence();
+  AppendAllLayers(*cache, a, 12, 0, rng);
+  const std::vector<SequenceId> batch{a};
+  DecodePlan plan = *cache->PrepareDecode(batch);
+  std::vector<float> q = RandomVector(rng, QSize(*cache, 1));
+  std::vector<float> out(q.size(), 7.0f), lse(4, 7.0f);
+  const auto untouched = [&] {
+    return std::all_of(out.begin(), out.end(), [](float x) { return x == 7.0f; }) &&
+           std::all_of(lse.begin(), lse.end(), [](float x) { return x == 7.0f; });
+  };
+  const auto expect = [&](absl::Status s, absl::StatusCode code, const std::string& needle) {
+    INFO(s.ToString());
+    REQUIRE(s.code() == code);
+    REQUIRE(s.message().find(needle) != std::string_view::npos);
+    REQUIRE(untouched());
+  };
+  const TensorRef hq = TensorRef::Of(q);
+  const MutableTensorRef hout = MutableTensorRef::Of(out), hlse = MutableTensorRef::Of(lse);
+  const int64_t n = static_cast<int64_t>(q.size());
+  // Device tensors on a backend without them (the pointers are host memory: never read).
+  expect(cache->DecodeAttention(plan, 0, TensorRef::OnDevice(q.data(), DType::kF32, n),
+                                MutableTensorRef::OnDevice(out.data(), DType::kF32, n),
+                                MutableTensorRef::OnDevice(lse.data(), DType::kF32, 4)),
+         absl::StatusCode::kInvalidArgument, "cpu backend has no device tensors");
+  expect(cache->DecodeAttention(batch, 0, TensorRef::OnDevice(q.data(), DType::kF32, n),
+                                MutableTensorRef::OnDevice(out.data(), DType::kF32, n)),
+         absl::StatusCode::kInvalidArgument, "cpu backend has no device tensors");
+  // Mixed memory spaces.
+  expect(cache->DecodeAttention(plan, 0, hq, MutableTensorRef::OnDevice(out.data(), DType::kF32, n),
+                                hlse),
+         absl::StatusCode::kInvalidArgument, "out is in device memory");
+  // A stream on a backend without streams.
+  int fake_stream = 0;
+  DecodeOptions with_stream;
+  with_stream.stream = &fake_stream;
+  expect(cache->DecodeAttention(plan, 0, hq, hout, hlse, with_stream),
+         absl::StatusCode::kInvalidArgument, "cpu backend has no streams");
+  REQUIRE(cache->Synchronize().ok());
+  REQUIRE(cache->Synchronize(&fake_stream).code() == absl::StatusCode::kInvalidArgument);
+  // Sizes and dtypes.
+  expect(cache->DecodeAttention(plan, 0, TensorRef{q.data(), DType::kF32, n - 1}, hout, hlse),
+         absl::StatusCode::kInvalidArgument, "q has " + std::to_string(n - 1) + " elements");
+  expect(
+      cache->DecodeAttention(plan, 0, hq, MutableTensorRef{out.data(), DType::kF16, n + 1}, hlse),
+      absl::StatusCode::kInvalidArgument, "out has " + std::to_string(n + 1) + " elements");
+  expect(cache->DecodeAttention(plan, 0, hq, hout, MutableTensorRef{lse.data(), DType::kF16, 4}),
+         absl::StatusCode::kInvalidArgument, "lse has dtype");
+  expect(cache->DecodeAttention(plan, 0, hq, hout, MutableTensorRef{lse.data(), DType::kF32, 3}),
+         absl::StatusCode::kInvalidArgument, "lse has 3 elements");
+  expect(cache->DecodeAttention(plan, 0, TensorRef{q.data(), static_cast<DType>(7), n}, hout, hlse),
+         absl::StatusCode::kInvalidArgument, "q has dtype 7");
+  expect(cache->DecodeAttention(plan, 0, TensorRef{nullptr, DType::kF32, n}, hout, hlse),
+         absl::StatusCode::kInvalidArgument, "null pointer");
+  // Device K/V in Append: refused, the stream unchanged.
+  const int32_t before = *cache->StreamLength(a, 0, 0);
+  std::vector<float> kv(2 * 2 * 16, 1.0f);
+  const std::vector<int32_t> positions{100, 101};
+  AppendRequest req;
+  req.keys = TensorRef::OnDevice(kv.data(), DType::kF32, static_cast<int64_t>(kv.size()));
+  req.values = req.keys;
+  req.positions = positions;
+  absl::Status s = cache->Append(a, 0, req);
+  INFO(s.ToString());
+  REQUIRE(s.code() == absl::StatusCode::kInvalidArgument);
+  REQUIRE(s.message().find("cpu backend has no device tensors") != std::string_view::npos);
+  req.values = TensorRef::Of(kv);
+  REQUIRE(cache->Append(a, 0, req).code() == absl::StatusCode::kInvalidArgument);
+  REQUIRE(*cache->StreamLength(a, 0, 0) == before);
+  REQUIRE(cache->DecodeAttention(plan, 0, hq, hout, hlse).ok());  // the plan still works
 }

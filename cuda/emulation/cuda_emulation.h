@@ -181,6 +181,13 @@ inline float __fmul_rn(float a, float b) { return a * b; }
 #define cudaStreamDestroy ::kvcache::cuda_emu::StreamDestroy
 #define cudaStreamSynchronize ::kvcache::cuda_emu::StreamSynchronize
 #define cudaDeviceSynchronize ::kvcache::cuda_emu::DeviceSynchronize
+#define cudaEventCreate ::kvcache::cuda_emu::EventCreate
+#define cudaEventCreateWithFlags ::kvcache::cuda_emu::EventCreateWithFlags
+#define cudaEventDestroy ::kvcache::cuda_emu::EventDestroy
+#define cudaEventRecord ::kvcache::cuda_emu::EventRecord
+#define cudaEventSynchronize ::kvcache::cuda_emu::EventSynchronize
+#define cudaStreamWaitEvent ::kvcache::cuda_emu::StreamWaitEvent
+#define cudaPointerGetAttributes ::kvcache::cuda_emu::PointerGetAttributes
 #define cudaGetDeviceCount ::kvcache::cuda_emu::GetDeviceCount
 #define cudaGetDevice ::kvcache::cuda_emu::GetDevice
 #define cudaSetDevice ::kvcache::cuda_emu::SetDevice
@@ -215,7 +222,10 @@ class KernelLaunch {
       SetLastError(cudaErrorInvalidValue);
       return;
     }
-    (void)stream_;
+    if (!IsValidStream(stream_)) {  // a destroyed or made-up stream fails the launch on a GPU
+      SetLastError(cudaErrorInvalidResourceHandle);
+      return;
+    }
     const LaunchStatus status =
         RunGrid(ToIndex3(grid_), ToIndex3(block_), name_,
                 [](void* c) {

@@ -16,6 +16,8 @@ struct Registry {
   std::mutex mu;
   std::map<uintptr_t, size_t> allocations;  // start -> bytes
   std::set<cudaStream_t> streams;
+  std::set<cudaEvent_t> events;
+  std::map<cudaStream_t, int64_t> waits;  // successful StreamWaitEvent calls per waiting stream
 };
 
 Registry& GetRegistry() {
@@ -44,6 +46,12 @@ bool ValidStream(Registry& r, cudaStream_t s) {
 }
 
 }  // namespace
+
+bool IsValidStream(cudaStream_t stream) {
+  Registry& r = GetRegistry();
+  std::lock_guard<std::mutex> lock(r.mu);
+  return ValidStream(r, stream);
+}
 
 bool IsDeviceRange(const void* ptr, size_t bytes) {
   Registry& r = GetRegistry();
@@ -161,6 +169,82 @@ cudaError_t StreamSynchronize(cudaStream_t stream) {
 }
 
 cudaError_t DeviceSynchronize() { return cudaSuccess; }
+
+cudaError_t EventCreate(cudaEvent_t* event) { return EventCreateWithFlags(event, 0); }
+
+cudaError_t EventCreateWithFlags(cudaEvent_t* event, unsigned flags) {
+  // cudaEventDefault, cudaEventBlockingSync, cudaEventDisableTiming, cudaEventInterprocess.
+  if (event == nullptr || (flags & ~7u) != 0) return Record(cudaErrorInvalidValue);
+  auto* token = reinterpret_cast<cudaEvent_t>(new uint64_t(0));
+  Registry& r = GetRegistry();
+  std::lock_guard<std::mutex> lock(r.mu);
+  r.events.insert(token);
+  *event = token;
+  return cudaSuccess;
+}
+
+cudaError_t EventDestroy(cudaEvent_t event) {
+  Registry& r = GetRegistry();
+  {
+    std::lock_guard<std::mutex> lock(r.mu);
+    if (event == nullptr || r.events.erase(event) == 0) {
+      return Record(cudaErrorInvalidResourceHandle);
+    }
+  }
+  delete reinterpret_cast<uint64_t*>(event);
+  return cudaSuccess;
+}
+
+cudaError_t EventRecord(cudaEvent_t event, cudaStream_t stream) {
+  Registry& r = GetRegistry();
+  std::lock_guard<std::mutex> lock(r.mu);
+  if (r.events.count(event) == 0 || !ValidStream(r, stream)) {
+    return Record(cudaErrorInvalidResourceHandle);
+  }
+  ++*reinterpret_cast<uint64_t*>(event);  // how often recorded (never read back)
+  return cudaSuccess;
+}
+
+cudaError_t EventSynchronize(cudaEvent_t event) {
+  Registry& r = GetRegistry();
+  std::lock_guard<std::mutex> lock(r.mu);
+  return r.events.count(event) != 0 ? cudaSuccess : Record(cudaErrorInvalidResourceHandle);
+}
+
+cudaError_t StreamWaitEvent(cudaStream_t stream, cudaEvent_t event, unsigned flags) {
+  Registry& r = GetRegistry();
+  std::lock_guard<std::mutex> lock(r.mu);
+  if (flags != 0) return Record(cudaErrorInvalidValue);
+  if (r.events.count(event) == 0 || !ValidStream(r, stream)) {
+    return Record(cudaErrorInvalidResourceHandle);
+  }
+  ++r.waits[stream];
+  return cudaSuccess;
+}
+
+int64_t StreamWaitEventCount(cudaStream_t stream) {
+  Registry& r = GetRegistry();
+  std::lock_guard<std::mutex> lock(r.mu);
+  auto it = r.waits.find(stream);
+  return it == r.waits.end() ? 0 : it->second;
+}
+
+cudaError_t PointerGetAttributes(cudaPointerAttributes* attributes, const void* ptr) {
+  if (attributes == nullptr) return Record(cudaErrorInvalidValue);
+  *attributes = cudaPointerAttributes{};
+  Registry& r = GetRegistry();
+  std::lock_guard<std::mutex> lock(r.mu);
+  if (ptr != nullptr && IsDeviceRangeLocked(r, ptr, 1)) {
+    attributes->type = cudaMemoryTypeDevice;
+    attributes->device = current_device;
+    attributes->devicePointer = const_cast<void*>(ptr);
+  } else {  // CUDA 11+: unregistered host memory is not an error
+    attributes->type = cudaMemoryTypeUnregistered;
+    attributes->device = -2;
+    attributes->hostPointer = const_cast<void*>(ptr);
+  }
+  return cudaSuccess;
+}
 
 cudaError_t GetDeviceCount(int* count) {
   if (count == nullptr) return Record(cudaErrorInvalidValue);

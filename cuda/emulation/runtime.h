@@ -6,9 +6,13 @@
 // "Device" memory is host memory of exactly the requested size, 256-byte aligned as
 // cudaMalloc's. Every allocation is recorded so that copies check their direction: a host
 // pointer passed where the kind says device (or the reverse) is cudaErrorInvalidValue here, as
-// it would fail or corrupt memory on a GPU. Streams are tokens: every call runs to completion before it returns, so
-// stream order holds trivially. The emulated device has kEmulatedSms multiprocessors (few, so
-// that the backend's split planner splits long streams the way it does on a small GPU).
+// it would fail or corrupt memory on a GPU. Streams and events are tokens: every call runs to
+// completion before it returns, so stream order (and every cross-stream wait) holds trivially;
+// the handles are still checked, so a destroyed or made-up stream / event is an error as on a
+// GPU. PointerGetAttributes answers from the allocation records: device memory for a pointer
+// inside an emulated allocation, unregistered host memory for anything else. The emulated device
+// has kEmulatedSms multiprocessors (few, so that the backend's split planner splits long streams
+// the way it does on a small GPU).
 //
 // Example:
 //   void* p = nullptr;
@@ -19,6 +23,7 @@
 #include <cuda_runtime_api.h>
 
 #include <cstddef>
+#include <cstdint>
 
 namespace kvcache::cuda_emu {
 
@@ -35,6 +40,13 @@ cudaError_t StreamCreate(cudaStream_t* stream);
 cudaError_t StreamDestroy(cudaStream_t stream);
 cudaError_t StreamSynchronize(cudaStream_t stream);
 cudaError_t DeviceSynchronize();
+cudaError_t EventCreate(cudaEvent_t* event);
+cudaError_t EventCreateWithFlags(cudaEvent_t* event, unsigned flags);
+cudaError_t EventDestroy(cudaEvent_t event);
+cudaError_t EventRecord(cudaEvent_t event, cudaStream_t stream);
+cudaError_t EventSynchronize(cudaEvent_t event);
+cudaError_t StreamWaitEvent(cudaStream_t stream, cudaEvent_t event, unsigned flags);
+cudaError_t PointerGetAttributes(cudaPointerAttributes* attributes, const void* ptr);
 cudaError_t GetDeviceCount(int* count);
 cudaError_t GetDevice(int* device);
 cudaError_t SetDevice(int device);
@@ -48,6 +60,11 @@ const char* GetErrorString(cudaError_t e);
 void SetLastError(cudaError_t e);
 // Whether [ptr, ptr + bytes) lies inside one emulated device allocation.
 bool IsDeviceRange(const void* ptr, size_t bytes);
+// How often StreamWaitEvent succeeded with `stream` as the waiting stream (tests: the backend's
+// cross-stream hand-off cannot be observed otherwise, every call being synchronous here).
+int64_t StreamWaitEventCount(cudaStream_t stream);
+// Whether `stream` is nullptr (the legacy default stream) or a live stream (kernel launches).
+bool IsValidStream(cudaStream_t stream);
 
 }  // namespace kvcache::cuda_emu
 

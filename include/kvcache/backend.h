@@ -37,8 +37,11 @@ enum class BackendOp : uint8_t {
   kSparseDecodeAttention = 1,  // Quest / retrieval read policies
   kKeyIndex = 2,               // CreateKeyIndex (retrieval without exact_search)
   kScoreRows = 3,              // prefill-time row scoring
+  // q / out / lse of a dense decode and the K/V of Append in the backend's device memory
+  // (TensorRef::OnDevice), an optional stream handle, Synchronize (the CUDA backend).
+  kDeviceTensors = 4,
 };
-// "DecodeAttention", "SparseDecodeAttention", "KeyIndex", "ScoreRows".
+// "DecodeAttention", "SparseDecodeAttention", "KeyIndex", "ScoreRows", "DeviceTensors".
 const char* BackendOpName(BackendOp op);
 
 class Backend;  // backend_impl.h

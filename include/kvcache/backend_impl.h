@@ -32,18 +32,21 @@
 
 namespace kvcache {
 
-// Host -> pool write of `num_tokens` consecutive rows of one segment, starting at row
-// `first_row`. Source rows are full width (head_dim) with an element stride between tokens, so
-// one call can read one head out of an engine's [tokens, kv_heads, head_dim] buffer.
+// Write of `num_tokens` consecutive rows of one segment, starting at row `first_row`. Source
+// rows are full width (head_dim) with an element stride between tokens, so one call can read
+// one head out of an engine's [tokens, kv_heads, head_dim] buffer. The source is host memory,
+// or (src_space kDevice, only on a backend with BackendOp::kDeviceTensors) the backend's device
+// memory, read in place by its write kernel.
 struct RowWrite {
   SegmentView dst;        // pages must cover rows [first_row, first_row + num_tokens)
   int32_t first_row = 0;
   int32_t num_tokens = 0;
   int32_t head_dim = 0;
-  const void* keys = nullptr;    // [num_tokens, src_stride] host, dtype src_dtype; row t at
-  const void* values = nullptr;  // keys + t * src_stride elements, head_dim elements long
+  const void* keys = nullptr;    // [num_tokens, src_stride] in src_space, dtype src_dtype; row t
+  const void* values = nullptr;  // at keys + t * src_stride elements, head_dim elements long
   DType src_dtype = DType::kF32;
   int64_t src_stride = 0;        // elements between consecutive tokens
+  MemorySpace src_space = MemorySpace::kHost;
 };
 
 // Weighted gather into a fresh dense segment (compaction, channel selection, merge):
@@ -86,6 +89,19 @@ struct DecodeParams {
   // kRetrieval without exact_search: one nearest-neighbour index per stream, over the stream's
   // tokens in order (index id = token index in the stream).
   const KeyIndex* const* key_indexes = nullptr;  // [num_streams]
+};
+
+// The tensors of a device-tensor decode (Backend::DeviceDecodeAttention): every pointer is the
+// backend's device memory, already checked by the Cache for size; the backend checks that they
+// really are device memory. Shapes as DecodeAttention's, dtypes independent of each other.
+struct DecodeIO {
+  const void* q = nullptr;  // [num_streams, G, head_dim] q_dtype, device
+  DType q_dtype = DType::kF32;
+  void* out = nullptr;  // [num_streams, G, head_dim] out_dtype, device
+  DType out_dtype = DType::kF32;
+  float* lse = nullptr;  // [num_streams, G] f32 device, or nullptr
+  // The stream to enqueue on (a cudaStream_t on CUDA); nullptr: the backend's own stream.
+  void* stream = nullptr;
 };
 
 // Parameters of a per-stream key index for retrieval decode (see KeyIndex).
@@ -179,6 +195,22 @@ class Backend {
                                                      float* out, float* lse) {
     (void)kv, (void)params, (void)q, (void)out, (void)lse;
     return absl::UnimplementedError(std::string(Name()) + " backend has no DecodeAttention");
+  }
+  // Dense decode attention with q / out / lse in the backend's device memory (io), enqueued on
+  // io.stream without waiting for it unless params.accumulate_scores (the score accumulators
+  // are host memory). Backend::Synchronize(io.stream) waits for the results. Only called when
+  // Supports(BackendOp::kDeviceTensors).
+  [[nodiscard]] virtual absl::Status DeviceDecodeAttention(const PagedKVView& kv,
+                                                           const DecodeParams& params,
+                                                           const DecodeIO& io) {
+    (void)kv, (void)params, (void)io;
+    return absl::UnimplementedError(std::string(Name()) + " backend has no device tensors");
+  }
+  // Waits until the work enqueued on `stream` (nullptr: the backend's own stream) is done. Host
+  // backends are synchronous: the default returns OK.
+  [[nodiscard]] virtual absl::Status Synchronize(void* stream) {
+    (void)stream;
+    return absl::OkStatus();
   }
   // Decode attention under a non-dense read policy (params.read_policy, read_policy.h); same
   // shapes as DecodeAttention. kQuest needs SegmentView::page_key_min/max on every segment.

@@ -47,6 +47,12 @@
 namespace kvcache {
 
 // K/V of num_tokens = positions.size() new tokens for ONE layer, all kv heads.
+// keys and values are host memory, or both device memory on a backend with
+// BackendOp::kDeviceTensors (the CUDA backend's write kernel reads the strided rows in place, no
+// host staging; InvalidArgument elsewhere). Append is synchronous on the backend's own stream
+// and does not order itself after the caller's streams: device K/V must be complete (the
+// stream that produced them synchronised) when Append is called. positions, modalities and
+// admit are host memory always.
 struct AppendRequest {
   TensorRef keys;                       // [num_tokens, num_kv_heads, head_dim]
   TensorRef values;                     // [num_tokens, num_kv_heads, head_dim]
@@ -64,6 +70,12 @@ struct DecodeOptions {
   // Which keys to read (read_policy.h); dense by default. Non-dense policies need a backend with
   // SparseDecodeAttention (cpu, cpu-reference) and, for Quest, CacheConfig::page_summaries.
   ReadPolicy read_policy;
+  // Device tensors only (BackendOp::kDeviceTensors): the stream the decode is enqueued on, a
+  // cudaStream_t on the CUDA backend; nullptr = the backend's own stream. The call returns once
+  // the work is enqueued (with accumulate_scores it waits: the accumulators are host memory);
+  // Cache::Synchronize(stream) waits for the results. InvalidArgument on a backend without
+  // device tensors or with host tensors (host-tensor calls are synchronous).
+  void* stream = nullptr;
 };
 
 // Query rows for prefill-time scoring of one layer of one sequence.
@@ -192,8 +204,18 @@ class Cache {
   [[nodiscard]] absl::Status Apply(const EvictionPlan& plan);
 
   // Decode attention of one new query token per sequence over `layer`.
-  // q [batch, num_q_heads, head_dim] f32; out [batch, num_q_heads, head_dim] f32;
-  // lse [batch, num_q_heads] f32 or empty. A sequence may appear at most once in the batch.
+  // q [batch, num_q_heads, head_dim] f32 / f16 / bf16; out [batch, num_q_heads, head_dim]
+  // f32 / f16 / bf16 (its own dtype, rounded from the f32 result); lse [batch, num_q_heads] f32,
+  // or not requested (default / 0 elements). A sequence may appear at most once in the batch.
+  // Host tensors work on every backend. Device tensors (all three in device memory, never
+  // mixed) need BackendOp::kDeviceTensors and a dense read; the call is then asynchronous on
+  // options.stream (see DecodeOptions::stream). Sizes, dtypes and memory spaces are checked
+  // before anything is locked; InvalidArgument names the bad tensor.
+  [[nodiscard]] absl::Status DecodeAttention(std::span<const SequenceId> batch, int32_t layer,
+                                             TensorRef q, MutableTensorRef out,
+                                             MutableTensorRef lse = {},
+                                             const DecodeOptions& options = {});
+  // The same with f32 host tensors.
   [[nodiscard]] absl::Status DecodeAttention(std::span<const SequenceId> batch, int32_t layer,
                                              std::span<const float> q, std::span<float> out,
                                              std::span<float> lse = {},
@@ -204,11 +226,21 @@ class Cache {
   // Decode attention of `layer` over the plan's batch; shapes and options as above. No heap
   // allocation on the CPU backend for dense reads. FailedPrecondition when a stream of the batch
   // was changed by Apply or its sequence freed since PrepareDecode (decode_plan.h); appends are
-  // seen. InvalidArgument for a plan of another Cache or an invalid (moved-from) plan.
+  // seen. InvalidArgument for a plan of another Cache or an invalid (moved-from) plan. f16 / bf16
+  // host q and out are converted through f32 scratch the plan sized at PrepareDecode, so they
+  // do not allocate either.
+  [[nodiscard]] absl::Status DecodeAttention(DecodePlan& plan, int32_t layer, TensorRef q,
+                                             MutableTensorRef out, MutableTensorRef lse = {},
+                                             const DecodeOptions& options = {});
+  // The same with f32 host tensors.
   [[nodiscard]] absl::Status DecodeAttention(DecodePlan& plan, int32_t layer,
                                              std::span<const float> q, std::span<float> out,
                                              std::span<float> lse = {},
                                              const DecodeOptions& options = {});
+  // Waits for the device-tensor work enqueued on `stream` (a cudaStream_t on CUDA; nullptr: the
+  // backend's own stream). OK at once on host backends (their calls are synchronous);
+  // InvalidArgument for a non-null stream on a backend without BackendOp::kDeviceTensors.
+  [[nodiscard]] absl::Status Synchronize(void* stream = nullptr);
 
   // Scores every key of the layer's streams against a block of query rows (causal by position).
   [[nodiscard]] absl::StatusOr<ScoreResult> ScoreRows(SequenceId seq, int32_t layer,
@@ -280,9 +312,9 @@ class Cache {
                                            int32_t first_layer, int32_t num_layers, bool one_shot);
   // The run half of both DecodeAttention overloads. `one_shot`: the plan was made inside this
   // call (a sequence freed meanwhile is NotFound, as before plans existed).
-  absl::Status RunDecode(DecodePlan::State& plan, int32_t layer, std::span<const float> q,
-                         std::span<float> out, std::span<float> lse, const DecodeOptions& options,
-                         bool one_shot);
+  absl::Status RunDecode(DecodePlan::State& plan, int32_t layer, const TensorRef& q,
+                         const MutableTensorRef& out, const MutableTensorRef& lse,
+                         const DecodeOptions& options, bool one_shot);
   // Apply with the sequence already locked; `stamp` (may be null) is checked first.
   absl::Status ApplyLocked(Sequence& seq, const EvictionPlan& plan, const StreamStamp* stamp);
   // Retrieval decode: the stream's key index, (re)built when missing or stale. Caller holds

@@ -6,7 +6,9 @@
 // Cache::PrepareDecode does it once and returns a DecodePlan; Cache::DecodeAttention(plan,
 // layer, ...) then only locks, refreshes the layer's views into the plan's buffers and runs the
 // kernel: no heap allocation on the "cpu" backend (dense reads), tested with a counting operator
-// new (tests/test_decode_plan.cc).
+// new (tests/test_decode_plan.cc). That includes f16 / bf16 host q and out: the plan owns f32
+// scratch for them ([batch, num_q_heads, head_dim] each, allocated at PrepareDecode and never
+// touched by f32 callers). Device tensors (types.h, on the CUDA backend) need no scratch.
 //
 // What a plan sees when the cache changes after PrepareDecode:
 //   Append (to any layer, before or after its decode): seen. Appends only extend a stream's tail,

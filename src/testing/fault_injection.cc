@@ -123,6 +123,17 @@ absl::Status FaultInjectingBackend::DecodeAttention(const PagedKVView& kv,
                    [&] { return inner_->DecodeAttention(kv, params, q, out, lse); });
 }
 
+absl::Status FaultInjectingBackend::DeviceDecodeAttention(const PagedKVView& kv,
+                                                          const DecodeParams& params,
+                                                          const DecodeIO& io) {
+  return Intercept(BackendCall::kDecodeAttention,
+                   [&] { return inner_->DeviceDecodeAttention(kv, params, io); });
+}
+
+absl::Status FaultInjectingBackend::Synchronize(void* stream) {
+  return inner_->Synchronize(stream);
+}
+
 absl::Status FaultInjectingBackend::ScoreRows(const PagedKVView& kv, const ScoreRowsParams& params,
                                               const float* queries,
                                               const int32_t* query_positions, float* token_scores,

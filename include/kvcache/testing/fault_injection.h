@@ -94,6 +94,11 @@ class FaultInjectingBackend final : public Backend {
                                       float* keys, float* values) override;
   [[nodiscard]] absl::Status DecodeAttention(const PagedKVView& kv, const DecodeParams& params,
                                              const float* q, float* out, float* lse) override;
+  // Counted and failed as kDecodeAttention (the same kernel with device tensors).
+  [[nodiscard]] absl::Status DeviceDecodeAttention(const PagedKVView& kv,
+                                                   const DecodeParams& params,
+                                                   const DecodeIO& io) override;
+  [[nodiscard]] absl::Status Synchronize(void* stream) override;
   [[nodiscard]] absl::Status ScoreRows(const PagedKVView& kv, const ScoreRowsParams& params,
                                        const float* queries, const int32_t* query_positions,
                                        float* token_scores, int64_t* below_threshold,

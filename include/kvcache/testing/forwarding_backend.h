@@ -57,6 +57,11 @@ class ForwardingBackend : public Backend {
                                float* out, float* lse) override {
     return inner_->DecodeAttention(kv, params, q, out, lse);
   }
+  absl::Status DeviceDecodeAttention(const PagedKVView& kv, const DecodeParams& params,
+                                     const DecodeIO& io) override {
+    return inner_->DeviceDecodeAttention(kv, params, io);
+  }
+  absl::Status Synchronize(void* stream) override { return inner_->Synchronize(stream); }
   absl::Status SparseDecodeAttention(const PagedKVView& kv, const DecodeParams& params,
                                      const float* q, float* out, float* lse) override {
     return inner_->SparseDecodeAttention(kv, params, q, out, lse);
