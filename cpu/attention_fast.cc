@@ -72,6 +72,15 @@ constexpr int kBlock = 32;          // tokens per inner block (logits, exp, then
 constexpr int64_t kMinSplit = 512;  // smallest key split worth a task of its own
 constexpr int kKeyTile = 16;        // keys per register tile of row scoring (2 AVX2 vectors)
 
+// One run of a decode block's rows that is contiguous in one page: keys [nb, kw] and values
+// [nb, vw] in the stored dtype. A block is up to kBlock consecutive tokens of a segment, so with
+// pages shorter than kBlock it spans several chunks (see RunDecodeTask).
+struct RowChunk {
+  const uint8_t* keys = nullptr;
+  const uint8_t* values = nullptr;
+  int nb = 0;
+};
+
 // ---- Vectorisable scalar building blocks ------------------------------------------------------
 
 // e^x for x <= 0 (the only inputs softmax produces after subtracting the running max): Cephes
@@ -472,11 +481,17 @@ struct PortableDecodeOps {
     const float* k = BlockAsFloat<kT, PortableOps>(keys, int64_t{nb} * kw, buffer);
     PortableOps::BlockLogits(q, group, k, nb, kw, logits, lstride);
   }
+  // The chunks' rows are the block's rows in order: chunk i's row j has probs column
+  // (nb of chunks 0..i-1) + j.
   template <DType kT>
-  static void BlockAccumulate(const float* probs, int group, const uint8_t* values, int nb, int vw,
-                              float* acc, int d, float* buffer) {
-    const float* v = BlockAsFloat<kT, PortableOps>(values, int64_t{nb} * vw, buffer);
-    PortableOps::BlockAccumulate(probs, group, v, nb, vw, acc, d);
+  static void BlockAccumulate(const float* probs, int group, const RowChunk* chunks,
+                              int num_chunks, int vw, float* acc, int d, float* buffer) {
+    for (int i = 0; i < num_chunks; ++i) {
+      const float* v = BlockAsFloat<kT, PortableOps>(chunks[i].values, int64_t{chunks[i].nb} * vw,
+                                                     buffer);
+      PortableOps::BlockAccumulate(probs, group, v, chunks[i].nb, vw, acc, d);
+      probs += chunks[i].nb;
+    }
   }
 };
 
@@ -521,22 +536,29 @@ struct V {
     std::memcpy(p, lanes, static_cast<size_t>(n) * sizeof(float));
   }
   static float ReduceAdd(Reg v) { return Avx2Ops::HorizontalSum(v); }
-  // Transposed reduction of kWidth registers: out[ReducedLane(n)] = sum of x[n]'s lanes, in 14
-  // shuffles + 7 adds (kWidth separate ReduceAdds: 24 + 24).
-  static constexpr int ReducedLane(int n) { return 4 * (n % 2) + n / 2; }
+  // Transposed reduction of kWidth registers: out[ReducedLane(n)] = sum of x[n]'s lanes. Each
+  // register is first folded to 128 bits (extract + add), then two 4 x 4 transposing shuffle-add
+  // trees finish: 34 single-uop instructions. (The 256-bit form with vperm2f128 is ~2x the uops
+  // on Zen 1, which runs vperm2f128 as 8 uops with a 3-cycle throughput.)
+  static constexpr int ReducedLane(int n) { return n; }
   static void ReduceWidth(const Reg* x, float* out) {
-    Reg y[4], z[2];
-    for (int i = 0; i < 4; ++i) {  // halves: [x_2i partial, x_2i+1 partial]
-      y[i] = _mm256_add_ps(_mm256_permute2f128_ps(x[2 * i], x[2 * i + 1], 0x20),
-                           _mm256_permute2f128_ps(x[2 * i], x[2 * i + 1], 0x31));
+    __m128 h[kWidth];
+    for (int i = 0; i < kWidth; ++i) {
+      h[i] = _mm_add_ps(_mm256_castps256_ps128(x[i]), _mm256_extractf128_ps(x[i], 1));
     }
-    for (int i = 0; i < 2; ++i) {
-      z[i] = _mm256_add_ps(_mm256_shuffle_ps(y[2 * i], y[2 * i + 1], 0x88),
-                           _mm256_shuffle_ps(y[2 * i], y[2 * i + 1], 0xDD));
+    for (int i = 0; i < kWidth; i += 4) {
+      // [a0+a1, a2+a3, b0+b1, b2+b3] for the pairs (h[i], h[i+1]) and (h[i+2], h[i+3]) ...
+      const __m128 t0 = _mm_add_ps(_mm_shuffle_ps(h[i], h[i + 1], 0x88),
+                                   _mm_shuffle_ps(h[i], h[i + 1], 0xDD));
+      const __m128 t1 = _mm_add_ps(_mm_shuffle_ps(h[i + 2], h[i + 3], 0x88),
+                                   _mm_shuffle_ps(h[i + 2], h[i + 3], 0xDD));
+      // ... then one more level gives the four full sums in order.
+      _mm_storeu_ps(out + i, _mm_add_ps(_mm_shuffle_ps(t0, t1, 0x88), _mm_shuffle_ps(t0, t1, 0xDD)));
     }
-    _mm256_storeu_ps(out, _mm256_add_ps(_mm256_shuffle_ps(z[0], z[1], 0x88),
-                                        _mm256_shuffle_ps(z[0], z[1], 0xDD)));
   }
+  // Keeps r in a register: an empty asm that "modifies" it, so GCC cannot re-read its memory
+  // operand in every FMA that uses it (see LogitsTile).
+  static void Pin(Reg& r) { __asm__("" : "+x"(r)); }
 };
 #include "cpu/simd_decode.inc"
 #pragma GCC pop_options
@@ -597,6 +619,7 @@ struct V {
   }
   // Transposed reduction of kWidth registers: out[ReducedLane(n)] = sum of x[n]'s lanes, in 30
   // shuffles + 15 adds (kWidth separate ReduceAdds: ~80 + 64).
+  static void Pin(Reg& r) { __asm__("" : "+v"(r)); }  // see the AVX2 V::Pin
   static constexpr int ReducedLane(int n) { return 4 * (n % 4) + n / 4; }
   static void ReduceWidth(const Reg* x, float* out) {
     Reg y[8], z[4], w[2];
@@ -740,43 +763,60 @@ inline void RunDecodeTask(const DecodeContext& ctx, const DecodeTask& task, int6
     for (int64_t p = lo / tpp; ahead > 0 && p < lo / tpp + ahead; ++p) prefetch_page(p);
 
     for (int64_t t = lo; t < hi;) {
-      const int32_t page = s.pages[t / s.tokens_per_page];
-      const int32_t row = static_cast<int32_t>(t % s.tokens_per_page);
-      const int nb = static_cast<int>(std::min<int64_t>({kBlock, s.tokens_per_page - row, hi - t}));
-      const uint8_t* page_base = kv.pool.base + int64_t{page} * kv.pool.page_bytes;
-      const uint8_t* keys = page_base + int64_t{row} * kw * esize;                    // [nb, kw]
-      const uint8_t* values = page_base + values_offset + int64_t{row} * vw * esize;  // [nb, vw]
-      if (ahead > 0) {
-        if (row == 0 || t == lo) prefetch_page(t / tpp + ahead);  // once per page entered
-      } else if (t + nb < hi) {
-        // Pages sit anywhere in the pool, so the hardware prefetcher cannot run ahead across a
-        // page boundary: touch the head of the next block's key and value rows so the L2
-        // streamer starts on them while this block computes. (Measured on the 2-core Xeon:
-        // prefetching whole blocks cost 20% when K/V sit in cache and gained ~20% only at 32k;
-        // four lines per region came within noise of the better one in every case.)
-        const int64_t t2 = t + nb;
-        const int32_t row2 = static_cast<int32_t>(t2 % s.tokens_per_page);
-        const uint8_t* base2 =
-            kv.pool.base + int64_t{s.pages[t2 / s.tokens_per_page]} * kv.pool.page_bytes;
-        const int64_t rest = std::min<int64_t>(s.tokens_per_page - row2, hi - t2);
-        PrefetchHead(base2 + int64_t{row2} * kw * esize, rest * kw * esize);
-        PrefetchHead(base2 + values_offset + int64_t{row2} * vw * esize, rest * vw * esize);
+      // A block is up to kBlock consecutive tokens, gathered as chunks of whole-page runs: with
+      // 16-token pages a block spans two pages, so the softmax step between the logit and value
+      // passes (max, rescale, exp, sum — a serial chain of short vector ops and reductions per
+      // head) is paid once per kBlock rows rather than once per page.
+      RowChunk chunks[kBlock];
+      int num_chunks = 0, rows = 0;
+      const int64_t block_begin = t;
+      while (rows < kBlock && t < hi) {
+        const int32_t page = s.pages[t / s.tokens_per_page];
+        const int32_t row = static_cast<int32_t>(t % s.tokens_per_page);
+        const int nb =
+            static_cast<int>(std::min<int64_t>({kBlock - rows, s.tokens_per_page - row, hi - t}));
+        const uint8_t* page_base = kv.pool.base + int64_t{page} * kv.pool.page_bytes;
+        RowChunk& chunk = chunks[num_chunks++];
+        chunk.keys = page_base + int64_t{row} * kw * esize;                    // [nb, kw]
+        chunk.values = page_base + values_offset + int64_t{row} * vw * esize;  // [nb, vw]
+        chunk.nb = nb;
+        if (ahead > 0) {
+          if (row == 0 || t == lo) prefetch_page(t / tpp + ahead);  // once per page entered
+        } else if (t + nb < hi) {
+          // Pages sit anywhere in the pool, so the hardware prefetcher cannot run ahead across a
+          // page boundary: touch the head of the next chunk's key and value rows so the L2
+          // streamer starts on them while this block computes. (Measured on the 2-core Xeon:
+          // prefetching whole blocks cost 20% when K/V sit in cache and gained ~20% only at 32k;
+          // four lines per region came within noise of the better one in every case.)
+          const int64_t t2 = t + nb;
+          const int32_t row2 = static_cast<int32_t>(t2 % s.tokens_per_page);
+          const uint8_t* base2 =
+              kv.pool.base + int64_t{s.pages[t2 / s.tokens_per_page]} * kv.pool.page_bytes;
+          const int64_t rest = std::min<int64_t>(s.tokens_per_page - row2, hi - t2);
+          PrefetchHead(base2 + int64_t{row2} * kw * esize, rest * kw * esize);
+          PrefetchHead(base2 + values_offset + int64_t{row2} * vw * esize, rest * vw * esize);
+        }
+        t += nb;
+        rows += nb;
       }
-      // Logits of the block: [G, nb] with head stride `lstride`.
+      // Logits of the block: [G, rows] with head stride `lstride`.
       float* logits;
       int64_t lstride;
       if (stream_logits != nullptr) {
-        logits = stream_logits + segment_start + t;
+        logits = stream_logits + segment_start + block_begin;
         lstride = n;
       } else {
         logits = scratch.logits.data();
         lstride = kBlock;
       }
-      Ops::template BlockLogits<kT>(qs, group, keys, nb, kw, logits, lstride, scratch.keys.data());
+      for (int i = 0, offset = 0; i < num_chunks; offset += chunks[i].nb, ++i) {
+        Ops::template BlockLogits<kT>(qs, group, chunks[i].keys, chunks[i].nb, kw, logits + offset,
+                                      lstride, scratch.keys.data());
+      }
       // One rescale per head per block, then the block's weights.
       for (int32_t g = 0; g < group; ++g) {
         const float* lg = logits + g * lstride;
-        const float block_max = Ops::MaxOf(lg, nb);
+        const float block_max = Ops::MaxOf(lg, rows);
         SoftmaxState& st = states[g];
         float* pg = scratch.probs.data() + g * kBlock;
         if (block_max > st.m) {
@@ -786,15 +826,14 @@ inline void RunDecodeTask(const DecodeContext& ctx, const DecodeTask& task, int6
           st.m = block_max;
         }
         if (st.m == -INFINITY) {  // only -inf logits so far: no mass
-          std::fill(pg, pg + nb, 0.0f);
+          std::fill(pg, pg + rows, 0.0f);
           continue;
         }
-        ExpShifted(lg, st.m, nb, pg);
-        st.l += Ops::SumOf(pg, nb);
+        ExpShifted(lg, st.m, rows, pg);
+        st.l += Ops::SumOf(pg, rows);
       }
-      Ops::template BlockAccumulate<kT>(scratch.probs.data(), group, values, nb, vw, acc, d,
-                                        scratch.values.data());
-      t += nb;
+      Ops::template BlockAccumulate<kT>(scratch.probs.data(), group, chunks, num_chunks, vw, acc,
+                                        d, scratch.values.data());
     }
   }
 }
