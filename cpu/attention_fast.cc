@@ -4,8 +4,9 @@
 // so batch 1 at 32k tokens still feeds every core; oneTBB runs the tasks and their partial
 // softmax states are merged with the log-sum-exp merge of attention_math.h. Inside a task the G
 // query heads of the kv head share every K/V row. Tokens are processed in blocks of up to kBlock
-// rows that are contiguous in one page: logits of the block first, one rescale of the
-// accumulators per block, a vectorised exp over the block, then the value pass. On AVX2 and
+// consecutive rows, gathered from one or more page runs (RowChunk): logits of the block first,
+// one rescale of the accumulators per block, a vectorised exp over the block, then the value
+// pass, whose accumulators stay in registers across the block's page runs. On AVX2 and
 // AVX-512 the logit and value passes are register-tiled (cpu/simd_decode.inc): stored f16/bf16
 // rows are converted in registers as they are loaded, each converted key chunk feeds the FMAs of
 // several rows x heads, and the [heads x channels] value accumulators stay in registers across
@@ -68,7 +69,7 @@ namespace kvcache::cpu {
 namespace {
 
 constexpr int kLanes = 16;          // independent partial sums in a dot product (2 AVX2 vectors)
-constexpr int kBlock = 32;          // tokens per inner block (logits, exp, then values)
+constexpr int kBlock = 64;          // tokens per inner block (logits, exp, then values)
 constexpr int64_t kMinSplit = 512;  // smallest key split worth a task of its own
 constexpr int kKeyTile = 16;        // keys per register tile of row scoring (2 AVX2 vectors)
 
