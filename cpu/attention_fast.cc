@@ -76,10 +76,11 @@ constexpr int kKeyTile = 16;        // keys per register tile of row scoring (2 
 // One run of a decode block's rows that is contiguous in one page: keys [nb, kw] and values
 // [nb, vw] in the stored dtype. A block is up to kBlock consecutive tokens of a segment, so with
 // pages shorter than kBlock it spans several chunks (see RunDecodeTask).
+// (No member initialisers: RunDecodeTask keeps a kBlock array of them, filled as used.)
 struct RowChunk {
-  const uint8_t* keys = nullptr;
-  const uint8_t* values = nullptr;
-  int nb = 0;
+  const uint8_t* keys;
+  const uint8_t* values;
+  int nb;
 };
 
 // ---- Vectorisable scalar building blocks ------------------------------------------------------
@@ -554,7 +555,8 @@ struct V {
       const __m128 t1 = _mm_add_ps(_mm_shuffle_ps(h[i + 2], h[i + 3], 0x88),
                                    _mm_shuffle_ps(h[i + 2], h[i + 3], 0xDD));
       // ... then one more level gives the four full sums in order.
-      _mm_storeu_ps(out + i, _mm_add_ps(_mm_shuffle_ps(t0, t1, 0x88), _mm_shuffle_ps(t0, t1, 0xDD)));
+      _mm_storeu_ps(out + i,
+                    _mm_add_ps(_mm_shuffle_ps(t0, t1, 0x88), _mm_shuffle_ps(t0, t1, 0xDD)));
     }
   }
   // Keeps r in a register: an empty asm that "modifies" it, so GCC cannot re-read its memory
@@ -618,9 +620,9 @@ struct V {
     return Avx2Ops::HorizontalSum(_mm256_add_ps(_mm512_maskz_extractf32x8_ps(0xFF, v, 0),
                                                 _mm512_maskz_extractf32x8_ps(0xFF, v, 1)));
   }
+  static void Pin(Reg& r) { __asm__("" : "+v"(r)); }  // see the AVX2 V::Pin
   // Transposed reduction of kWidth registers: out[ReducedLane(n)] = sum of x[n]'s lanes, in 30
   // shuffles + 15 adds (kWidth separate ReduceAdds: ~80 + 64).
-  static void Pin(Reg& r) { __asm__("" : "+v"(r)); }  // see the AVX2 V::Pin
   static constexpr int ReducedLane(int n) { return 4 * (n % 4) + n / 4; }
   static void ReduceWidth(const Reg* x, float* out) {
     Reg y[8], z[4], w[2];
@@ -720,6 +722,7 @@ inline void RunDecodeTask(const DecodeContext& ctx, const DecodeTask& task, int6
   std::fill(acc, acc + int64_t{group} * d, 0.0f);
 
   TaskScratch& scratch = ThreadScratch();
+  RowChunk chunks[kBlock];  // the current block's page runs, [num_chunks] in use
   scratch.logits.resize(static_cast<size_t>(group) * kBlock);
   scratch.probs.resize(static_cast<size_t>(group) * kBlock);
   const int64_t n = ctx.stream_offset[task.stream + 1] - ctx.stream_offset[task.stream];
@@ -765,10 +768,10 @@ inline void RunDecodeTask(const DecodeContext& ctx, const DecodeTask& task, int6
 
     for (int64_t t = lo; t < hi;) {
       // A block is up to kBlock consecutive tokens, gathered as chunks of whole-page runs: with
-      // 16-token pages a block spans two pages, so the softmax step between the logit and value
+      // 16-token pages a block spans four pages, so the softmax step between the logit and value
       // passes (max, rescale, exp, sum — a serial chain of short vector ops and reductions per
-      // head) is paid once per kBlock rows rather than once per page.
-      RowChunk chunks[kBlock];
+      // head) is paid once per kBlock rows rather than once per page, and the value pass loads
+      // and stores its register tile of accumulators once per block.
       int num_chunks = 0, rows = 0;
       const int64_t block_begin = t;
       while (rows < kBlock && t < hi) {
