@@ -69,7 +69,10 @@ namespace kvcache::cpu {
 namespace {
 
 constexpr int kLanes = 16;          // independent partial sums in a dot product (2 AVX2 vectors)
-constexpr int kBlock = 64;          // tokens per inner block (logits, exp, then values)
+// Tokens per inner block (logits, exp, then values). 64 (four 16-token pages) was measured on
+// the Zen-1 VM: a little cheaper when K/V are cached, but ~12% more CPU per f16 row in the cold
+// multi-layer benchmark (docs/BENCHMARKS.md, "Per-row compute on Zen 1").
+constexpr int kBlock = 32;
 constexpr int64_t kMinSplit = 512;  // smallest key split worth a task of its own
 constexpr int kKeyTile = 16;        // keys per register tile of row scoring (2 AVX2 vectors)
 
@@ -768,7 +771,7 @@ inline void RunDecodeTask(const DecodeContext& ctx, const DecodeTask& task, int6
 
     for (int64_t t = lo; t < hi;) {
       // A block is up to kBlock consecutive tokens, gathered as chunks of whole-page runs: with
-      // 16-token pages a block spans four pages, so the softmax step between the logit and value
+      // 16-token pages a block spans two pages, so the softmax step between the logit and value
       // passes (max, rescale, exp, sum — a serial chain of short vector ops and reductions per
       // head) is paid once per kBlock rows rather than once per page, and the value pass loads
       // and stores its register tile of accumulators once per block.

@@ -412,9 +412,9 @@ TEST_CASE("decode: reference and fast equal dense attention over paged segments"
 }
 
 TEST_CASE("decode: blocks that span several pages, G = 4 and D = 128", "[decode]") {
-  // The vector kernels gather up to kBlock (64) tokens per block from consecutive page runs and
+  // The vector kernels gather up to kBlock (32) tokens per block from consecutive page runs and
   // keep the value accumulators in registers across them; the G = 4 register tiles are the
-  // headline path. Pages of 1, 3, 7 and 16 tokens put 4 to 64 chunks (and chunks that start and
+  // headline path. Pages of 1, 3, 7 and 16 tokens put 2 to 32 chunks (and chunks that start and
   // end mid-page, from the segment cuts and the task splits of the 2600-token stream) in a block.
   std::mt19937 rng(77);
   const int32_t d = 128, group = 4;
