@@ -4,9 +4,8 @@
 // so batch 1 at 32k tokens still feeds every core; oneTBB runs the tasks and their partial
 // softmax states are merged with the log-sum-exp merge of attention_math.h. Inside a task the G
 // query heads of the kv head share every K/V row. Tokens are processed in blocks of up to kBlock
-// consecutive rows, gathered from one or more page runs (RowChunk): logits of the block first,
-// one rescale of the accumulators per block, a vectorised exp over the block, then the value
-// pass, whose accumulators stay in registers across the block's page runs. On AVX2 and
+// rows that are contiguous in one page: logits of the block first, one rescale of the
+// accumulators per block, a vectorised exp over the block, then the value pass. On AVX2 and
 // AVX-512 the logit and value passes are register-tiled (cpu/simd_decode.inc): stored f16/bf16
 // rows are converted in registers as they are loaded, each converted key chunk feeds the FMAs of
 // several rows x heads, and the [heads x channels] value accumulators stay in registers across
@@ -69,22 +68,9 @@ namespace kvcache::cpu {
 namespace {
 
 constexpr int kLanes = 16;          // independent partial sums in a dot product (2 AVX2 vectors)
-// Tokens per inner block (logits, exp, then values). 64 (four 16-token pages) was measured on
-// the Zen-1 VM: a little cheaper when K/V are cached, but ~12% more CPU per f16 row in the cold
-// multi-layer benchmark (docs/BENCHMARKS.md, "Per-row compute on Zen 1").
-constexpr int kBlock = 32;
+constexpr int kBlock = 32;          // tokens per inner block (logits, exp, then values)
 constexpr int64_t kMinSplit = 512;  // smallest key split worth a task of its own
 constexpr int kKeyTile = 16;        // keys per register tile of row scoring (2 AVX2 vectors)
-
-// One run of a decode block's rows that is contiguous in one page: keys [nb, kw] and values
-// [nb, vw] in the stored dtype. A block is up to kBlock consecutive tokens of a segment, so with
-// pages shorter than kBlock it spans several chunks (see RunDecodeTask).
-// (No member initialisers: RunDecodeTask keeps a kBlock array of them, filled as used.)
-struct RowChunk {
-  const uint8_t* keys;
-  const uint8_t* values;
-  int nb;
-};
 
 // ---- Vectorisable scalar building blocks ------------------------------------------------------
 
@@ -486,17 +472,11 @@ struct PortableDecodeOps {
     const float* k = BlockAsFloat<kT, PortableOps>(keys, int64_t{nb} * kw, buffer);
     PortableOps::BlockLogits(q, group, k, nb, kw, logits, lstride);
   }
-  // The chunks' rows are the block's rows in order: chunk i's row j has probs column
-  // (nb of chunks 0..i-1) + j.
   template <DType kT>
-  static void BlockAccumulate(const float* probs, int group, const RowChunk* chunks,
-                              int num_chunks, int vw, float* acc, int d, float* buffer) {
-    for (int i = 0; i < num_chunks; ++i) {
-      const float* v = BlockAsFloat<kT, PortableOps>(chunks[i].values, int64_t{chunks[i].nb} * vw,
-                                                     buffer);
-      PortableOps::BlockAccumulate(probs, group, v, chunks[i].nb, vw, acc, d);
-      probs += chunks[i].nb;
-    }
+  static void BlockAccumulate(const float* probs, int group, const uint8_t* values, int nb, int vw,
+                              float* acc, int d, float* buffer) {
+    const float* v = BlockAsFloat<kT, PortableOps>(values, int64_t{nb} * vw, buffer);
+    PortableOps::BlockAccumulate(probs, group, v, nb, vw, acc, d);
   }
 };
 
@@ -557,11 +537,6 @@ struct V {
     _mm256_storeu_ps(out, _mm256_add_ps(_mm256_shuffle_ps(z[0], z[1], 0x88),
                                         _mm256_shuffle_ps(z[0], z[1], 0xDD)));
   }
-  // (A 128-bit form — extract + add per register, then 4 x 4 shuffle trees, 34 single-uop
-  // instructions — was measured on Zen 1: no faster cached, ~10% more CPU per f16 row cold.)
-  // Keeps r in a register: an empty asm that "modifies" it, so GCC cannot re-read its memory
-  // operand in every FMA that uses it (see LogitsTile).
-  static void Pin(Reg& r) { __asm__("" : "+x"(r)); }
 };
 #include "cpu/simd_decode.inc"
 #pragma GCC pop_options
@@ -620,7 +595,6 @@ struct V {
     return Avx2Ops::HorizontalSum(_mm256_add_ps(_mm512_maskz_extractf32x8_ps(0xFF, v, 0),
                                                 _mm512_maskz_extractf32x8_ps(0xFF, v, 1)));
   }
-  static void Pin(Reg& r) { __asm__("" : "+v"(r)); }  // see the AVX2 V::Pin
   // Transposed reduction of kWidth registers: out[ReducedLane(n)] = sum of x[n]'s lanes, in 30
   // shuffles + 15 adds (kWidth separate ReduceAdds: ~80 + 64).
   static constexpr int ReducedLane(int n) { return 4 * (n % 4) + n / 4; }
@@ -722,7 +696,6 @@ inline void RunDecodeTask(const DecodeContext& ctx, const DecodeTask& task, int6
   std::fill(acc, acc + int64_t{group} * d, 0.0f);
 
   TaskScratch& scratch = ThreadScratch();
-  RowChunk chunks[kBlock];  // the current block's page runs, [num_chunks] in use
   scratch.logits.resize(static_cast<size_t>(group) * kBlock);
   scratch.probs.resize(static_cast<size_t>(group) * kBlock);
   const int64_t n = ctx.stream_offset[task.stream + 1] - ctx.stream_offset[task.stream];
@@ -767,60 +740,43 @@ inline void RunDecodeTask(const DecodeContext& ctx, const DecodeTask& task, int6
     for (int64_t p = lo / tpp; ahead > 0 && p < lo / tpp + ahead; ++p) prefetch_page(p);
 
     for (int64_t t = lo; t < hi;) {
-      // A block is up to kBlock consecutive tokens, gathered as chunks of whole-page runs: with
-      // 16-token pages a block spans two pages, so the softmax step between the logit and value
-      // passes (max, rescale, exp, sum — a serial chain of short vector ops and reductions per
-      // head) is paid once per kBlock rows rather than once per page, and the value pass loads
-      // and stores its register tile of accumulators once per block.
-      int num_chunks = 0, rows = 0;
-      const int64_t block_begin = t;
-      while (rows < kBlock && t < hi) {
-        const int32_t page = s.pages[t / s.tokens_per_page];
-        const int32_t row = static_cast<int32_t>(t % s.tokens_per_page);
-        const int nb =
-            static_cast<int>(std::min<int64_t>({kBlock - rows, s.tokens_per_page - row, hi - t}));
-        const uint8_t* page_base = kv.pool.base + int64_t{page} * kv.pool.page_bytes;
-        RowChunk& chunk = chunks[num_chunks++];
-        chunk.keys = page_base + int64_t{row} * kw * esize;                    // [nb, kw]
-        chunk.values = page_base + values_offset + int64_t{row} * vw * esize;  // [nb, vw]
-        chunk.nb = nb;
-        if (ahead > 0) {
-          if (row == 0 || t == lo) prefetch_page(t / tpp + ahead);  // once per page entered
-        } else if (t + nb < hi) {
-          // Pages sit anywhere in the pool, so the hardware prefetcher cannot run ahead across a
-          // page boundary: touch the head of the next chunk's key and value rows so the L2
-          // streamer starts on them while this block computes. (Measured on the 2-core Xeon:
-          // prefetching whole blocks cost 20% when K/V sit in cache and gained ~20% only at 32k;
-          // four lines per region came within noise of the better one in every case.)
-          const int64_t t2 = t + nb;
-          const int32_t row2 = static_cast<int32_t>(t2 % s.tokens_per_page);
-          const uint8_t* base2 =
-              kv.pool.base + int64_t{s.pages[t2 / s.tokens_per_page]} * kv.pool.page_bytes;
-          const int64_t rest = std::min<int64_t>(s.tokens_per_page - row2, hi - t2);
-          PrefetchHead(base2 + int64_t{row2} * kw * esize, rest * kw * esize);
-          PrefetchHead(base2 + values_offset + int64_t{row2} * vw * esize, rest * vw * esize);
-        }
-        t += nb;
-        rows += nb;
+      const int32_t page = s.pages[t / s.tokens_per_page];
+      const int32_t row = static_cast<int32_t>(t % s.tokens_per_page);
+      const int nb = static_cast<int>(std::min<int64_t>({kBlock, s.tokens_per_page - row, hi - t}));
+      const uint8_t* page_base = kv.pool.base + int64_t{page} * kv.pool.page_bytes;
+      const uint8_t* keys = page_base + int64_t{row} * kw * esize;                    // [nb, kw]
+      const uint8_t* values = page_base + values_offset + int64_t{row} * vw * esize;  // [nb, vw]
+      if (ahead > 0) {
+        if (row == 0 || t == lo) prefetch_page(t / tpp + ahead);  // once per page entered
+      } else if (t + nb < hi) {
+        // Pages sit anywhere in the pool, so the hardware prefetcher cannot run ahead across a
+        // page boundary: touch the head of the next block's key and value rows so the L2
+        // streamer starts on them while this block computes. (Measured on the 2-core Xeon:
+        // prefetching whole blocks cost 20% when K/V sit in cache and gained ~20% only at 32k;
+        // four lines per region came within noise of the better one in every case.)
+        const int64_t t2 = t + nb;
+        const int32_t row2 = static_cast<int32_t>(t2 % s.tokens_per_page);
+        const uint8_t* base2 =
+            kv.pool.base + int64_t{s.pages[t2 / s.tokens_per_page]} * kv.pool.page_bytes;
+        const int64_t rest = std::min<int64_t>(s.tokens_per_page - row2, hi - t2);
+        PrefetchHead(base2 + int64_t{row2} * kw * esize, rest * kw * esize);
+        PrefetchHead(base2 + values_offset + int64_t{row2} * vw * esize, rest * vw * esize);
       }
-      // Logits of the block: [G, rows] with head stride `lstride`.
+      // Logits of the block: [G, nb] with head stride `lstride`.
       float* logits;
       int64_t lstride;
       if (stream_logits != nullptr) {
-        logits = stream_logits + segment_start + block_begin;
+        logits = stream_logits + segment_start + t;
         lstride = n;
       } else {
         logits = scratch.logits.data();
         lstride = kBlock;
       }
-      for (int i = 0, offset = 0; i < num_chunks; offset += chunks[i].nb, ++i) {
-        Ops::template BlockLogits<kT>(qs, group, chunks[i].keys, chunks[i].nb, kw, logits + offset,
-                                      lstride, scratch.keys.data());
-      }
+      Ops::template BlockLogits<kT>(qs, group, keys, nb, kw, logits, lstride, scratch.keys.data());
       // One rescale per head per block, then the block's weights.
       for (int32_t g = 0; g < group; ++g) {
         const float* lg = logits + g * lstride;
-        const float block_max = Ops::MaxOf(lg, rows);
+        const float block_max = Ops::MaxOf(lg, nb);
         SoftmaxState& st = states[g];
         float* pg = scratch.probs.data() + g * kBlock;
         if (block_max > st.m) {
@@ -830,14 +786,15 @@ inline void RunDecodeTask(const DecodeContext& ctx, const DecodeTask& task, int6
           st.m = block_max;
         }
         if (st.m == -INFINITY) {  // only -inf logits so far: no mass
-          std::fill(pg, pg + rows, 0.0f);
+          std::fill(pg, pg + nb, 0.0f);
           continue;
         }
-        ExpShifted(lg, st.m, rows, pg);
-        st.l += Ops::SumOf(pg, rows);
+        ExpShifted(lg, st.m, nb, pg);
+        st.l += Ops::SumOf(pg, nb);
       }
-      Ops::template BlockAccumulate<kT>(scratch.probs.data(), group, chunks, num_chunks, vw, acc,
-                                        d, scratch.values.data());
+      Ops::template BlockAccumulate<kT>(scratch.probs.data(), group, values, nb, vw, acc, d,
+                                        scratch.values.data());
+      t += nb;
     }
   }
 }

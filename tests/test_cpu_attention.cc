@@ -412,10 +412,10 @@ TEST_CASE("decode: reference and fast equal dense attention over paged segments"
 }
 
 TEST_CASE("decode: blocks that span several pages, G = 4 and D = 128", "[decode]") {
-  // The vector kernels gather up to kBlock (32) tokens per block from consecutive page runs and
-  // keep the value accumulators in registers across them; the G = 4 register tiles are the
-  // headline path. Pages of 1, 3, 7 and 16 tokens put 2 to 32 chunks (and chunks that start and
-  // end mid-page, from the segment cuts and the task splits of the 2600-token stream) in a block.
+  // The headline shape (G = 4 register tiles, D = 128) over pages of 1, 3, 7 and 16 tokens: a
+  // block never crosses a page, so tiny pages give blocks of 1-7 rows (the tiles' row tails) and
+  // page runs that start and end mid-page (the segment cuts, the task splits of the 2600-token
+  // stream). A kernel that gathers blocks across pages must pass it unchanged.
   std::mt19937 rng(77);
   const int32_t d = 128, group = 4;
   for (DType dtype : {DType::kF32, DType::kF16, DType::kBF16}) {
