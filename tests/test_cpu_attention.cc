@@ -411,6 +411,38 @@ TEST_CASE("decode: reference and fast equal dense attention over paged segments"
   }
 }
 
+TEST_CASE("decode: blocks that span several pages, G = 4 and D = 128", "[decode]") {
+  // The headline shape (G = 4 register tiles, D = 128) over pages of 1, 3, 7 and 16 tokens: a
+  // block never crosses a page, so tiny pages give blocks of 1-7 rows (the tiles' row tails) and
+  // page runs that start and end mid-page (the segment cuts, the task splits of the 2600-token
+  // stream). A kernel that gathers blocks across pages must pass it unchanged.
+  std::mt19937 rng(77);
+  const int32_t d = 128, group = 4;
+  for (DType dtype : {DType::kF32, DType::kF16, DType::kBF16}) {
+    for (int32_t page_tokens : {1, 3, 7, 16}) {
+      std::vector<std::vector<SegmentSpec>> streams = {RandomStream(2600, d, rng),
+                                                       RandomStream(45, d, rng)};
+      TestKV kv(dtype, d, page_tokens, streams, rng);
+      DecodeParams params;
+      params.group_size = group;
+      const std::vector<float> q =
+          RandomQueries(int64_t{kv.num_streams()} * group * d, 3.0f, rng);
+      for (cpu::KernelIsa isa : AvailableIsas()) {
+        DecodeRun run;
+        {
+          IsaLimit limit(isa);
+          run = RunDecode(true, kv.view(), params, q);
+        }
+        INFO("dtype " << Name(dtype) << " page tokens " << page_tokens << " kernel "
+                      << cpu::KernelIsaName(isa));
+        const Errors e = CompareWithDense(kv, params, q, run);
+        CHECK(e.out <= 2e-6);
+        CHECK(e.lse <= 1e-5);
+      }
+    }
+  }
+}
+
 TEST_CASE("decode: explicit scale, null lse, long single stream split across tasks", "[decode]") {
   std::mt19937 rng(99);
   const int32_t d = 128, group = 4;
