@@ -144,12 +144,8 @@ void SetCounters(benchmark::State& state, int64_t bytes, int64_t rows) {
   state.SetItemsProcessed(state.iterations() * rows);
 }
 
-void RunDecode(benchmark::State& state, bool scores) {
-  const DType dtype = state.range(2) == 0 ? DType::kF32 : DType::kF16;
-  PagedFixture& f = GetPaged(state.range(0), state.range(1), dtype, state.range(3));
-  DecodeParams params;
-  params.group_size = kGroup;
-  params.accumulate_scores = scores;
+// The timed loop of the decode benchmarks: one fast-kernel call per iteration.
+void TimeDecode(benchmark::State& state, PagedFixture& f, const DecodeParams& params) {
   for (auto _ : state) {
     const absl::Status s =
         cpu::DecodeAttentionFast(f.view, params, f.q.data(), f.out.data(), f.lse.data());
@@ -157,6 +153,15 @@ void RunDecode(benchmark::State& state, bool scores) {
     benchmark::DoNotOptimize(f.out.data());
     benchmark::ClobberMemory();
   }
+}
+
+void RunDecode(benchmark::State& state, bool scores) {
+  const DType dtype = state.range(2) == 0 ? DType::kF32 : DType::kF16;
+  PagedFixture& f = GetPaged(state.range(0), state.range(1), dtype, state.range(3));
+  DecodeParams params;
+  params.group_size = kGroup;
+  params.accumulate_scores = scores;
+  TimeDecode(state, f, params);
   SetCounters(state, f.KvBytes(), int64_t{f.num_streams()} * f.context);
   state.SetLabel(cpu::KernelIsaName(cpu::ActiveKernelIsa()));
 }
@@ -176,13 +181,7 @@ void BM_DecodeKernelRow(benchmark::State& state) {
   oneapi::tbb::global_control one_thread(oneapi::tbb::global_control::max_allowed_parallelism, 1);
   DecodeParams params;
   params.group_size = kGroup;
-  for (auto _ : state) {
-    const absl::Status s =
-        cpu::DecodeAttentionFast(f.view, params, f.q.data(), f.out.data(), f.lse.data());
-    if (!s.ok()) state.SkipWithError(std::string(s.message()).c_str());
-    benchmark::DoNotOptimize(f.out.data());
-    benchmark::ClobberMemory();
-  }
+  TimeDecode(state, f, params);
   const int64_t rows = int64_t{f.num_streams()} * f.context;
   SetCounters(state, f.KvBytes(), rows);
   state.counters["ns_per_row"] = benchmark::Counter(

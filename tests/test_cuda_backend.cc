@@ -35,6 +35,7 @@ namespace kvcache {
 namespace {
 
 using testing::RandomVector;
+using testing::ToBits;
 
 // A long length on a GPU, a shorter one (still several key splits) under the emulator, or on
 // a GPU with KVCACHE_CUDA_TEST_SHORT=1 (scripts/gpu_check.sh under compute-sanitizer).
@@ -87,14 +88,6 @@ void CheckClose(const std::vector<float>& got, const std::vector<float>& want, f
     message << "; first at " << first << ": cuda " << got[first] << ", cpu " << want[first];
   INFO(message.str());
   CHECK(bad == 0);
-}
-
-std::vector<uint16_t> ToBits(const std::vector<float>& x, DType t) {
-  std::vector<uint16_t> bits(x.size());
-  for (size_t i = 0; i < x.size(); ++i) {
-    bits[i] = t == DType::kF16 ? FloatToHalfBits(x[i]) : FloatToBF16Bits(x[i]);
-  }
-  return bits;
 }
 
 // The same cache on "cuda" and "cpu-reference"; every operation is applied to both.

@@ -21,7 +21,9 @@
 namespace kvcache {
 namespace {
 
+using testing::FromBits;
 using testing::RandomVector;
+using testing::ToBits;
 
 #if KVCACHE_TEST_DEVICE_MEMORY
 
@@ -35,20 +37,6 @@ CacheConfig Config(int32_t layers = 2) {
   c.page_tokens = 16;
   c.num_pages = 512;
   return c;
-}
-
-std::vector<uint16_t> ToBits(const std::vector<float>& x, DType t) {
-  std::vector<uint16_t> bits(x.size());
-  for (size_t i = 0; i < x.size(); ++i)
-    StoreFromFloat(bits.data(), t, static_cast<long long>(i), x[i]);
-  return bits;
-}
-
-std::vector<float> FromBits(const std::vector<uint16_t>& bits, DType t) {
-  std::vector<float> x(bits.size());
-  for (size_t i = 0; i < x.size(); ++i)
-    x[i] = LoadAsFloat(bits.data(), t, static_cast<long long>(i));
-  return x;
 }
 
 // q in `dtype` as host bytes, and the f32 values the kernel sees (exact widening).

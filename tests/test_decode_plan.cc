@@ -96,7 +96,9 @@ void operator delete(void* p, std::size_t, std::align_val_t) noexcept { std::fre
 void operator delete[](void* p, std::size_t, std::align_val_t) noexcept { std::free(p); }
 
 using namespace kvcache;
+using kvcache::testing::FromBits;
 using kvcache::testing::RandomVector;
+using kvcache::testing::ToBits;
 
 namespace {
 
@@ -131,21 +133,6 @@ void AppendTokens(Cache& cache, SequenceId seq, int32_t layer, int n, int first,
 void AppendAllLayers(Cache& cache, SequenceId seq, int n, int first, std::mt19937& rng) {
   for (int32_t l = 0; l < cache.config().num_layers; ++l)
     AppendTokens(cache, seq, l, n, first, rng);
-}
-
-// x rounded to f16 / bf16 bits.
-std::vector<uint16_t> ToBits(const std::vector<float>& x, DType t) {
-  std::vector<uint16_t> bits(x.size());
-  for (size_t i = 0; i < x.size(); ++i)
-    StoreFromFloat(bits.data(), t, static_cast<long long>(i), x[i]);
-  return bits;
-}
-
-std::vector<float> FromBits(const std::vector<uint16_t>& bits, DType t) {
-  std::vector<float> x(bits.size());
-  for (size_t i = 0; i < x.size(); ++i)
-    x[i] = LoadAsFloat(bits.data(), t, static_cast<long long>(i));
-  return x;
 }
 
 size_t QSize(const Cache& cache, size_t batch) {

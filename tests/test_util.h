@@ -18,6 +18,20 @@ namespace kvcache::testing {
 // Rounds a float through the dtype the cache stores (what reading it back returns).
 inline float RoundTo(DType t, float x) { return RoundToDType(x, t); }
 
+// x rounded to f16 / bf16 bits, and such bits widened back to f32 (exact).
+inline std::vector<uint16_t> ToBits(const std::vector<float>& x, DType t) {
+  std::vector<uint16_t> bits(x.size());
+  for (size_t i = 0; i < x.size(); ++i) {
+    StoreFromFloat(bits.data(), t, static_cast<long long>(i), x[i]);
+  }
+  return bits;
+}
+inline std::vector<float> FromBits(const std::vector<uint16_t>& bits, DType t) {
+  std::vector<float> x(bits.size());
+  for (size_t i = 0; i < x.size(); ++i) x[i] = LoadAsFloat(bits.data(), t, static_cast<long long>(i));
+  return x;
+}
+
 inline std::vector<float> RandomVector(std::mt19937& rng, size_t n, float scale = 1.0f) {
   std::normal_distribution<float> dist(0.0f, scale);
   std::vector<float> v(n);
