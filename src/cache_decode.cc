@@ -262,10 +262,14 @@ absl::StatusOr<DecodePlan> Cache::PrepareLayers(absl::string_view fn,
   for (auto it = st->lock_order.rbegin(); it != st->lock_order.rend(); ++it) (*it)->mu.Unlock();
   if (!status.ok()) return status;
   st->views.resize(st->view_begin[num_layers]);
-  const size_t elements = batch.size() * static_cast<size_t>(config_.num_q_heads) *
-                          static_cast<size_t>(config_.head_dim);
-  st->q_f32 = std::make_unique_for_overwrite<float[]>(elements);
-  st->out_f32 = std::make_unique_for_overwrite<float[]>(elements);
+  if (!one_shot) {
+    // f16 / bf16 host q and out convert through this scratch, sized here so that a per-layer call
+    // allocates nothing. A one-shot call allocates it in RunDecode, and only for those dtypes.
+    const size_t elements = batch.size() * static_cast<size_t>(config_.num_q_heads) *
+                            static_cast<size_t>(config_.head_dim);
+    st->q_f32 = std::make_unique_for_overwrite<float[]>(elements);
+    st->out_f32 = std::make_unique_for_overwrite<float[]>(elements);
+  }
   DecodePlan plan;
   plan.state_ = std::move(st);
   return plan;
