@@ -6,9 +6,10 @@
  * naming the offending value, and the cache is left exactly as it was. Full reference:
  * docs/C_API.md; plugging into an engine with its own kernels: docs/INTEGRATION.md.
  *
- * Handles: kvc_cache* and kvc_plan* are opaque tokens, NOT addresses. Each one is a 64-bit id,
- * never reused within a process, looked up in a mutex-protected registry on every call, so a
- * destroyed, foreign or made-up handle is reported as KVC_INVALID_ARGUMENT instead of crashing.
+ * Handles: kvc_cache*, kvc_plan* and kvc_decode_plan* are opaque tokens, NOT addresses. Each
+ * one is a 64-bit id, never reused within a process, looked up in a mutex-protected registry on
+ * every call, so a destroyed, foreign or made-up handle is reported as KVC_INVALID_ARGUMENT
+ * instead of crashing.
  *
  * Example:
  *   kvc_config cfg;
