@@ -26,7 +26,6 @@
 #include <utility>
 #include <vector>
 
-#include "absl/container/flat_hash_map.h"
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
@@ -53,7 +52,6 @@ using kvcache::capi::NullArg;
 using kvcache::capi::PlanFromId;
 using kvcache::capi::PlanHandle;
 using kvcache::capi::Registry;
-using kvcache::capi::SetError;
 using kvcache::capi::ToReadPolicy;
 using kvcache::capi::ToTensorRef;
 using kvcache::capi::ValidAggregation;
