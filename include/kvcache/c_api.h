@@ -289,7 +289,8 @@ KVC_API kvc_status kvc_decode_plan_info(const kvc_decode_plan* plan, int32_t* ba
                                         int32_t* first_layer, int32_t* num_layers);
 /* Decode attention of `layer` over the plan's batch: tensors, options and results exactly as
  * kvc_decode_attention_tensors with the plan's batch (bit for bit the same output). On the cpu
- * backend a dense call allocates no heap memory (f16 / bf16 host q/out included). */
+ * backend the C++ call underneath allocates no heap memory for a dense read (f16 / bf16 host
+ * q/out included); this C layer adds a handle lookup and argument checks. */
 KVC_API kvc_status kvc_decode_attention_planned(kvc_cache* cache, kvc_decode_plan* plan,
                                                 int32_t layer, const kvc_tensor* q,
                                                 const kvc_tensor* out, const kvc_tensor* lse,
