@@ -9,7 +9,8 @@
 // Handles are ids, not addresses (see c_api.h): a registry maps id -> shared_ptr. Lookups copy
 // the shared_ptr under the registry mutex, so kvc_cache_destroy on one thread while another
 // thread is inside a call on the same cache is safe: the object dies when the last call ends.
-// Ids are never reused, so a destroyed handle can never alias a newer object.
+// Ids are never reused, so a destroyed handle can never alias a newer object. The helpers and the
+// registry live in c_api_internal.h, shared with c_api_decode.cc (decode plans, tensor calls).
 #include "kvcache/c_api.h"
 
 #include <algorithm>
@@ -25,10 +26,10 @@
 #include <utility>
 #include <vector>
 
-#include "absl/container/flat_hash_map.h"
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
+#include "capi/c_api_internal.h"
 #include "kvcache/cache.h"
 #include "kvcache/plan.h"
 #include "kvcache/policy/registry.h"
@@ -37,225 +38,29 @@
 
 namespace {
 
+// The shared helpers (c_api_internal.h).
+using kvcache::capi::CacheFromId;
+using kvcache::capi::CacheHandle;
+using kvcache::capi::CheckLayerHead;
+using kvcache::capi::Fail;
+using kvcache::capi::FromStatus;
+using kvcache::capi::g_last_error;
+using kvcache::capi::Guard;
+using kvcache::capi::IdOf;
+using kvcache::capi::LookupPlan;
+using kvcache::capi::NullArg;
+using kvcache::capi::PlanFromId;
+using kvcache::capi::PlanHandle;
+using kvcache::capi::Registry;
+using kvcache::capi::ToReadPolicy;
+using kvcache::capi::ToTensorRef;
+using kvcache::capi::ValidAggregation;
+using kvcache::capi::ValidDType;
+using kvcache::capi::WithCache;
+using kvcache::capi::WithPlan;
 using kvcache::Cache;
 using kvcache::EvictionPlan;
 using kvcache::SequenceId;
-
-// ---- Errors -----------------------------------------------------------------------------------
-
-thread_local std::string g_last_error;
-
-kvc_status SetError(kvc_status code, const std::string& message) {
-  try {
-    g_last_error = message;
-  } catch (...) {
-    g_last_error.clear();  // cannot even store the message; the code still tells the story
-  }
-  return code;
-}
-
-kvc_status FromStatus(const char* fn, const absl::Status& s) {
-  if (s.ok()) return KVC_OK;
-  kvc_status code = KVC_INTERNAL;
-  switch (s.code()) {
-    case absl::StatusCode::kInvalidArgument:
-    case absl::StatusCode::kAlreadyExists:
-      code = KVC_INVALID_ARGUMENT;
-      break;
-    case absl::StatusCode::kNotFound:
-      code = KVC_NOT_FOUND;
-      break;
-    case absl::StatusCode::kOutOfRange:
-      code = KVC_OUT_OF_RANGE;
-      break;
-    case absl::StatusCode::kResourceExhausted:
-      code = KVC_OUT_OF_MEMORY;
-      break;
-    case absl::StatusCode::kFailedPrecondition:
-      code = KVC_FAILED_PRECONDITION;
-      break;
-    case absl::StatusCode::kUnimplemented:
-      code = KVC_UNIMPLEMENTED;
-      break;
-    default:
-      code = KVC_INTERNAL;
-      break;
-  }
-  return SetError(code, absl::StrCat(fn, ": ", std::string(s.message())));
-}
-
-kvc_status Fail(kvc_status code, const char* fn, const std::string& what) {
-  return SetError(code, absl::StrCat(fn, ": ", what));
-}
-
-// Runs body() with every exception turned into a status.
-template <class Body>
-kvc_status Guard(const char* fn, Body&& body) {
-  g_last_error.clear();
-  try {
-    return body();
-  } catch (const std::bad_alloc&) {
-    return SetError(KVC_OUT_OF_MEMORY, std::string(fn) + ": out of host memory (std::bad_alloc)");
-  } catch (const std::exception& e) {
-    return SetError(KVC_INTERNAL, std::string(fn) + ": unexpected exception: " + e.what());
-  } catch (...) {
-    return SetError(KVC_INTERNAL, std::string(fn) + ": unexpected non-standard exception");
-  }
-}
-
-// ---- Handles ----------------------------------------------------------------------------------
-
-struct CacheHandle {
-  uint64_t id = 0;
-  std::unique_ptr<Cache> cache;
-};
-
-struct PlanHandle {
-  uint64_t cache_id = 0;
-  EvictionPlan plan;
-  int32_t num_layers = 0;
-  int32_t num_kv_heads = 0;
-  std::vector<int32_t> lengths;  // [num_layers * num_kv_heads] stream lengths when planned
-  kvcache::StreamStamp stamp;    // what Cache::ApplyIfCurrent checks (the stale-plan check)
-  std::atomic<bool> applied{false};
-};
-
-class Registry {
- public:
-  static Registry& Get() {
-    static Registry* registry = new Registry();  // never destroyed: no exit-time ordering issues
-    return *registry;
-  }
-
-  uint64_t AddCache(std::shared_ptr<CacheHandle> h) {
-    absl::MutexLock lock(&mu_);
-    h->id = next_id_++;
-    const uint64_t id = h->id;
-    caches_[id] = std::move(h);
-    return id;
-  }
-  uint64_t AddPlan(std::shared_ptr<PlanHandle> h) {
-    absl::MutexLock lock(&mu_);
-    const uint64_t id = next_id_++;
-    plans_[id] = std::move(h);
-    return id;
-  }
-  // Null when unknown; *what says why.
-  std::shared_ptr<CacheHandle> FindCache(uint64_t id, std::string* what) {
-    absl::MutexLock lock(&mu_);
-    if (auto it = caches_.find(id); it != caches_.end()) return it->second;
-    *what = Describe(id, "cache");
-    return nullptr;
-  }
-  std::shared_ptr<PlanHandle> FindPlan(uint64_t id, std::string* what) {
-    absl::MutexLock lock(&mu_);
-    if (auto it = plans_.find(id); it != plans_.end()) return it->second;
-    *what = Describe(id, "plan");
-    return nullptr;
-  }
-  std::shared_ptr<CacheHandle> RemoveCache(uint64_t id, std::string* what) {
-    absl::MutexLock lock(&mu_);
-    auto it = caches_.find(id);
-    if (it == caches_.end()) {
-      *what = Describe(id, "cache");
-      return nullptr;
-    }
-    std::shared_ptr<CacheHandle> h = std::move(it->second);
-    caches_.erase(it);
-    return h;
-  }
-  std::shared_ptr<PlanHandle> RemovePlan(uint64_t id, std::string* what) {
-    absl::MutexLock lock(&mu_);
-    auto it = plans_.find(id);
-    if (it == plans_.end()) {
-      *what = Describe(id, "plan");
-      return nullptr;
-    }
-    std::shared_ptr<PlanHandle> h = std::move(it->second);
-    plans_.erase(it);
-    return h;
-  }
-
- private:
-  std::string Describe(uint64_t id, const char* wanted) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    if (id == 0) return absl::StrCat(wanted, " handle is NULL");
-    if (caches_.contains(id) || plans_.contains(id)) {
-      return absl::StrCat("handle ", id, " is a ", caches_.contains(id) ? "cache" : "plan",
-                          " handle, not a ", wanted, " handle");
-    }
-    if (id < next_id_) return absl::StrCat(wanted, " handle ", id, " was already destroyed");
-    return absl::StrCat(wanted, " handle ", id, " was never created by this library");
-  }
-
-  absl::Mutex mu_;
-  uint64_t next_id_ ABSL_GUARDED_BY(mu_) = 1;
-  absl::flat_hash_map<uint64_t, std::shared_ptr<CacheHandle>> caches_ ABSL_GUARDED_BY(mu_);
-  absl::flat_hash_map<uint64_t, std::shared_ptr<PlanHandle>> plans_ ABSL_GUARDED_BY(mu_);
-};
-
-uint64_t IdOf(const void* handle) { return static_cast<uint64_t>(reinterpret_cast<uintptr_t>(handle)); }
-kvc_cache* CacheFromId(uint64_t id) { return reinterpret_cast<kvc_cache*>(static_cast<uintptr_t>(id)); }
-kvc_plan* PlanFromId(uint64_t id) { return reinterpret_cast<kvc_plan*>(static_cast<uintptr_t>(id)); }
-
-// Looks up a cache handle or returns (via *status) KVC_INVALID_ARGUMENT.
-std::shared_ptr<CacheHandle> LookupCache(const char* fn, const kvc_cache* handle,
-                                         kvc_status* status) {
-  std::string what;
-  std::shared_ptr<CacheHandle> h = Registry::Get().FindCache(IdOf(handle), &what);
-  if (h == nullptr) *status = Fail(KVC_INVALID_ARGUMENT, fn, what);
-  return h;
-}
-
-std::shared_ptr<PlanHandle> LookupPlan(const char* fn, const kvc_plan* handle, kvc_status* status) {
-  std::string what;
-  std::shared_ptr<PlanHandle> h = Registry::Get().FindPlan(IdOf(handle), &what);
-  if (h == nullptr) *status = Fail(KVC_INVALID_ARGUMENT, fn, what);
-  return h;
-}
-
-// The entry prologue of every call on a cache handle: Guard, then the handle lookup
-// (KVC_INVALID_ARGUMENT naming a bad handle), then body(handle).
-template <class Body>
-kvc_status WithCache(const char* fn, const kvc_cache* cache, Body&& body) {
-  return Guard(fn, [&]() -> kvc_status {
-    kvc_status status = KVC_OK;
-    std::shared_ptr<CacheHandle> h = LookupCache(fn, cache, &status);
-    if (h == nullptr) return status;
-    return body(h);
-  });
-}
-
-// The same for calls on a plan handle.
-template <class Body>
-kvc_status WithPlan(const char* fn, const kvc_plan* plan, Body&& body) {
-  return Guard(fn, [&]() -> kvc_status {
-    kvc_status status = KVC_OK;
-    std::shared_ptr<PlanHandle> p = LookupPlan(fn, plan, &status);
-    if (p == nullptr) return status;
-    return body(p);
-  });
-}
-
-kvc_status NullArg(const char* fn, const char* name) {
-  return Fail(KVC_INVALID_ARGUMENT, fn, absl::StrCat(name, " is NULL"));
-}
-
-bool ValidDType(int32_t dtype) { return dtype >= KVC_DTYPE_F32 && dtype <= KVC_DTYPE_BF16; }
-
-bool ValidAggregation(int32_t a) { return a >= KVC_GQA_MEAN && a <= KVC_GQA_MAX; }
-
-kvc_status CheckLayerHead(const char* fn, const kvcache::CacheConfig& c, int32_t layer,
-                          int32_t kv_head) {
-  if (layer < 0 || layer >= c.num_layers) {
-    return Fail(KVC_OUT_OF_RANGE, fn,
-                absl::StrCat("layer ", layer, " is out of range [0, ", c.num_layers, ")"));
-  }
-  if (kv_head < 0 || kv_head >= c.num_kv_heads) {
-    return Fail(KVC_OUT_OF_RANGE, fn,
-                absl::StrCat("kv_head ", kv_head, " is out of range [0, ", c.num_kv_heads, ")"));
-  }
-  return KVC_OK;
-}
 
 // Converts kvc_observations into the policy layer's Observations (spans into caller memory).
 kvc_status ConvertObservations(const char* fn, const kvcache::CacheConfig& c,
@@ -486,10 +291,17 @@ kvc_status kvc_sequence_free(kvc_cache* cache, kvc_seq seq) {
   });
 }
 
-kvc_status kvc_append(kvc_cache* cache, kvc_seq seq, int32_t layer, int32_t num_tokens,
-                      int32_t dtype, const void* keys, const void* values,
-                      const int32_t* positions, const uint8_t* modalities, const uint8_t* admit) {
-  static constexpr const char* fn = "kvc_append";
+}  // extern "C"
+
+namespace {
+
+// kvc_append and kvc_append_tensors: one implementation over the C++ AppendRequest.
+// kv(config, &keys, &values) describes the K/V once layer and num_tokens are checked (their
+// size, dtype and memory space are then checked by Cache::Append).
+template <class KV>
+kvc_status AppendImpl(const char* fn, kvc_cache* cache, kvc_seq seq, int32_t layer,
+                      int32_t num_tokens, KV&& kv, const int32_t* positions,
+                      const uint8_t* modalities, const uint8_t* admit) {
   return WithCache(fn, cache, [&](const std::shared_ptr<CacheHandle>& h) -> kvc_status {
     const kvcache::CacheConfig& c = h->cache->config();
     if (layer < 0 || layer >= c.num_layers) {
@@ -499,18 +311,11 @@ kvc_status kvc_append(kvc_cache* cache, kvc_seq seq, int32_t layer, int32_t num_
     if (num_tokens <= 0) {
       return Fail(KVC_INVALID_ARGUMENT, fn, absl::StrCat("num_tokens is ", num_tokens, ", must be > 0"));
     }
-    if (!ValidDType(dtype)) {
-      return Fail(KVC_INVALID_ARGUMENT, fn,
-                  absl::StrCat("dtype ", dtype, " is not a kvc_dtype (0 f32, 1 f16, 2 bf16)"));
-    }
-    if (keys == nullptr) return NullArg(fn, "keys");
-    if (values == nullptr) return NullArg(fn, "values");
-    if (positions == nullptr) return NullArg(fn, "positions");
-    const int64_t elements = int64_t{num_tokens} * c.num_kv_heads * c.head_dim;
-    const auto t = static_cast<kvcache::DType>(dtype);
     kvcache::AppendRequest req;
-    req.keys = {keys, t, elements};
-    req.values = {values, t, elements};
+    if (kvc_status s = kv(c, &req.keys, &req.values); s != KVC_OK) return s;
+    if (req.keys.data == nullptr) return NullArg(fn, "keys");
+    if (req.values.data == nullptr) return NullArg(fn, "values");
+    if (positions == nullptr) return NullArg(fn, "positions");
     req.positions = std::span<const int32_t>(positions, static_cast<size_t>(num_tokens));
     std::vector<kvcache::Modality> mods;
     if (modalities != nullptr) {
@@ -528,6 +333,42 @@ kvc_status kvc_append(kvc_cache* cache, kvc_seq seq, int32_t layer, int32_t num_
     if (admit != nullptr) req.admit = std::span<const uint8_t>(admit, num_tokens);
     return FromStatus(fn, h->cache->Append(seq, layer, req));
   });
+}
+
+}  // namespace
+
+extern "C" {
+
+kvc_status kvc_append(kvc_cache* cache, kvc_seq seq, int32_t layer, int32_t num_tokens,
+                      int32_t dtype, const void* keys, const void* values,
+                      const int32_t* positions, const uint8_t* modalities, const uint8_t* admit) {
+  static constexpr const char* fn = "kvc_append";
+  auto kv = [&](const kvcache::CacheConfig& c, kvcache::TensorRef* k,
+                kvcache::TensorRef* v) -> kvc_status {
+    if (!ValidDType(dtype)) {
+      return Fail(KVC_INVALID_ARGUMENT, fn,
+                  absl::StrCat("dtype ", dtype, " is not a kvc_dtype (0 f32, 1 f16, 2 bf16)"));
+    }
+    const int64_t elements = int64_t{num_tokens} * c.num_kv_heads * c.head_dim;
+    const auto t = static_cast<kvcache::DType>(dtype);
+    *k = {keys, t, elements};
+    *v = {values, t, elements};
+    return KVC_OK;
+  };
+  return AppendImpl(fn, cache, seq, layer, num_tokens, kv, positions, modalities, admit);
+}
+
+kvc_status kvc_append_tensors(kvc_cache* cache, kvc_seq seq, int32_t layer, int32_t num_tokens,
+                              const kvc_tensor* keys, const kvc_tensor* values,
+                              const int32_t* positions, const uint8_t* modalities,
+                              const uint8_t* admit) {
+  static constexpr const char* fn = "kvc_append_tensors";
+  auto kv = [&](const kvcache::CacheConfig&, kvcache::TensorRef* k,
+                kvcache::TensorRef* v) -> kvc_status {
+    if (kvc_status s = ToTensorRef(fn, "keys", keys, k); s != KVC_OK) return s;
+    return ToTensorRef(fn, "values", values, v);
+  };
+  return AppendImpl(fn, cache, seq, layer, num_tokens, kv, positions, modalities, admit);
 }
 
 // ---- Kernels ----------------------------------------------------------------------------------
@@ -627,22 +468,7 @@ kvc_status DecodeImpl(const char* fn, kvc_cache* cache, const kvc_seq* batch, in
     options.accumulate_scores = accumulate_scores != 0;
     options.aggregation = static_cast<kvcache::GqaAggregation>(aggregation);
     if (policy != nullptr) {
-      if (policy->kind < KVC_READ_DENSE || policy->kind > KVC_READ_RETRIEVAL) {
-        return Fail(KVC_INVALID_ARGUMENT, fn,
-                    absl::StrCat("policy->kind ", policy->kind,
-                                 " is not a kvc_read_kind (0 dense, 1 quest, 2 retrieval)"));
-      }
-      kvcache::ReadPolicy& r = options.read_policy;
-      r.kind = static_cast<kvcache::ReadPolicy::Kind>(policy->kind);
-      r.dense_first_layers = policy->dense_first_layers;
-      r.token_budget = policy->token_budget;
-      r.top_k = policy->top_k;
-      r.exact_search = policy->exact_search != 0;
-      r.ef_search = policy->ef_search;
-      r.sink_tokens = policy->sink_tokens;
-      r.recent_tokens = policy->recent_tokens;
-      r.index_m = policy->index_m;
-      r.index_ef_construction = policy->index_ef_construction;
+      if (kvc_status s = ToReadPolicy(fn, policy, &options.read_policy); s != KVC_OK) return s;
     }
     std::span<float> lse_span;
     if (lse != nullptr) {

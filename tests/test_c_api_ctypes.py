@@ -5,7 +5,8 @@ Appends random K/V (f32 and f16 caches, GQA), runs decode attention through the 
 the stored tokens back (K/V as f32, positions) and checks the output and log-sum-exp against
 attention computed by numpy over exactly those tokens; then compresses with a policy and checks
 again over the surviving tokens, including that their original positions are a subset of the
-appended ones. Also checks the page table against the stream lengths and error reporting.
+appended ones. Also checks the page table against the stream lengths and error reporting, and a
+decode plan with f16 q / out through kvc_tensor / kvc_decode_options laid out by ctypes.
 
 Usage: test_c_api_ctypes.py /path/to/libkvcache_c.so   (exit 4 = skipped: numpy missing)
 """
@@ -40,6 +41,22 @@ class Stats(C.Structure):
 class CompressResult(C.Structure):
     _fields_ = [("tokens_before", C.c_int64), ("tokens_after", C.c_int64),
                 ("streams_changed", C.c_int32), ("reserved", C.c_int32)]
+
+
+class Tensor(C.Structure):  # kvc_tensor
+    _fields_ = [("data", C.c_void_p), ("num_elements", C.c_int64), ("dtype", C.c_int32),
+                ("memory", C.c_int32)]
+
+    @staticmethod
+    def of(a):
+        dtype = {np.float32: KVC_DTYPE_F32, np.float16: KVC_DTYPE_F16}[a.dtype.type]
+        return Tensor(a.ctypes.data, a.size, dtype, 0)
+
+
+class DecodeOptions(C.Structure):  # kvc_decode_options
+    _fields_ = [("scale", C.c_float), ("aggregation", C.c_int32),
+                ("accumulate_scores", C.c_int32), ("reserved", C.c_int32),
+                ("read_policy", C.c_void_p), ("stream", C.c_void_p)]
 
 
 class PageLayout(C.Structure):
@@ -87,6 +104,16 @@ class Lib:
                                             C.POINTER(C.c_int32), C.c_int64,
                                             C.POINTER(C.c_int64), C.POINTER(C.c_int32),
                                             C.POINTER(PageLayout)]
+
+        L.kvc_prepare_decode.argtypes = [C.c_void_p, C.POINTER(C.c_int64), C.c_int32,
+                                         C.POINTER(C.c_void_p)]
+        L.kvc_decode_plan_info.argtypes = [C.c_void_p, C.POINTER(C.c_int32),
+                                           C.POINTER(C.c_int32), C.POINTER(C.c_int32)]
+        L.kvc_decode_attention_planned.argtypes = [C.c_void_p, C.c_void_p, C.c_int32,
+                                                   C.POINTER(Tensor), C.POINTER(Tensor),
+                                                   C.POINTER(Tensor), C.POINTER(DecodeOptions)]
+        L.kvc_decode_plan_destroy.argtypes = [C.c_void_p]
+        L.kvc_decode_options_init.argtypes = [C.POINTER(DecodeOptions)]
 
     def check(self, status, what):
         if status != KVC_OK:
@@ -245,6 +272,46 @@ def run_case(lib, dtype, rng):
     assert bad == KVC_INVALID_ARGUMENT and b"destroyed" in lib.lib.kvc_last_error()
 
 
+def check_decode_plan(lib, rng):
+    """kvc_prepare_decode + kvc_decode_attention_planned with f16 q / out (kvc_tensor,
+    kvc_decode_options laid out by ctypes): equal to the f32 call on the widened q, rounded to
+    nearest even (numpy's astype(float16))."""
+    layers, kv_heads, q_heads, dim = 3, 2, 4, 16
+    cache = Cache(lib, layers, kv_heads, q_heads, dim, KVC_DTYPE_F32, 4, 256)
+    seqs = [cache.add() for _ in range(3)]
+    for s, n in zip(seqs, (3, 9, 17)):
+        for layer in range(layers):
+            k = rng.standard_normal((n, kv_heads, dim)).astype(np.float32)
+            v = rng.standard_normal((n, kv_heads, dim)).astype(np.float32)
+            cache.append(s, layer, k, v, np.arange(n))
+    batch = np.array(seqs, np.int64)
+    plan = C.c_void_p()
+    L = lib.lib
+    lib.check(L.kvc_prepare_decode(cache.h, ptr(batch, C.c_int64), len(seqs), C.byref(plan)),
+              "prepare")
+    info = [C.c_int32(), C.c_int32(), C.c_int32()]
+    lib.check(L.kvc_decode_plan_info(plan, *[C.byref(x) for x in info]), "plan info")
+    assert [x.value for x in info] == [3, 0, layers]
+    options = DecodeOptions()
+    L.kvc_decode_options_init(C.byref(options))
+    for layer in range(layers):
+        q16 = rng.standard_normal((3, q_heads, dim)).astype(np.float16)
+        want, want_lse = cache.decode(seqs, layer, q16.astype(np.float32))
+        out16 = np.zeros((3, q_heads, dim), np.float16)
+        lse = np.zeros((3, q_heads), np.float32)
+        qt, ot, lt = Tensor.of(q16), Tensor.of(out16), Tensor.of(lse)
+        lib.check(L.kvc_decode_attention_planned(cache.h, plan, layer, C.byref(qt), C.byref(ot),
+                                                 C.byref(lt), C.byref(options)), "planned")
+        assert np.array_equal(out16.view(np.uint16), want.astype(np.float16).view(np.uint16))
+        assert np.array_equal(lse, want_lse)
+    options.reserved = 1  # a field the library checks: the struct reached it as laid out here
+    bad = L.kvc_decode_attention_planned(cache.h, plan, 0, C.byref(qt), C.byref(ot), None,
+                                         C.byref(options))
+    assert bad == KVC_INVALID_ARGUMENT and b"options->reserved is 1" in L.kvc_last_error()
+    lib.check(L.kvc_decode_plan_destroy(plan), "plan destroy")
+    cache.destroy()
+
+
 def main():
     if len(sys.argv) != 2:
         print(__doc__)
@@ -254,6 +321,7 @@ def main():
     rng = np.random.default_rng(7)
     run_case(lib, KVC_DTYPE_F32, rng)
     run_case(lib, KVC_DTYPE_F16, rng)
+    check_decode_plan(lib, rng)
     print("test_c_api_ctypes: ok")
     return 0
 

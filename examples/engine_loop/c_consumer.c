@@ -1,6 +1,7 @@
 /* c_consumer — the installed C library (libkvcache_c, kvcache/c_api.h) used from plain C99:
- * append a prompt, decode with score accumulation, export the page table and read one key
- * through it, compress with a policy, and check the lengths the library reports. */
+ * append a prompt, decode with score accumulation (and through a decode plan), export the page
+ * table and read one key through it, compress with a policy, and check the lengths the library
+ * reports. */
 #include <stdio.h>
 #include <string.h>
 
@@ -51,6 +52,19 @@ int main(void) {
   TRY(kvc_sequence_add(cache, &seq));
   TRY(kvc_append(cache, seq, 0, kTokens, KVC_DTYPE_F32, k, v, positions, NULL, NULL));
   TRY(kvc_decode_attention(cache, &seq, 1, 0, q, out, lse, 0.0f, KVC_GQA_MEAN, 1));
+  { /* an engine's decode step: plan once per step, then one typed-tensor call per layer */
+    float planned[kQHeads * kDim];
+    kvc_decode_plan* plan = NULL;
+    kvc_tensor qt = {q, kQHeads * kDim, KVC_DTYPE_F32, KVC_MEMORY_HOST};
+    kvc_tensor ot = {planned, kQHeads * kDim, KVC_DTYPE_F32, KVC_MEMORY_HOST};
+    TRY(kvc_prepare_decode(cache, &seq, 1, &plan));
+    TRY(kvc_decode_attention_planned(cache, plan, 0, &qt, &ot, NULL, NULL));
+    TRY(kvc_decode_plan_destroy(plan));
+    if (memcmp(planned, out, sizeof(out)) != 0) {
+      fprintf(stderr, "planned decode differs from kvc_decode_attention\n");
+      return 1;
+    }
+  }
 
   TRY(kvc_export_page_table(cache, 0, &seq, 1, indptr, indices, 16, &nnz, last_page_len,
                             &layout));

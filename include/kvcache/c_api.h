@@ -6,9 +6,10 @@
  * naming the offending value, and the cache is left exactly as it was. Full reference:
  * docs/C_API.md; plugging into an engine with its own kernels: docs/INTEGRATION.md.
  *
- * Handles: kvc_cache* and kvc_plan* are opaque tokens, NOT addresses. Each one is a 64-bit id,
- * never reused within a process, looked up in a mutex-protected registry on every call, so a
- * destroyed, foreign or made-up handle is reported as KVC_INVALID_ARGUMENT instead of crashing.
+ * Handles: kvc_cache*, kvc_plan* and kvc_decode_plan* are opaque tokens, NOT addresses. Each
+ * one is a 64-bit id, never reused within a process, looked up in a mutex-protected registry on
+ * every call, so a destroyed, foreign or made-up handle is reported as KVC_INVALID_ARGUMENT
+ * instead of crashing.
  *
  * Example:
  *   kvc_config cfg;
@@ -197,6 +198,104 @@ KVC_API kvc_status kvc_decode_attention_sparse(kvc_cache* cache, const kvc_seq* 
                                                float* out, float* lse, float scale,
                                                int32_t aggregation, int32_t accumulate_scores,
                                                const kvc_read_policy* policy);
+
+/* ---- Tensors, decode plans, device memory --------------------------------------------------- */
+/* The engine path: q / out in f32, f16 or bf16, host or device memory, and the host work of a
+ * decode step done once per step (kvc_prepare_decode) instead of once per layer call. */
+
+/* Where a tensor's memory lives. Device memory is memory of the cache's backend device
+ * (cudaMalloc'd on "cuda"); accepted only by backends with device tensors (the CUDA backends),
+ * KVC_INVALID_ARGUMENT elsewhere. */
+typedef enum kvc_memory { KVC_MEMORY_HOST = 0, KVC_MEMORY_DEVICE = 1 } kvc_memory;
+
+/* A buffer with its element type, element count and memory space. Inputs are only read. */
+typedef struct kvc_tensor {
+  void* data;           /* [num_elements] of dtype in `memory` (f16 / bf16 as uint16 bits) */
+  int64_t num_elements; /* checked against the shape the call expects */
+  int32_t dtype;        /* kvc_dtype */
+  int32_t memory;       /* kvc_memory */
+} kvc_tensor;
+
+typedef struct kvc_decode_options {
+  float scale;                        /* softmax scale, 0 = 1/sqrt(head_dim) */
+  int32_t aggregation;                /* kvc_gqa_aggregation of accumulate_scores */
+  int32_t accumulate_scores;          /* as in kvc_decode_attention */
+  int32_t reserved;                   /* must be 0 */
+  const kvc_read_policy* read_policy; /* NULL = dense (as kvc_decode_attention_sparse) */
+  /* Device tensors only: the stream the decode is enqueued on (a cudaStream_t on "cuda"),
+   * NULL = the backend's own stream. The call returns once the work is enqueued (with
+   * accumulate_scores it waits: the accumulators are host memory); kvc_synchronize waits for
+   * the results. Must be NULL for host tensors. */
+  void* stream;
+} kvc_decode_options;
+
+/* Fills the defaults (scale 0, mean aggregation, no accumulation, dense, no stream). Does
+ * nothing on NULL. */
+KVC_API void kvc_decode_options_init(kvc_decode_options* options);
+
+/* kvc_decode_attention with typed tensors (see kvc_tensor):
+ *   q, out: [batch_size, num_q_heads, head_dim], each f32, f16 or bf16 (out is rounded from the
+ *           f32 result to nearest even); lse: NULL, or [batch_size, num_q_heads] f32 (a
+ *           kvc_tensor with 0 elements also means "not requested").
+ *   Host tensors work on every backend. Device tensors (q, out and lse all in device memory)
+ *   need a backend with device tensors and a dense read; the call is then asynchronous on
+ *   options->stream. options: NULL = defaults. Sizes, dtypes and memory spaces are checked
+ *   before anything runs; KVC_INVALID_ARGUMENT names the bad tensor. */
+KVC_API kvc_status kvc_decode_attention_tensors(kvc_cache* cache, const kvc_seq* batch,
+                                                int32_t batch_size, int32_t layer,
+                                                const kvc_tensor* q, const kvc_tensor* out,
+                                                const kvc_tensor* lse,
+                                                const kvc_decode_options* options);
+
+/* Waits for the device-tensor work enqueued on `stream` (NULL: the backend's own stream). OK at
+ * once on host backends; KVC_INVALID_ARGUMENT for a non-NULL stream on a backend without device
+ * tensors. */
+KVC_API kvc_status kvc_synchronize(kvc_cache* cache, void* stream);
+
+/* kvc_append with typed K/V: keys and values [num_tokens, num_kv_heads, head_dim] of one dtype
+ * (f32 / f16 / bf16), both host memory, or both device memory on a backend with device tensors
+ * (device K/V must be complete: the stream that produced them synchronised). positions,
+ * modalities and admit are host memory, as in kvc_append. */
+KVC_API kvc_status kvc_append_tensors(kvc_cache* cache, kvc_seq seq, int32_t layer,
+                                      int32_t num_tokens, const kvc_tensor* keys,
+                                      const kvc_tensor* values, const int32_t* positions,
+                                      const uint8_t* modalities, const uint8_t* admit);
+
+/* A decode plan: the batch-wide host work of one decode step (finding the sequences, checking
+ * the batch, the lock order, the kernel views of every layer), made once and run per layer.
+ * Opaque id like the other handles. Engine loop:
+ *   kvc_decode_plan* plan = NULL;
+ *   kvc_prepare_decode(cache, batch, batch_size, &plan);
+ *   for (layer = 0; layer < num_layers; ++layer) {
+ *     ... kvc_append_tensors this step's K/V of `layer`, compute q ...
+ *     kvc_decode_attention_planned(cache, plan, layer, &q, &out, NULL, &options);
+ *   }
+ *   kvc_decode_plan_destroy(plan);
+ * What a plan sees: appends (to any layer, before or after its decode) are seen; after an
+ * Apply (kvc_plan_apply / kvc_compress) changed a stream of the batch, or a sequence of the
+ * batch was freed, the planned call fails with KVC_FAILED_PRECONDITION ("prepare again") and
+ * decodes nothing. A plan is for the cache that prepared it (another cache's plan:
+ * KVC_INVALID_ARGUMENT) and stays a valid handle until destroyed, also after its cache was
+ * destroyed (it can then only be destroyed). Calls on one plan from several threads take turns. */
+typedef struct kvc_decode_plan kvc_decode_plan; /* opaque */
+
+/* Plans every layer of `batch` ([batch_size] distinct sequences, the order of the q / out
+ * rows). Same checks as kvc_decode_attention (non-empty, known sequences, no duplicate). */
+KVC_API kvc_status kvc_prepare_decode(kvc_cache* cache, const kvc_seq* batch,
+                                      int32_t batch_size, kvc_decode_plan** out);
+/* The plan's batch size and its layers [first_layer, first_layer + num_layers). Any out pointer
+ * may be NULL. */
+KVC_API kvc_status kvc_decode_plan_info(const kvc_decode_plan* plan, int32_t* batch_size,
+                                        int32_t* first_layer, int32_t* num_layers);
+/* Decode attention of `layer` over the plan's batch: tensors, options and results exactly as
+ * kvc_decode_attention_tensors with the plan's batch (bit for bit the same output). On the cpu
+ * backend the C++ call underneath allocates no heap memory for a dense read (f16 / bf16 host
+ * q/out included); this C layer adds a handle lookup and argument checks. */
+KVC_API kvc_status kvc_decode_attention_planned(kvc_cache* cache, kvc_decode_plan* plan,
+                                                int32_t layer, const kvc_tensor* q,
+                                                const kvc_tensor* out, const kvc_tensor* lse,
+                                                const kvc_decode_options* options);
+KVC_API kvc_status kvc_decode_plan_destroy(kvc_decode_plan* plan);
 
 /* ---- Policies ------------------------------------------------------------------------------- */
 /* Queries the engine observed for one layer (post-RoPE, like the stored keys): usually the last

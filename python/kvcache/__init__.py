@@ -25,6 +25,7 @@ from kvcache._kvcache import (  # noqa: F401
     Admission,
     Cache,
     Config,
+    DecodePlan,
     MergeTerm,
     Plan,
     Policy,
@@ -37,5 +38,5 @@ from kvcache._kvcache import (  # noqa: F401
 
 TEXT, IMAGE, VIDEO, AUDIO = 0, 1, 2, 3
 
-__all__ = ["Admission", "Cache", "Config", "MergeTerm", "Plan", "Policy", "ReadPolicy",
-           "StreamPlan", "list_policies", "TEXT", "IMAGE", "VIDEO", "AUDIO"]
+__all__ = ["Admission", "Cache", "Config", "DecodePlan", "MergeTerm", "Plan", "Policy",
+           "ReadPolicy", "StreamPlan", "list_policies", "TEXT", "IMAGE", "VIDEO", "AUDIO"]

@@ -3,7 +3,7 @@ kvcache: a paged, modality-aware KV cache with per-(layer, kv head) eviction.
 """
 
 from collections.abc import Sequence
-from typing import Annotated
+from typing import Annotated, overload
 
 import numpy
 from numpy.typing import NDArray
@@ -172,13 +172,6 @@ class Cache:
         keys, values: [num_tokens, num_kv_heads, head_dim] float32/float16/bfloat16 host arrays (numpy or torch; C-contiguous ones are read in place). positions: [num_tokens] integers, strictly increasing and past the layer's last position. modalities: [num_tokens] 0 text, 1 image, 2 video, 3 audio (default text). admit: [num_tokens] 0/1 (Dynamic-LLaVA; 0 = not stored in this layer).
         """
 
-    def decode_attention(self, batch: Sequence[int], layer: int, q: Annotated[NDArray, dict(writable=False)], out: NDArray | None = None, lse: NDArray | None = None, scale: float = 0.0, accumulate_scores: bool = False, aggregation: str = 'mean', read_policy: ReadPolicy | None = None) -> object:
-        """
-        Attention of one new query token per sequence over `layer`'s compressed streams.
-
-        q: [batch, num_q_heads, head_dim] float32. out (optional, written in place): the same shape, float32, C-contiguous; a new numpy array is returned when omitted. lse (optional, written in place): [batch, num_q_heads] float32. accumulate_scores adds each token's attention probability (aggregated over the GQA group by `aggregation`) to its score accumulator (H2O). Returns out.
-        """
-
     def score_rows(self, seq: int, layer: int, queries: Annotated[NDArray, dict(writable=False)], positions: Annotated[NDArray, dict(writable=False)], scale: float = 0.0, aggregation: str = 'mean', sparsity_threshold: float = 0.009999999776482582, accumulate: bool = False) -> dict:
         """
         Scores every key of the layer's streams against query rows (causal by position).
@@ -221,6 +214,22 @@ class Cache:
         Checks every invariant of the store; raises (RuntimeError) naming the first broken one.
         """
 
+    def prepare_decode(self, batch: Sequence[int]) -> DecodePlan:
+        """
+        Plans a decode step of `batch` for every layer (same checks as decode_attention: non-empty, known sequences (KeyError), no duplicate (ValueError)). Use the plan for each layer's decode_attention of this step.
+        """
+
+    @overload
+    def decode_attention(self, batch: Sequence[int], layer: int, q: Annotated[NDArray, dict(writable=False)], out: NDArray | None = None, lse: NDArray | None = None, scale: float = 0.0, accumulate_scores: bool = False, aggregation: str = 'mean', read_policy: ReadPolicy | None = None) -> object: ...
+
+    @overload
+    def decode_attention(self, plan: DecodePlan, layer: int, q: Annotated[NDArray, dict(writable=False)], out: NDArray | None = None, lse: NDArray | None = None, scale: float = 0.0, accumulate_scores: bool = False, aggregation: str = 'mean', read_policy: ReadPolicy | None = None) -> object:
+        """
+        Attention of one new query token per sequence over `layer`'s compressed streams.
+
+        batch: the sequence ids, or a DecodePlan from prepare_decode (plan once per step, then one call per layer: the batch-wide host work is done once; bit for bit the same result). q: [batch, num_q_heads, head_dim] float32, float16 or bfloat16 host array (numpy, or a torch CPU tensor). out (optional, written in place): the same shape, float32 / float16 / bfloat16, C-contiguous (rounded to nearest even from the f32 result); a new float32 numpy array is returned when omitted. lse (optional, written in place): [batch, num_q_heads] float32. accumulate_scores adds each token's attention probability (aggregated over the GQA group by `aggregation`) to its score accumulator (H2O). Returns out. With a plan: RuntimeError (FailedPrecondition, 'prepare again') when a sequence of the batch was compressed (apply) or freed since prepare_decode; appends are seen. Device arrays (torch CUDA tensors) are refused with ValueError.
+        """
+
     def plan(self, seq: int, policy: object, observations: object | None = None, image_scores: object | None = None) -> Plan:
         """
         Collects what the policy needs and plans (the cache is not changed).
@@ -235,6 +244,22 @@ class Cache:
 
     def compress(self, seq: int, policy: object, observations: object | None = None, image_scores: object | None = None) -> Plan:
         """plan() then apply() in one call; returns the applied plan."""
+
+class DecodePlan:
+    """
+    The host half of a decode step for a batch (Cache.prepare_decode), made once and run per layer by Cache.decode_attention(plan, layer, ...). Keeps its cache alive.
+    """
+
+    @property
+    def batch(self) -> list[int]:
+        """The sequence ids, in the order of the q / out rows."""
+
+    @property
+    def first_layer(self) -> int: ...
+
+    @property
+    def num_layers(self) -> int:
+        """Layers [first_layer, first_layer + num_layers) can be decoded."""
 
 def list_policies() -> list:
     """

@@ -1,4 +1,5 @@
-// python/src/bind_cache.cc — kvcache.Config, kvcache.Cache and kvcache.ReadPolicy.
+// python/src/bind_cache.cc — kvcache.Config, kvcache.Cache and kvcache.ReadPolicy (the decode
+// methods of Cache are bind_decode.cc's, the policy methods bind_policy.cc's).
 //
 // The methods mirror include/kvcache/cache.h one for one; arrays are converted by tensor.h (no
 // copy for C-contiguous host arrays), every C++ call that touches K/V runs with the GIL
@@ -259,56 +260,6 @@ void BindCache(nb::module_& m) {
           "[num_tokens] 0 text, 1 image, 2 video, 3 audio (default text). admit: [num_tokens] "
           "0/1 (Dynamic-LLaVA; 0 = not stored in this layer).")
       .def(
-          "decode_attention",
-          [](PyCache& c, const std::vector<SequenceId>& batch, int32_t layer,
-             const nb::ndarray<nb::ro>& q, std::optional<nb::ndarray<>> out,
-             std::optional<nb::ndarray<>> lse, float scale, bool accumulate_scores,
-             const std::string& aggregation, const std::optional<ReadPolicy>& read_policy)
-              -> nb::object {
-            const CacheConfig& cfg = c.cache->config();
-            const int64_t b = static_cast<int64_t>(batch.size());
-            HostTensor qt = ToHostTensor(q, "q", {b, cfg.num_q_heads, cfg.head_dim}, kF32Only);
-            nb::object result;
-            float* out_ptr = nullptr;
-            if (out) {
-              out_ptr = ToOutputF32(*out, "out", {b, cfg.num_q_heads, cfg.head_dim});
-              result = nb::cast(*out);
-            } else {
-              result = nb::cast(NumpyZerosF32({static_cast<size_t>(b),
-                                               static_cast<size_t>(cfg.num_q_heads),
-                                               static_cast<size_t>(cfg.head_dim)},
-                                              &out_ptr));
-            }
-            float* lse_ptr = nullptr;
-            if (lse) lse_ptr = ToOutputF32(*lse, "lse", {b, cfg.num_q_heads});
-            DecodeOptions opts;
-            opts.scale = scale;
-            opts.accumulate_scores = accumulate_scores;
-            opts.aggregation = ParseAggregation(aggregation);
-            if (read_policy) opts.read_policy = *read_policy;
-            const size_t n = static_cast<size_t>(qt.numel);
-            absl::Status s;
-            {
-              nb::gil_scoped_release release;
-              s = c.cache->DecodeAttention(
-                  batch, layer, std::span<const float>(qt.f32(), n), std::span<float>(out_ptr, n),
-                  lse_ptr ? std::span<float>(lse_ptr, static_cast<size_t>(b * cfg.num_q_heads))
-                          : std::span<float>(),
-                  opts);
-            }
-            ThrowIfError(s);
-            return result;
-          },
-          "batch"_a, "layer"_a, "q"_a, "out"_a = nb::none(), "lse"_a = nb::none(),
-          "scale"_a = 0.0f, "accumulate_scores"_a = false, "aggregation"_a = "mean",
-          "read_policy"_a = nb::none(),
-          "Attention of one new query token per sequence over `layer`'s compressed streams.\n\n"
-          "q: [batch, num_q_heads, head_dim] float32. out (optional, written in place): the same "
-          "shape, float32, C-contiguous; a new numpy array is returned when omitted. lse "
-          "(optional, written in place): [batch, num_q_heads] float32. accumulate_scores adds "
-          "each token's attention probability (aggregated over the GQA group by `aggregation`) "
-          "to its score accumulator (H2O). Returns out.")
-      .def(
           "score_rows",
           [](PyCache& c, SequenceId seq, int32_t layer, const nb::ndarray<nb::ro>& queries,
              const nb::ndarray<nb::ro>& positions, float scale, const std::string& aggregation,
@@ -467,6 +418,7 @@ void BindCache(nb::module_& m) {
           },
           "Checks every invariant of the store; raises (RuntimeError) naming the first broken "
           "one.");
+  BindDecode(m, cache_class);
   BindPolicy(m, cache_class);
 }
 

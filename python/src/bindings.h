@@ -25,6 +25,7 @@ GqaAggregation ParseAggregation(const std::string& s);
 
 void BindCache(nb::module_& m);                                   // bind_cache.cc
 void BindPolicy(nb::module_& m, nb::class_<PyCache>& cache_class);  // bind_policy.cc
+void BindDecode(nb::module_& m, nb::class_<PyCache>& cache_class);  // bind_decode.cc
 
 }  // namespace kvcache::python
 

@@ -143,16 +143,33 @@ HostTensor ToHostTensor(const InArray& a, const char* name,
   return out;
 }
 
-float* ToOutputF32(const nb::ndarray<>& a, const char* name,
-                   std::initializer_list<int64_t> shape) {
+MutableTensorRef ToOutputTensor(const nb::ndarray<>& a, const char* name,
+                                std::initializer_list<int64_t> shape, DTypeSet dtypes) {
   CheckDeviceAndShape(a, name, shape);
   const nb::dlpack::dtype t = a.dtype();
-  if (!(t.lanes == 1 && static_cast<nb::dlpack::dtype_code>(t.code) ==
-                            nb::dlpack::dtype_code::Float && t.bits == 32)) {
-    Fail(absl::StrCat(name, " has dtype ", DTypeString(t), ", expected float32"));
+  const auto code = static_cast<nb::dlpack::dtype_code>(t.code);
+  MutableTensorRef out;
+  if (t.lanes == 1 && code == nb::dlpack::dtype_code::Float && t.bits == 32) {
+    out.dtype = DType::kF32;
+  } else if (dtypes == kFloatDTypes && t.lanes == 1 && code == nb::dlpack::dtype_code::Float &&
+             t.bits == 16) {
+    out.dtype = DType::kF16;
+  } else if (dtypes == kFloatDTypes && t.lanes == 1 && code == nb::dlpack::dtype_code::Bfloat &&
+             t.bits == 16) {
+    out.dtype = DType::kBF16;
+  } else {
+    Fail(absl::StrCat(name, " has dtype ", DTypeString(t), ", expected ",
+                      dtypes == kF32Only ? "float32" : "float32, float16 or bfloat16"));
   }
   if (!IsCContiguous(a)) Fail(absl::StrCat(name, " must be C-contiguous (it is written in place)"));
-  return static_cast<float*>(a.data());
+  out.data = a.data();
+  out.num_elements = NumElements(a);
+  return out;
+}
+
+float* ToOutputF32(const nb::ndarray<>& a, const char* name,
+                   std::initializer_list<int64_t> shape) {
+  return static_cast<float*>(ToOutputTensor(a, name, shape, kF32Only).data);
 }
 
 std::vector<int32_t> ToInt32Vector(const InArray& a, const char* name, int64_t length) {

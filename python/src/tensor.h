@@ -52,8 +52,11 @@ struct HostTensor {
 HostTensor ToHostTensor(const InArray& array, const char* name,
                         std::initializer_list<int64_t> shape, DTypeSet dtypes);
 
-// The same for an output argument: must be f32, C-contiguous, on the host and writable (no copy
-// is possible, the kernel writes into it).
+// The same for an output argument: C-contiguous, on the host and writable (no copy is possible,
+// the kernel writes into it), f32 or (kFloatDTypes) f16 / bf16.
+MutableTensorRef ToOutputTensor(const nb::ndarray<>& array, const char* name,
+                                std::initializer_list<int64_t> shape, DTypeSet dtypes);
+// ToOutputTensor(kF32Only).data.
 float* ToOutputF32(const nb::ndarray<>& array, const char* name,
                    std::initializer_list<int64_t> shape);
 
