@@ -10,6 +10,9 @@
 // Device tensors (DeviceDecodeAttention) skip the q upload and the result download (q / out /
 // lse are the caller's device buffers) and the synchronisation; device K/V row writes skip
 // the row packing (the write kernel reads the caller's strided rows).
+// Decode views that carry stream versions keep their page tables in a third device buffer, the
+// view mirror (view_mirror.h): a call stages only what changed since the mirror last saw each
+// stream version and scatters it with one kernel (docs/ARCHITECTURE.md, "The view mirror").
 #include "cuda/cuda_backend.h"
 
 #include <cuda_runtime_api.h>
