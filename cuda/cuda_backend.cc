@@ -277,8 +277,30 @@ class CudaBackend final : public Backend {
   }
 
   absl::Status WriteRows(const PoolView& pool, std::span<const RowWrite> writes) override {
-    if (writes.empty()) return absl::OkStatus();
-    const int32_t head_dim = writes[0].head_dim;
+    return Write(pool, {}, writes, nullptr);
+  }
+
+  absl::Status EnqueueAppend(const PoolView& pool, std::span<const PageCopy> copies,
+                             std::span<const RowWrite> writes, void* stream) override {
+    if (stream == nullptr) return absl::InvalidArgumentError("EnqueueAppend: no stream");
+    return Write(pool, copies, writes, static_cast<cudaStream_t>(stream));
+  }
+
+  // CopyPages then WriteRows. caller == nullptr: on the backend's stream, synchronised (what
+  // WriteRows is). Else enqueued on the caller's stream without waiting (EnqueueAppend): the
+  // staging blob may be refilled at once (the pageable-upload argument of DecodeLocked), the
+  // device K/V are read in place in that stream's order, and buffers_free_ recorded after the
+  // writes orders every later operation of the backend, on any stream, after them.
+  absl::Status Write(const PoolView& pool, std::span<const PageCopy> copies,
+                     std::span<const RowWrite> writes, cudaStream_t caller) {
+    for (const PageCopy& c : copies) {
+      if (c.src < 0 || c.src >= pool.num_pages || c.dst < 0 || c.dst >= pool.num_pages) {
+        return absl::OutOfRangeError(absl::StrCat("CopyPages: page ", c.src, " -> ", c.dst,
+                                                  " outside [0, ", pool.num_pages, ")"));
+      }
+    }
+    if (writes.empty() && copies.empty()) return absl::OkStatus();
+    const int32_t head_dim = writes.empty() ? 1 : writes[0].head_dim;
     int64_t total_rows = 0;
     for (const RowWrite& w : writes) {
       if (w.head_dim != head_dim || head_dim <= 0 || w.num_tokens < 0 || w.first_row < 0 ||
@@ -299,10 +321,9 @@ class CudaBackend final : public Backend {
       }
       total_rows += w.num_tokens;
     }
-    if (total_rows == 0) return absl::OkStatus();
+    if (total_rows == 0 && copies.empty()) return absl::OkStatus();
     if (total_rows > INT32_MAX) return absl::InvalidArgumentError("WriteRows: too many rows");
-    const DType src_dtype = writes[0].src_dtype;
-    const int64_t row_bytes = int64_t{head_dim} * DTypeSize(src_dtype);
+    const DType src_dtype = writes.empty() ? DType::kF32 : writes[0].src_dtype;
     // Device sources (device K/V Append) are read in place: check they are device memory.
     int64_t host_rows = 0;
     for (size_t j = 0; j < writes.size(); ++j) {
@@ -327,7 +348,32 @@ class CudaBackend final : public Backend {
     }
 
     absl::MutexLock lock(&mu_);
-    if (absl::Status s = Begin(stream_); !s.ok()) return s;
+    const cudaStream_t stream = caller != nullptr ? caller : stream_;
+    if (absl::Status s = Begin(stream); !s.ok()) return s;
+    absl::Status status =
+        WriteLocked(pool, copies, writes, total_rows, host_rows, head_dim, src_dtype, stream);
+    if (caller == nullptr) return status.ok() ? Finish("WriteRows") : status;
+    // Whatever happened, work on `caller` may now use the pool and inputs_ (a failure can follow
+    // a launch): later calls on other streams wait for it (Begin).
+    absl::Status recorded = Enqueued("Append", caller);
+    return status.ok() ? recorded : status;
+  }
+
+  absl::Status WriteLocked(const PoolView& pool, std::span<const PageCopy> copies,
+                           std::span<const RowWrite> writes, int64_t total_rows,
+                           int64_t host_rows, int32_t head_dim, DType src_dtype,
+                           cudaStream_t stream) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    for (const PageCopy& c : copies) {
+      if (cudaError_t e = cudaMemcpyAsync(pool.base + int64_t{c.dst} * pool.page_bytes,
+                                          pool.base + int64_t{c.src} * pool.page_bytes,
+                                          static_cast<size_t>(pool.page_bytes),
+                                          cudaMemcpyDeviceToDevice, stream);
+          e != cudaSuccess) {
+        return CudaError(e, "CopyPages");
+      }
+    }
+    if (total_rows == 0) return absl::OkStatus();
+    const int64_t row_bytes = int64_t{head_dim} * DTypeSize(src_dtype);
     staging_.Clear();
     // Host source rows, packed densely: the engine's buffers are strided and live in host
     // memory. Device sources need no staging (the kernel reads them strided).
@@ -382,7 +428,7 @@ class CudaBackend final : public Backend {
         job.src_stride = w.src_stride;
       }
     }
-    if (absl::Status s = Upload("WriteRows"); !s.ok()) return s;
+    if (absl::Status s = Upload("WriteRows", stream); !s.ok()) return s;
     WriteRowsArgs args;
     args.pool = pool;
     args.head_dim = head_dim;
@@ -390,10 +436,10 @@ class CudaBackend final : public Backend {
     args.jobs = reinterpret_cast<const WriteJob*>(dev + jobs_at);
     args.rows = reinterpret_cast<const int2*>(dev + rows_at);
     args.num_rows = static_cast<int32_t>(total_rows);
-    if (cudaError_t e = LaunchWriteRows(args, stream_); e != cudaSuccess) {
+    if (cudaError_t e = LaunchWriteRows(args, stream); e != cudaSuccess) {
       return CudaError(e, "WriteRows");
     }
-    return Finish("WriteRows");
+    return absl::OkStatus();
   }
 
   absl::Status GatherRows(const PoolView& pool, std::span<const RowGather> gathers) override {
