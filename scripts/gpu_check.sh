@@ -7,8 +7,9 @@
 #   2. builds the native CUDA backend (-DCMAKE_CUDA_ARCHITECTURES=90, emulation off) and only the
 #      targets it runs: test_cuda_backend, test_cuda_device_tensors, test_cuda_view_mirror and
 #      bench_cuda_attention;
-#   3. runs every [cuda] test case on the device (both test binaries: the backend against
-#      cpu-reference, and device-tensor decode / device K/V Append / caller streams);
+#   3. runs every [cuda] test case on the device (the three test binaries: the backend against
+#      cpu-reference, device-tensor decode / device K/V Append / caller streams, and the view
+#      mirror against full staging);
 #   4. runs compute-sanitizer memcheck, racecheck and synccheck over the CUDA test binary (with
 #      KVCACHE_CUDA_TEST_SHORT=1: the emulator's shorter streams, so each tool fits its slot);
 #   5. runs bench_cuda_attention (decode vs a device-to-device copy of the same bytes, pages of 16
