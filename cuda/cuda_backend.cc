@@ -800,7 +800,7 @@ class CudaBackend final : public Backend {
     }
     // Between the mirror's bookkeeping (StageMirroredView) and the enqueueing of its copies, a
     // failure leaves entries the device does not hold: forget them.
-    auto fail = [&](absl::Status s) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    auto fail = [&](absl::Status s) {
       if (view.mirrored) mirror_.Forget();
       return s;
     };
