@@ -10,6 +10,9 @@
 // Device tensors (DeviceDecodeAttention) skip the q upload and the result download (q / out /
 // lse are the caller's device buffers) and the synchronisation; device K/V row writes skip
 // the row packing (the write kernel reads the caller's strided rows).
+// Decode views that carry stream versions keep their page tables in a third device buffer, the
+// view mirror (view_mirror.h): a call stages only what changed since the mirror last saw each
+// stream version and scatters it with one kernel (docs/ARCHITECTURE.md, "The view mirror").
 #include "cuda/cuda_backend.h"
 
 #include <cuda_runtime_api.h>
@@ -28,6 +31,7 @@
 #include "absl/strings/string_view.h"
 #include "absl/synchronization/mutex.h"
 #include "cuda/kernels.cuh"
+#include "cuda/view_mirror.h"
 #include "kvcache/internal/attention_math.h"
 
 // The registry name: "cuda-emulated" in the emulated build (cuda/emulation/).
@@ -211,7 +215,9 @@ class CudaBackend final : public Backend {
         num_sms_(num_sms),
         stream_(stream),
         buffers_free_(buffers_free),
-        own_done_(own_done) {}
+        own_done_(own_done),
+        mirror_enabled_(ViewMirrorBytesForTesting() > 0),
+        mirror_(ViewMirrorBytesForTesting()) {}
   ~CudaBackend() override {
     cudaSetDevice(device_);
     // The caller's streams may still run a device-tensor decode that reads inputs_ / work_:
@@ -271,8 +277,30 @@ class CudaBackend final : public Backend {
   }
 
   absl::Status WriteRows(const PoolView& pool, std::span<const RowWrite> writes) override {
-    if (writes.empty()) return absl::OkStatus();
-    const int32_t head_dim = writes[0].head_dim;
+    return Write(pool, {}, writes, nullptr);
+  }
+
+  absl::Status EnqueueAppend(const PoolView& pool, std::span<const PageCopy> copies,
+                             std::span<const RowWrite> writes, void* stream) override {
+    if (stream == nullptr) return absl::InvalidArgumentError("EnqueueAppend: no stream");
+    return Write(pool, copies, writes, static_cast<cudaStream_t>(stream));
+  }
+
+  // CopyPages then WriteRows. caller == nullptr: on the backend's stream, synchronised (what
+  // WriteRows is). Else enqueued on the caller's stream without waiting (EnqueueAppend): the
+  // staging blob may be refilled at once (the pageable-upload argument of DecodeLocked), the
+  // device K/V are read in place in that stream's order, and buffers_free_ recorded after the
+  // writes orders every later operation of the backend, on any stream, after them.
+  absl::Status Write(const PoolView& pool, std::span<const PageCopy> copies,
+                     std::span<const RowWrite> writes, cudaStream_t caller) {
+    for (const PageCopy& c : copies) {
+      if (c.src < 0 || c.src >= pool.num_pages || c.dst < 0 || c.dst >= pool.num_pages) {
+        return absl::OutOfRangeError(absl::StrCat("CopyPages: page ", c.src, " -> ", c.dst,
+                                                  " outside [0, ", pool.num_pages, ")"));
+      }
+    }
+    if (writes.empty() && copies.empty()) return absl::OkStatus();
+    const int32_t head_dim = writes.empty() ? 1 : writes[0].head_dim;
     int64_t total_rows = 0;
     for (const RowWrite& w : writes) {
       if (w.head_dim != head_dim || head_dim <= 0 || w.num_tokens < 0 || w.first_row < 0 ||
@@ -293,10 +321,9 @@ class CudaBackend final : public Backend {
       }
       total_rows += w.num_tokens;
     }
-    if (total_rows == 0) return absl::OkStatus();
+    if (total_rows == 0 && copies.empty()) return absl::OkStatus();
     if (total_rows > INT32_MAX) return absl::InvalidArgumentError("WriteRows: too many rows");
-    const DType src_dtype = writes[0].src_dtype;
-    const int64_t row_bytes = int64_t{head_dim} * DTypeSize(src_dtype);
+    const DType src_dtype = writes.empty() ? DType::kF32 : writes[0].src_dtype;
     // Device sources (device K/V Append) are read in place: check they are device memory.
     int64_t host_rows = 0;
     for (size_t j = 0; j < writes.size(); ++j) {
@@ -321,7 +348,32 @@ class CudaBackend final : public Backend {
     }
 
     absl::MutexLock lock(&mu_);
-    if (absl::Status s = Begin(stream_); !s.ok()) return s;
+    const cudaStream_t stream = caller != nullptr ? caller : stream_;
+    if (absl::Status s = Begin(stream); !s.ok()) return s;
+    absl::Status status =
+        WriteLocked(pool, copies, writes, total_rows, host_rows, head_dim, src_dtype, stream);
+    if (caller == nullptr) return status.ok() ? Finish("WriteRows") : status;
+    // Whatever happened, work on `caller` may now use the pool and inputs_ (a failure can follow
+    // a launch): later calls on other streams wait for it (Begin).
+    absl::Status recorded = Enqueued("Append", caller);
+    return status.ok() ? recorded : status;
+  }
+
+  absl::Status WriteLocked(const PoolView& pool, std::span<const PageCopy> copies,
+                           std::span<const RowWrite> writes, int64_t total_rows,
+                           int64_t host_rows, int32_t head_dim, DType src_dtype,
+                           cudaStream_t stream) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    for (const PageCopy& c : copies) {
+      if (cudaError_t e = cudaMemcpyAsync(pool.base + int64_t{c.dst} * pool.page_bytes,
+                                          pool.base + int64_t{c.src} * pool.page_bytes,
+                                          static_cast<size_t>(pool.page_bytes),
+                                          cudaMemcpyDeviceToDevice, stream);
+          e != cudaSuccess) {
+        return CudaError(e, "CopyPages");
+      }
+    }
+    if (total_rows == 0) return absl::OkStatus();
+    const int64_t row_bytes = int64_t{head_dim} * DTypeSize(src_dtype);
     staging_.Clear();
     // Host source rows, packed densely: the engine's buffers are strided and live in host
     // memory. Device sources need no staging (the kernel reads them strided).
@@ -376,7 +428,7 @@ class CudaBackend final : public Backend {
         job.src_stride = w.src_stride;
       }
     }
-    if (absl::Status s = Upload("WriteRows"); !s.ok()) return s;
+    if (absl::Status s = Upload("WriteRows", stream); !s.ok()) return s;
     WriteRowsArgs args;
     args.pool = pool;
     args.head_dim = head_dim;
@@ -384,10 +436,10 @@ class CudaBackend final : public Backend {
     args.jobs = reinterpret_cast<const WriteJob*>(dev + jobs_at);
     args.rows = reinterpret_cast<const int2*>(dev + rows_at);
     args.num_rows = static_cast<int32_t>(total_rows);
-    if (cudaError_t e = LaunchWriteRows(args, stream_); e != cudaSuccess) {
+    if (cudaError_t e = LaunchWriteRows(args, stream); e != cudaSuccess) {
       return CudaError(e, "WriteRows");
     }
-    return Finish("WriteRows");
+    return absl::OkStatus();
   }
 
   absl::Status GatherRows(const PoolView& pool, std::span<const RowGather> gathers) override {
@@ -657,7 +709,13 @@ class CudaBackend final : public Backend {
     int32_t max_length = 0;
   };
   struct StagedView {
-    std::vector<SegmentArrays> arrays;  // [num segments]
+    std::vector<SegmentArrays> arrays;  // [num segments], unless mirrored
+    // Mirrored (StageMirroredView): the segments' arrays are in mirror_buf_ (mirror_update_
+    // says where); the staged values and copy jobs bring it up to date.
+    bool mirrored = false;
+    int64_t values_at = 0;
+    int64_t copies_at = 0;
+    int32_t num_copies = 0;
     int64_t segments_at = 0;
     int64_t segment_offsets_at = 0;
     int64_t token_offsets_at = 0;
@@ -734,9 +792,22 @@ class CudaBackend final : public Backend {
     const bool out_in_place = device && io.out_dtype == DType::kF32;
     const bool lse_in_place = device && io.lse != nullptr;
     staging_.Clear();
-    const StagedView view = StageView(kv, layout, /*with_positions=*/false);
+    StagedView view;
+    if (mirror_enabled_ && kv.stream_versions != nullptr) {
+      if (absl::Status s = StageMirroredView(kv, layout, view); !s.ok()) return s;
+    } else {
+      view = StageView(kv, layout, /*with_positions=*/false);
+    }
+    // Between the mirror's bookkeeping (StageMirroredView) and the enqueueing of its copies, a
+    // failure leaves entries the device does not hold: forget them.
+    auto fail = [&](absl::Status s) {
+      if (view.mirrored) mirror_.Forget();
+      return s;
+    };
     const int64_t q_at = device ? -1 : staging_.Append(io.q, heads * d * sizeof(float));
-    if (absl::Status s = inputs_.Reserve(staging_.size(), "DecodeAttention"); !s.ok()) return s;
+    if (absl::Status s = inputs_.Reserve(staging_.size(), "DecodeAttention"); !s.ok()) {
+      return fail(s);
+    }
 
     const DecodeSplit split = PlanDecodeSplit(kv.num_streams, group, layout.max_length, num_sms_);
     Carver carve;
@@ -749,7 +820,9 @@ class CudaBackend final : public Backend {
     const int64_t probs_at = carve.Take(accumulate ? layout.total_tokens * 4 : 0);
     const int64_t workspace_at =
         carve.Take(DecodeWorkspaceFloats(split, kv.num_streams, group, d) * 4);
-    if (absl::Status s = work_.Reserve(carve.size(), "DecodeAttention"); !s.ok()) return s;
+    if (absl::Status s = work_.Reserve(carve.size(), "DecodeAttention"); !s.ok()) {
+      return fail(s);
+    }
 
     uint8_t* dev = inputs_.data();
     uint8_t* work = work_.data();
@@ -775,7 +848,14 @@ class CudaBackend final : public Backend {
     // as soon as this one returns, even though the copy to inputs_ may still be in flight. The
     // device side of inputs_ / work_ is protected by stream order on one stream and by the
     // buffers_free_ event across streams (Begin).
-    if (absl::Status s = Upload("DecodeAttention", stream); !s.ok()) return s;
+    if (absl::Status s = Upload("DecodeAttention", stream); !s.ok()) return fail(s);
+    if (view.mirrored) {
+      if (cudaError_t e = LaunchMirrorCopies(
+              reinterpret_cast<const MirrorCopy*>(dev + view.copies_at), view.num_copies, stream);
+          e != cudaSuccess) {
+        return fail(CudaError(e, "DecodeAttention (view mirror copies)"));
+      }
+    }
     if (device && !q_in_place) {
       if (cudaError_t e =
               LaunchConvert(io.q, io.q_dtype, work + q32_at, DType::kF32, heads * d, stream);
@@ -910,11 +990,74 @@ class CudaBackend final : public Backend {
     return v;
   }
 
-  AttentionArgs DeviceArgs(const PagedKVView& kv, const StagedView& v, const StreamLayout& layout,
-                           uint8_t* dev) {
+  // Stages a decode view whose page tables live in the view mirror (mirror_buf_): only what
+  // changed since the mirror last saw each stream version is staged (new page ids, the
+  // copy-on-write replacement of a last page, every array of a segment never seen), plus the
+  // copy jobs that scatter it on the device. The SegmentView structs and the CSR / token
+  // offsets are O(segments) and are staged whole: lengths change every step.
+  absl::Status StageMirroredView(const PagedKVView& kv, const StreamLayout& layout, StagedView& v)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (!mirror_.Plan(kv, mirror_update_)) {
+      // Full (or first use): forget every entry and mirror this view from scratch. Growing
+      // mirror_buf_ (cudaFree + cudaMalloc) waits for the whole device, so no kernel still
+      // reads the old buffer; it happens O(log) times (view_mirror.h).
+      mirror_.Reset(kv);
+      if (absl::Status s =
+              mirror_buf_.Reserve(mirror_.capacity(), "DecodeAttention (view mirror)");
+          !s.ok()) {
+        mirror_.Drop();
+        return s;
+      }
+      if (!mirror_.Plan(kv, mirror_update_)) {
+        mirror_.Forget();
+        return absl::InternalError("DecodeAttention: the view mirror does not fit after a reset");
+      }
+    }
+    const ViewMirror::Update& u = mirror_update_;
+    v.mirrored = true;
+    v.values_at =
+        staging_.Append(u.values.data(), static_cast<int64_t>(u.values.size()) * sizeof(int32_t));
+    v.num_copies = static_cast<int32_t>(u.copies.size());
+    v.copies_at = staging_.Reserve(int64_t{v.num_copies} * sizeof(MirrorCopy));
     const int32_t num_segments = kv.stream_segment_offsets[kv.num_streams];
-    for (int32_t s = 0; s < num_segments; ++s) {
-      staging_.At<SegmentView>(v.segments_at)[s] = DeviceSegment(kv.segments[s], v.arrays[s], dev);
+    v.segments_at = staging_.Reserve(int64_t{num_segments} * sizeof(SegmentView));
+    v.segment_offsets_at =
+        staging_.Append(kv.stream_segment_offsets, (int64_t{kv.num_streams} + 1) * sizeof(int32_t));
+    v.token_offsets_at = staging_.Append(layout.token_offsets.data(),
+                                         static_cast<int64_t>(layout.token_offsets.size()) * 8);
+    return absl::OkStatus();
+  }
+
+  AttentionArgs DeviceArgs(const PagedKVView& kv, const StagedView& v, const StreamLayout& layout,
+                           uint8_t* dev) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    const int32_t num_segments = kv.stream_segment_offsets[kv.num_streams];
+    if (v.mirrored) {
+      uint8_t* mirror = mirror_buf_.data();
+      const ViewMirror::Update& u = mirror_update_;
+      for (int32_t s = 0; s < num_segments; ++s) {
+        const ViewMirror::Region& r = u.segments[static_cast<size_t>(s)];
+        SegmentView dv = kv.segments[s];
+        dv.pages = r.pages_at >= 0 ? reinterpret_cast<const int32_t*>(mirror + r.pages_at) : nullptr;
+        dv.key_channels = r.key_channels_at >= 0
+                              ? reinterpret_cast<const int32_t*>(mirror + r.key_channels_at)
+                              : nullptr;
+        dv.positions = nullptr;
+        dv.modalities = nullptr;
+        dv.scores = nullptr;
+        staging_.At<SegmentView>(v.segments_at)[s] = dv;
+      }
+      for (int32_t j = 0; j < v.num_copies; ++j) {
+        const ViewMirror::Copy& c = u.copies[static_cast<size_t>(j)];
+        MirrorCopy& job = staging_.At<MirrorCopy>(v.copies_at)[j];
+        job.src = reinterpret_cast<const int32_t*>(dev + v.values_at) + c.value;
+        job.dst = reinterpret_cast<int32_t*>(mirror + c.at);
+        job.count = c.count;
+      }
+    } else {
+      for (int32_t s = 0; s < num_segments; ++s) {
+        staging_.At<SegmentView>(v.segments_at)[s] =
+            DeviceSegment(kv.segments[s], v.arrays[s], dev);
+      }
     }
     AttentionArgs args;
     args.pool = kv.pool;
@@ -1013,6 +1156,16 @@ class CudaBackend final : public Backend {
   StagingBlob staging_ ABSL_GUARDED_BY(mu_);
   DeviceBuffer inputs_ ABSL_GUARDED_BY(mu_);  // mirrored host arrays and source rows
   DeviceBuffer work_ ABSL_GUARDED_BY(mu_);    // outputs and scratch
+  // The view mirror (view_mirror.h): decode page tables and key channel maps by stream version.
+  // Written only by LaunchMirrorCopies on the stream of the call that planned the copies, after
+  // Begin's waits: every call is ordered after the previous one (same stream: stream order;
+  // another stream: buffers_free_ / own_done_; host calls synchronise), so a region rewritten in
+  // place (a copy-on-write page id, pages appended into spare room, a region reused after a
+  // reset) is never read by a kernel of an earlier call still running.
+  const bool mirror_enabled_;
+  ViewMirror mirror_ ABSL_GUARDED_BY(mu_);
+  ViewMirror::Update mirror_update_ ABSL_GUARDED_BY(mu_);
+  DeviceBuffer mirror_buf_ ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace

@@ -599,6 +599,12 @@ __global__ void __launch_bounds__(kThreads) WriteRowsKernel(const WriteRowsArgs 
   }
 }
 
+// Grid: x = copy of the call.
+__global__ void __launch_bounds__(kThreads) MirrorCopiesKernel(const MirrorCopy* copies) {
+  const MirrorCopy c = copies[blockIdx.x];
+  for (int i = threadIdx.x; i < c.count; i += kThreads) c.dst[i] = c.src[i];
+}
+
 // Grid-stride loop over [0, n).
 __global__ void __launch_bounds__(kThreads)
     ConvertKernel(const void* src, DType src_dtype, void* dst, DType dst_dtype, int64_t n) {
@@ -762,6 +768,14 @@ cudaError_t LaunchWriteRows(const WriteRowsArgs& args, cudaStream_t stream) {
   if (args.num_rows < 0 || args.head_dim <= 0) return cudaErrorInvalidValue;
   if (args.num_rows == 0) return cudaSuccess;
   KVCACHE_LAUNCH(static_cast<unsigned>(args.num_rows), kThreads, 0, stream, WriteRowsKernel)(args);
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchMirrorCopies(const MirrorCopy* copies, int32_t num_copies, cudaStream_t stream) {
+  if (num_copies < 0 || (num_copies > 0 && copies == nullptr)) return cudaErrorInvalidValue;
+  if (num_copies == 0) return cudaSuccess;
+  KVCACHE_LAUNCH(static_cast<unsigned>(num_copies), kThreads, 0, stream, MirrorCopiesKernel)
+  (copies);
   return cudaGetLastError();
 }
 

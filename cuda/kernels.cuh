@@ -146,6 +146,17 @@ struct ReadRowsArgs {
 };
 cudaError_t LaunchReadRows(const ReadRowsArgs& args, cudaStream_t stream);
 
+// The device half of the view mirror (cuda/view_mirror.h): `count` int32 values copied from
+// `src` (the call's staging upload) to `dst` (a region of the mirror buffer). One launch runs
+// every copy of a call (grid x = copy), so a decode that adds a page to 500 streams costs one
+// small kernel, not 500 tiny cudaMemcpyAsync calls.
+struct MirrorCopy {
+  const int32_t* src = nullptr;  // [count] device
+  int32_t* dst = nullptr;        // [count] device
+  int32_t count = 0;
+};
+cudaError_t LaunchMirrorCopies(const MirrorCopy* copies, int32_t num_copies, cudaStream_t stream);
+
 // Same layout as kvcache::GatherTerm (static_asserted in cuda_backend.cc).
 struct GatherTermDevice {
   int32_t src_segment = 0;

@@ -93,6 +93,16 @@ absl::Status CheckAppendRequest(const CacheConfig& c, const Backend& backend, in
         absl::StrCat("Append: keys and values are device tensors but the ",
                      std::string(backend.Name()), " backend has no device tensors"));
   }
+  if (req.stream != nullptr && !backend.Supports(BackendOp::kDeviceTensors)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("Append: a stream was given but the ", std::string(backend.Name()),
+                     " backend has no streams (no device tensors)"));
+  }
+  if (req.stream != nullptr && req.keys.space != MemorySpace::kDevice) {
+    return absl::InvalidArgumentError(
+        "Append: a stream was given but keys and values are host tensors (a stream orders "
+        "device K/V; host K/V are read before Append returns)");
+  }
   if (req.keys.dtype != req.values.dtype) {
     return absl::InvalidArgumentError(absl::StrCat("Append: keys are ", DTypeName(req.keys.dtype),
                                                    " but values are ",
@@ -360,7 +370,7 @@ absl::Status Cache::Append(SequenceId seq_id, int32_t layer, const AppendRequest
     }
     for (; next < w.first_new_page + w.new_pages; ++next) s.pages.push_back(guard.pages[next]);
   }
-  if (!copies.empty()) {
+  if (!copies.empty() && req.stream == nullptr) {
     if (absl::Status s = backend_->CopyPages(pool_->view(), copies); !s.ok()) return s;
   }
   std::vector<RowWrite> writes;
@@ -392,11 +402,20 @@ absl::Status Cache::Append(SequenceId seq_id, int32_t layer, const AppendRequest
       i = j;
     }
   }
-  if (absl::Status s = backend_->WriteRows(pool_->view(), writes); !s.ok()) return s;
+  if (req.stream != nullptr) {  // both enqueued on the caller's stream, copies first
+    if (absl::Status s = backend_->EnqueueAppend(pool_->view(), copies, writes, req.stream);
+        !s.ok()) {
+      return s;
+    }
+  } else if (absl::Status s = backend_->WriteRows(pool_->view(), writes); !s.ok()) {
+    return s;
+  }
 
   // Device K/V: page summaries and key indexes need the stored keys on the host, and the host
   // cannot read the request's, so they are read back from the pool (f32, exactly the
-  // dtype-rounded values the host path computes), before anything is committed.
+  // dtype-rounded values the host path computes), before anything is committed. After an
+  // Append on a caller's stream, ReadRows (on the backend's stream) waits for that stream's
+  // write and synchronises: such an Append is synchronous.
   const bool device_kv = req.keys.space == MemorySpace::kDevice;
   std::vector<float> device_stored;  // [heads, m, head_dim] when device_kv and needed
   if (device_kv) {

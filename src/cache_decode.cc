@@ -400,10 +400,13 @@ absl::Status Cache::RunDecode(DecodePlan::State& st, int32_t layer, const Tensor
     }
     st.views.resize(slots);
     st.view_begin = {0, slots};
+    st.versions.resize(static_cast<size_t>(streams));
   }
   SegmentView* views = st.views.data() + (one_shot ? 0 : st.view_begin[slot]);
   const int32_t capacity = one_shot ? static_cast<int32_t>(st.views.size())
                                     : st.view_begin[slot + 1] - st.view_begin[slot];
+  // Planned calls check the versions PrepareDecode recorded; a one-shot call records them here.
+  // Either way they go to the backend with the view (PagedKVView::stream_versions).
   const uint64_t* versions =
       one_shot ? nullptr : st.versions.data() + static_cast<size_t>(slot) * streams;
   // Refresh the layer's views from the live streams: Append may have grown a tail (or opened a
@@ -421,6 +424,7 @@ absl::Status Cache::RunDecode(DecodePlan::State& st, int32_t layer, const Tensor
             ") was rebuilt by Apply after PrepareDecode; prepare again"));
         break;
       }
+      if (one_shot) st.versions[i] = table.stream(index).version;
       const int32_t written = table.WriteViews(index, views + at, capacity - at);
       if (written < 0) {
         status = absl::FailedPreconditionError(absl::StrCat(
@@ -441,6 +445,8 @@ absl::Status Cache::RunDecode(DecodePlan::State& st, int32_t layer, const Tensor
     kv.num_streams = streams;
     kv.stream_segment_offsets = st.offsets.data();
     kv.segments = views;
+    kv.stream_versions =
+        one_shot ? st.versions.data() : st.versions.data() + static_cast<size_t>(slot) * streams;
     DecodeParams params;
     params.group_size = config_.group_size();
     params.scale = options.scale;

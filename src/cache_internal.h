@@ -60,6 +60,7 @@ struct DecodePlan::State {
   int32_t num_layers = 0;
   int32_t num_kv_heads = 0;
   std::vector<uint64_t> versions;            // [num_layers, batch * kv_heads] at PrepareDecode
+                                             // ([batch * kv_heads] at call time when one-shot)
   std::vector<int32_t> view_begin;           // [num_layers + 1] first view slot of each layer
   std::vector<SegmentView> views;            // [view_begin[num_layers]] refreshed by each call
   std::vector<int32_t> offsets;              // [batch * kv_heads + 1] CSR of the layer being run

@@ -321,13 +321,21 @@ bool SameSummaries(const std::vector<PageSummary>& a, const std::vector<PageSumm
 // stored row, position, page summary (read back from the pool for device K/V) and decode must
 // be equal, for f32 / f16 / bf16 sources, with an admission mask that splits the rows into
 // runs, a partial tail page filled one token at a time, and a forked (copy-on-write) tail.
+// Device K/V go on the backend's stream, or on a caller's stream (AppendRequest::stream:
+// enqueued, CoW page copies included, without waiting; with page summaries the call reads the
+// keys back and so synchronises); without summaries nothing synchronises the caller's stream
+// until the decode, which is ordered after it.
 TEST_CASE("cuda device tensors: Append of device K/V equals Append of host K/V",
           "[cuda][device][append]") {
   KVCACHE_CUDA_CASE();
+  const bool on_stream = GENERATE(false, true);
+  const bool summaries = GENERATE(true, false);
+  INFO("on a caller's stream " << on_stream << ", page summaries " << summaries);
   CacheConfig c = Config(2);
-  c.page_summaries = true;
+  c.page_summaries = summaries;
   auto host = NewCache(c);
   auto device = NewCache(c);
+  TestStream stream;
   std::mt19937 rng(53);
   const SequenceId a = *host->AddSequence();
   REQUIRE(*device->AddSequence() == a);
@@ -352,12 +360,15 @@ TEST_CASE("cuda device tensors: Append of device K/V equals Append of host K/V",
     h_req.values = TensorRef{v.bytes.data(), dtype, n * row};
     d_req.keys = TensorRef::OnDevice(dk.get(), dtype, n * row);
     d_req.values = TensorRef::OnDevice(dv.get(), dtype, n * row);
+    if (on_stream) d_req.stream = stream.get();
     h_req.positions = d_req.positions = positions;
     if (with_admit) h_req.admit = d_req.admit = admit;
     REQUIRE(host->Append(seq, layer, h_req).ok());
     const absl::Status s = device->Append(seq, layer, d_req);
     INFO(s.ToString());
     REQUIRE(s.ok());
+    // dk / dv are freed on return: the enqueued write must have read them first.
+    if (on_stream) REQUIRE(device->Synchronize(stream.get()).ok());
   };
   const auto compare = [&](SequenceId seq) {
     for (int32_t l = 0; l < c.num_layers; ++l) {
@@ -369,8 +380,10 @@ TEST_CASE("cuda device tensors: Append of device K/V equals Append of host K/V",
         REQUIRE(ds.positions == hs.positions);
         REQUIRE(ds.keys == hs.keys);
         REQUIRE(ds.values == hs.values);
-        REQUIRE(SameSummaries(*device->ReadPageSummaries(seq, l, h),
-                              *host->ReadPageSummaries(seq, l, h)));
+        if (summaries) {
+          REQUIRE(SameSummaries(*device->ReadPageSummaries(seq, l, h),
+                                *host->ReadPageSummaries(seq, l, h)));
+        }
       }
     }
   };
@@ -396,6 +409,72 @@ TEST_CASE("cuda device tensors: Append of device K/V equals Append of host K/V",
   REQUIRE(h_out == d_out);
   REQUIRE(device->Validate().ok());
 }
+
+#if KVCACHE_HAVE_CUDA_EMULATED
+// Append on a caller's stream is ordered like a device-tensor decode: nothing to wait for on the
+// same stream, a wait for the previous stream's work on another one, and later calls on other
+// streams wait for it. Without page summaries it does not synchronise: its results become
+// visible through the ordered decode.
+TEST_CASE("cuda device tensors: Append on a caller's stream waits across streams",
+          "[cuda][device][append][streams]") {
+  KVCACHE_CUDA_CASE();
+  if (!Emulated()) return;  // counted by the emulator only
+  const CacheConfig c = Config(1);
+  auto cache = NewCache(c);
+  auto host = NewCache(c);
+  std::mt19937 rng(67);
+  const SequenceId a = *cache->AddSequence();
+  REQUIRE(*host->AddSequence() == a);
+  const int64_t row = int64_t{c.num_kv_heads} * c.head_dim;
+  TestStream s1, s2;
+  const auto waits = [](void* stream) {
+    return cuda_emu::StreamWaitEventCount(static_cast<cudaStream_t>(stream));
+  };
+  int32_t next = 0;
+  std::vector<std::unique_ptr<DeviceMemory>> keep;  // sources live until the end
+  const auto append_on = [&](void* stream, int n) {
+    const std::vector<float> k = RandomVector(rng, static_cast<size_t>(n * row));
+    const std::vector<float> v = RandomVector(rng, static_cast<size_t>(n * row));
+    std::vector<int32_t> positions(n);
+    for (int i = 0; i < n; ++i) positions[i] = next++;
+    keep.push_back(std::make_unique<DeviceMemory>(k.size() * 4));
+    keep.back()->Upload(k.data(), k.size() * 4);
+    void* dk = keep.back()->get();
+    keep.push_back(std::make_unique<DeviceMemory>(v.size() * 4));
+    keep.back()->Upload(v.data(), v.size() * 4);
+    AppendRequest req{TensorRef::OnDevice(dk, DType::kF32, n * row),
+                      TensorRef::OnDevice(keep.back()->get(), DType::kF32, n * row), positions};
+    req.stream = stream;
+    REQUIRE(cache->Append(a, 0, req).ok());
+    REQUIRE(host->Append(a, 0, {TensorRef::Of(k), TensorRef::Of(v), positions}).ok());
+  };
+  append_on(s1.get(), 9);
+  const int64_t w1 = waits(s1.get()), w2 = waits(s2.get());
+  append_on(s1.get(), 1);  // same stream: stream order suffices
+  REQUIRE(waits(s1.get()) == w1);
+  append_on(s2.get(), 8);  // another stream: waits for s1's append
+  REQUIRE(waits(s2.get()) == w2 + 1);
+  const int64_t n = int64_t{c.num_q_heads} * c.head_dim;
+  const std::vector<float> q = RandomVector(rng, static_cast<size_t>(n));
+  DeviceMemory d_q(n * 4), d_out(n * 4);
+  d_q.Upload(q.data(), q.size() * 4);
+  DecodeOptions options;
+  options.stream = s1.get();
+  const std::vector<SequenceId> batch{a};
+  REQUIRE(cache
+              ->DecodeAttention(batch, 0, TensorRef::OnDevice(d_q.get(), DType::kF32, n),
+                                MutableTensorRef::OnDevice(d_out.get(), DType::kF32, n), {},
+                                options)
+              .ok());
+  REQUIRE(waits(s1.get()) == w1 + 1);  // the decode on s1 waits for s2's append
+  REQUIRE(cache->Synchronize(s1.get()).ok());
+  std::vector<float> out(n), expected(n);
+  d_out.Download(out.data(), out.size() * 4);
+  REQUIRE(host->DecodeAttention(batch, 0, q, expected).ok());
+  REQUIRE(out == expected);
+  REQUIRE(testing::SameContents(*cache->ReadStream(a, 0, 1), *host->ReadStream(a, 0, 1)));
+}
+#endif  // KVCACHE_HAVE_CUDA_EMULATED
 
 TEST_CASE("cuda device tensors: Append refuses host memory labelled device and mixed spaces",
           "[cuda][device][append][errors]") {
@@ -427,10 +506,24 @@ TEST_CASE("cuda device tensors: Append refuses host memory labelled device and m
   expect(req, "WriteRows: values");
   req.values = TensorRef::Of(host);
   expect(req, "both host or both device");
+  TestStream stream;
+  AppendRequest host_req;  // a stream orders device K/V only
+  host_req.positions = positions;
+  host_req.keys = host_req.values = TensorRef::Of(host);
+  host_req.stream = stream.get();
+  expect(host_req, "a stream was given but keys and values are host tensors");
   req.values = TensorRef::OnDevice(d.get(), DType::kF32, n);
   REQUIRE(cache->Append(a, 0, req).ok());
   REQUIRE(*cache->StreamLength(a, 0, 0) == before.length + 2);
   REQUIRE(cache->Validate().ok());
+  // A backend without device tensors has no streams.
+  absl::StatusOr<std::unique_ptr<Cache>> cpu = Cache::Create(Config(1), "cpu");
+  REQUIRE(cpu.ok());
+  const SequenceId b = *(*cpu)->AddSequence();
+  const absl::Status s = (*cpu)->Append(b, 0, host_req);
+  REQUIRE(s.code() == absl::StatusCode::kInvalidArgument);
+  REQUIRE(s.message().find("backend has no streams") != std::string_view::npos);
+  REQUIRE(*(*cpu)->StreamLength(b, 0, 0) == 0);
 }
 
 #else  // no CUDA runtime of any kind: the [cuda] cases skip (exit code 4)

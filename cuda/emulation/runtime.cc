@@ -18,6 +18,7 @@ struct Registry {
   std::set<cudaStream_t> streams;
   std::set<cudaEvent_t> events;
   std::map<cudaStream_t, int64_t> waits;  // successful StreamWaitEvent calls per waiting stream
+  int64_t host_to_device_bytes = 0;       // successful host -> device copies
 };
 
 Registry& GetRegistry() {
@@ -120,6 +121,7 @@ cudaError_t MemcpyAsync(void* dst, const void* src, size_t bytes, cudaMemcpyKind
         break;
     }
     if (!ok) return Record(cudaErrorInvalidValue);
+    if (dst_device && !src_device) r.host_to_device_bytes += static_cast<int64_t>(bytes);
   }
   std::memmove(dst, src, bytes);
   return cudaSuccess;
@@ -227,6 +229,12 @@ int64_t StreamWaitEventCount(cudaStream_t stream) {
   std::lock_guard<std::mutex> lock(r.mu);
   auto it = r.waits.find(stream);
   return it == r.waits.end() ? 0 : it->second;
+}
+
+int64_t HostToDeviceBytes() {
+  Registry& r = GetRegistry();
+  std::lock_guard<std::mutex> lock(r.mu);
+  return r.host_to_device_bytes;
 }
 
 cudaError_t PointerGetAttributes(cudaPointerAttributes* attributes, const void* ptr) {

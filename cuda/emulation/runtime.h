@@ -63,6 +63,9 @@ bool IsDeviceRange(const void* ptr, size_t bytes);
 // How often StreamWaitEvent succeeded with `stream` as the waiting stream (tests: the backend's
 // cross-stream hand-off cannot be observed otherwise, every call being synchronous here).
 int64_t StreamWaitEventCount(cudaStream_t stream);
+// Bytes copied from host to device memory so far, process-wide (tests: what a call uploads;
+// read it before and after the call).
+int64_t HostToDeviceBytes();
 // Whether `stream` is nullptr (the legacy default stream) or a live stream (kernel launches).
 bool IsValidStream(cudaStream_t stream);
 

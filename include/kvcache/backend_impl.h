@@ -206,6 +206,19 @@ class Backend {
     (void)kv, (void)params, (void)io;
     return absl::UnimplementedError(std::string(Name()) + " backend has no device tensors");
   }
+  // Append on a caller's stream (AppendRequest::stream; only called when
+  // Supports(BackendOp::kDeviceTensors)): the page copies, then the row writes, both enqueued on
+  // `stream` in that order, with the semantics of CopyPages and WriteRows, without waiting.
+  // One operation rather than a stream argument on CopyPages and WriteRows: the copy-on-write
+  // copies must precede the writes into the same pages on the same stream, and every operation
+  // the backend runs afterwards, on any stream, must be ordered after both.
+  [[nodiscard]] virtual absl::Status EnqueueAppend(const PoolView& pool,
+                                                   std::span<const PageCopy> copies,
+                                                   std::span<const RowWrite> writes,
+                                                   void* stream) {
+    (void)pool, (void)copies, (void)writes, (void)stream;
+    return absl::UnimplementedError(std::string(Name()) + " backend has no streams");
+  }
   // Waits until the work enqueued on `stream` (nullptr: the backend's own stream) is done. Host
   // backends are synchronous: the default returns OK.
   [[nodiscard]] virtual absl::Status Synchronize(void* stream) {

@@ -61,6 +61,13 @@ struct AppendRequest {
   std::span<const Modality> modalities = {};  // [num_tokens] or empty (all text)
   std::span<const uint8_t> admit = {};        // [num_tokens] or empty (all admitted); 0 = not
                                         // in this layer (Dynamic-LLaVA admission)
+  // Device K/V only (a backend with device tensors): the caller's stream (cudaStream_t on CUDA).
+  // The write (and the copy-on-write page copies it needs) is enqueued on it, after it, so the
+  // K/V need only be complete in that stream's order, and the call returns without waiting
+  // unless it must read the written keys back (page summaries, key indexes: it then
+  // synchronises that stream). nullptr: the backend's own stream, K/V complete at the call,
+  // synchronised before returning. Host K/V with a stream is InvalidArgument.
+  void* stream = nullptr;
 };
 
 struct DecodeOptions {

@@ -54,6 +54,13 @@ struct PagedKVView {
   int32_t num_streams = 0;
   const int32_t* stream_segment_offsets = nullptr;  // [num_streams + 1]
   const SegmentView* segments = nullptr;            // [stream_segment_offsets[num_streams]]
+  // The version of each stream (src/stream_table.h), or nullptr. Contract: two views that give
+  // a stream the same version show the same segments, except that the later one may have grown:
+  // the last segment may have more tokens and pages (and its previously last page may have been
+  // replaced by a copy-on-write copy), and new segments may follow it. A backend that keeps
+  // device copies of the page tables (the CUDA backend's view mirror) may rely on that; others
+  // ignore it. nullptr: no such promise (the CUDA backend stages the whole view).
+  const uint64_t* stream_versions = nullptr;  // [num_streams] or nullptr
 };
 
 KVC_HOST_DEVICE inline int64_t SegmentRowKeyOffset(const PoolView& pool, const SegmentView& s,

@@ -130,6 +130,13 @@ absl::Status FaultInjectingBackend::DeviceDecodeAttention(const PagedKVView& kv,
                    [&] { return inner_->DeviceDecodeAttention(kv, params, io); });
 }
 
+absl::Status FaultInjectingBackend::EnqueueAppend(const PoolView& pool,
+                                                  std::span<const PageCopy> copies,
+                                                  std::span<const RowWrite> writes, void* stream) {
+  return Intercept(BackendCall::kWriteRows,
+                   [&] { return inner_->EnqueueAppend(pool, copies, writes, stream); });
+}
+
 absl::Status FaultInjectingBackend::Synchronize(void* stream) {
   return inner_->Synchronize(stream);
 }

@@ -98,6 +98,10 @@ class FaultInjectingBackend final : public Backend {
   [[nodiscard]] absl::Status DeviceDecodeAttention(const PagedKVView& kv,
                                                    const DecodeParams& params,
                                                    const DecodeIO& io) override;
+  // Counted and failed as kWriteRows (Append's write, on a caller's stream).
+  [[nodiscard]] absl::Status EnqueueAppend(const PoolView& pool, std::span<const PageCopy> copies,
+                                           std::span<const RowWrite> writes,
+                                           void* stream) override;
   [[nodiscard]] absl::Status Synchronize(void* stream) override;
   [[nodiscard]] absl::Status ScoreRows(const PagedKVView& kv, const ScoreRowsParams& params,
                                        const float* queries, const int32_t* query_positions,

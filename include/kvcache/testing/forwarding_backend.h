@@ -61,6 +61,10 @@ class ForwardingBackend : public Backend {
                                      const DecodeIO& io) override {
     return inner_->DeviceDecodeAttention(kv, params, io);
   }
+  absl::Status EnqueueAppend(const PoolView& pool, std::span<const PageCopy> copies,
+                             std::span<const RowWrite> writes, void* stream) override {
+    return inner_->EnqueueAppend(pool, copies, writes, stream);
+  }
   absl::Status Synchronize(void* stream) override { return inner_->Synchronize(stream); }
   absl::Status SparseDecodeAttention(const PagedKVView& kv, const DecodeParams& params,
                                      const float* q, float* out, float* lse) override {
