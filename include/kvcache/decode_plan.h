@@ -39,6 +39,25 @@
 
 namespace kvcache {
 
+// What PrepareDecode does for a step beyond planning the decode (see "Step reservation" and
+// "Capturable plans" above).
+struct StepOptions {
+  // 0: no reservation. 1: reserve one row per stream of every layer for the step's token.
+  int32_t append_tokens = 0;
+  // [batch] with append_tokens = 1 (empty otherwise): the step token's position per sequence,
+  // greater than every position already appended to any layer of that sequence.
+  std::span<const int32_t> positions;
+  // CUDA backend only: the plan owns device memory at fixed addresses and its per-layer calls
+  // (AppendStep, DecodeAttention with device tensors) only enqueue kernels on it.
+  bool capturable = false;
+  // capturable: the longest stream a decode of the plan may read, reserved rows included; it
+  // fixes the split-K workspace and the page-id capacity. Required (> 0) with capturable.
+  int32_t max_context = 0;
+  // capturable: the stream the plan's uploads are enqueued on, normally the stream the graph is
+  // launched on (a cudaStream_t). nullptr: the backend waits for the whole device, then uploads.
+  void* stream = nullptr;
+};
+
 class DecodePlan {
  public:
   DecodePlan();
@@ -55,6 +74,10 @@ class DecodePlan {
   // Layers [first_layer, first_layer + num_layers) can be decoded with this plan.
   int32_t first_layer() const;
   int32_t num_layers() const;
+  // Whether PrepareDecode reserved step rows (StepOptions::append_tokens = 1) / made the plan
+  // capturable.
+  bool reserved() const;
+  bool capturable() const;
 
   struct State;  // internal (src/decode_plan_state.h)
 
