@@ -400,6 +400,14 @@ TEST_CASE("cuda capturable plan: the non-capturable decode fails under capture",
   REQUIRE(plan.ok());
   DecodeOptions d;
   d.stream = stream.get();
+  // Once outside a capture, so that the backend's scratch buffers exist (their first cudaMalloc
+  // would fail the capture too): what fails below is the per-call staging upload.
+  REQUIRE(cache
+              ->DecodeAttention(*plan, 0, TensorRef::OnDevice(q.get(), DType::kF32, q_elements),
+                                MutableTensorRef::OnDevice(out.get(), DType::kF32, q_elements),
+                                {}, d)
+              .ok());
+  REQUIRE(cache->Synchronize(stream.get()).ok());
   REQUIRE(cuda_emu::StreamBeginCapture(s, cudaStreamCaptureModeGlobal) == cudaSuccess);
   // The old path stages its views with a pageable host -> device copy on the stream.
   const absl::Status st = cache->DecodeAttention(
