@@ -250,7 +250,94 @@ TEST_CASE("step reservation: AppendStep misuse (cpu)", "[step]") {
   REQUIRE(cache->Validate().ok());
 }
 
+TEST_CASE("step reservation: streams with a retrieval key index are refused (cpu)", "[step]") {
+  const CacheConfig c = Config();
+  auto cache = NewCache(c, "cpu");
+  const std::vector<SequenceId> batch = Prefill(*cache, 9);
+  std::mt19937 rng(2);
+  const std::vector<float> q = RandomVector(rng, batch.size() * c.num_q_heads * c.head_dim);
+  std::vector<float> out(q.size());
+  DecodeOptions retrieval;
+  retrieval.read_policy.kind = ReadPolicy::Kind::kRetrieval;
+  retrieval.read_policy.top_k = 2;
+  retrieval.read_policy.dense_first_layers = 0;
+  REQUIRE(cache->DecodeAttention(batch, 1, q, out, {}, retrieval).ok());  // builds the indexes
+  const testing::CacheImage before = Snapshot(*cache);
+  const std::vector<int32_t> positions = {6, 6};
+  StepOptions options;
+  options.append_tokens = 1;
+  options.positions = positions;
+  const absl::Status s = cache->PrepareDecode(batch, options).status();
+  INFO(s.ToString());
+  REQUIRE(s.code() == absl::StatusCode::kFailedPrecondition);
+  REQUIRE(s.message().find("key index") != std::string::npos);
+  REQUIRE(SameImage(before, Snapshot(*cache)));
+}
+
 #if KVCACHE_TEST_DEVICE_MEMORY
+
+TEST_CASE("cuda capturable plan: misuse is refused", "[cuda][step]") {
+  KVCACHE_CUDA_CASE();
+  const CacheConfig c = Config();
+  auto cache = NewCache(c, CudaBackend());
+  const std::vector<SequenceId> batch = Prefill(*cache, 4);
+  const size_t kv_elements = batch.size() * size_t(c.num_kv_heads) * c.head_dim;
+  const size_t q_elements = batch.size() * size_t(c.num_q_heads) * c.head_dim;
+  DeviceMemory k(kv_elements * 4), v(kv_elements * 4), q(q_elements * 4), out(q_elements * 4);
+  std::vector<float> zeros(q_elements, 0.0f), host_out(q_elements);
+  k.Upload(zeros.data(), kv_elements * 4);
+  v.Upload(zeros.data(), kv_elements * 4);
+  q.Upload(zeros.data(), q_elements * 4);
+  const std::vector<int32_t> positions = {6, 6};
+  StepOptions options;
+  options.append_tokens = 1;
+  options.positions = positions;
+  options.capturable = true;
+  // max_context missing, or shorter than a stream after the reservation.
+  REQUIRE(cache->PrepareDecode(batch, options).status().code() ==
+          absl::StatusCode::kInvalidArgument);
+  options.max_context = 6;
+  const testing::CacheImage before = Snapshot(*cache);
+  REQUIRE(cache->PrepareDecode(batch, options).status().code() ==
+          absl::StatusCode::kInvalidArgument);
+  REQUIRE(SameImage(before, Snapshot(*cache)));
+  options.max_context = 32;
+  absl::StatusOr<DecodePlan> plan = cache->PrepareDecode(batch, options);
+  INFO(plan.status().ToString());
+  REQUIRE(plan.ok());
+  const TensorRef dk = TensorRef::OnDevice(k.get(), DType::kF32, kv_elements);
+  const TensorRef dv = TensorRef::OnDevice(v.get(), DType::kF32, kv_elements);
+  const TensorRef dq = TensorRef::OnDevice(q.get(), DType::kF32, q_elements);
+  const MutableTensorRef dout = MutableTensorRef::OnDevice(out.get(), DType::kF32, q_elements);
+  // Host K/V: a capturable plan takes device memory only.
+  std::vector<float> host_kv(kv_elements);
+  REQUIRE(cache->AppendStep(*plan, 0, TensorRef::Of(host_kv), TensorRef::Of(host_kv)).code() ==
+          absl::StatusCode::kInvalidArgument);
+  REQUIRE(cache->AppendStep(*plan, 0, dk, dv).ok());
+  // Host q / out, score accumulation: not capturable.
+  REQUIRE(cache->DecodeAttention(*plan, 0, zeros, host_out).code() ==
+          absl::StatusCode::kInvalidArgument);
+  DecodeOptions accumulate;
+  accumulate.accumulate_scores = true;
+  REQUIRE(cache->DecodeAttention(*plan, 0, dq, dout, {}, accumulate).code() ==
+          absl::StatusCode::kInvalidArgument);
+  REQUIRE(cache->DecodeAttention(*plan, 0, dq, dout).ok());
+  // An Append after the reservation changes the streams the device buffers describe.
+  std::mt19937 rng(8);
+  REQUIRE(testing::AppendRandomTokens(*cache, batch[0], 1, 1, 7, rng).ok());
+  REQUIRE(cache->AppendStep(*plan, 1, dk, dv).code() == absl::StatusCode::kFailedPrecondition);
+  // Re-prepare with another batch or other capture options: a new plan is needed.
+  const std::vector<SequenceId> one = {batch[0]};
+  const std::vector<int32_t> one_position = {8};
+  StepOptions other = options;
+  other.positions = one_position;
+  REQUIRE(cache->PrepareDecode(*plan, one, other).code() == absl::StatusCode::kInvalidArgument);
+  other = options;
+  other.max_context = 64;
+  REQUIRE(cache->PrepareDecode(*plan, batch, other).code() == absl::StatusCode::kInvalidArgument);
+  REQUIRE(cache->Synchronize().ok());
+  REQUIRE(cache->Validate().ok());
+}
 
 TEST_CASE("cuda step reservation: reserve + AppendStep + decode == Append + decode",
           "[cuda][step]") {
