@@ -1,7 +1,8 @@
 // src/cache_internal.h — what the files of the Cache implementation share (internal).
 //
 // The Cache is split by concept: cache.cc (lifecycle, locking, Append / Apply / ScoreRows and
-// their backend calls), cache_decode.cc (PrepareDecode and the per-layer decode), cache_read.cc
+// their backend calls), cache_decode.cc (PrepareDecode and the per-layer decode), cache_step.cc
+// (step reservation, AppendStep, capturable plans and their in-place re-prepare), cache_read.cc
 // (read-side queries, plan stamps, page-table export), cache_validate.cc (Validate),
 // key_index_upkeep.cc (retrieval indexes), plan_compile.cc (plan validation and compilation,
 // pure), page_summaries.cc (Quest summaries) and stream_table.cc (the stream / segment model).

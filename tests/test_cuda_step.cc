@@ -359,6 +359,9 @@ struct LayerBuffers {
   DeviceMemory k, v, q, out;
 };
 
+// q / out of layer 1 are f16: the captured path's conversion kernels and scratch.
+DType QDType(int32_t layer) { return layer == 1 ? DType::kF16 : DType::kF32; }
+
 TEST_CASE("cuda capturable plan: a graph captured at step 1 replays steps 2..N after re-prepares",
           "[cuda][step][graph]") {
   KVCACHE_CUDA_CASE();
@@ -388,10 +391,16 @@ TEST_CASE("cuda capturable plan: a graph captured at step 1 replays steps 2..N a
     for (int32_t l = 0; l < c.num_layers; ++l) {
       const std::vector<float> k = RandomVector(rng, kv_elements);
       const std::vector<float> v = RandomVector(rng, kv_elements);
-      const std::vector<float> q = RandomVector(rng, q_elements);
+      std::vector<float> q = RandomVector(rng, q_elements);
       layers[l]->k.Upload(k.data(), k.size() * 4);
       layers[l]->v.Upload(v.data(), v.size() * 4);
-      layers[l]->q.Upload(q.data(), q.size() * 4);
+      if (QDType(l) == DType::kF32) {
+        layers[l]->q.Upload(q.data(), q.size() * 4);
+      } else {  // the reference decodes the exactly widened q
+        const std::vector<uint16_t> bits = ToBits(q, QDType(l));
+        layers[l]->q.Upload(bits.data(), bits.size() * 2);
+        q = testing::FromBits(bits, QDType(l));
+      }
       for (int32_t b = 0; b < batch_size; ++b) {
         const size_t row = size_t(b) * c.num_kv_heads * c.head_dim;
         const size_t n = size_t(c.num_kv_heads) * c.head_dim;
@@ -427,8 +436,8 @@ TEST_CASE("cuda capturable plan: a graph captured at step 1 replays steps 2..N a
         DecodeOptions d;
         d.stream = stream.get();
         st = step->DecodeAttention(
-            plan, l, TensorRef::OnDevice(layers[l]->q.get(), DType::kF32, q_elements),
-            MutableTensorRef::OnDevice(layers[l]->out.get(), DType::kF32, q_elements), {}, d);
+            plan, l, TensorRef::OnDevice(layers[l]->q.get(), QDType(l), q_elements),
+            MutableTensorRef::OnDevice(layers[l]->out.get(), QDType(l), q_elements), {}, d);
         INFO(st.ToString());
         REQUIRE(st.ok());
       }
@@ -443,10 +452,16 @@ TEST_CASE("cuda capturable plan: a graph captured at step 1 replays steps 2..N a
     REQUIRE(cuda_emu::GraphLaunch(exec, s) == cudaSuccess);
     REQUIRE(step->Synchronize(stream.get()).ok());
     for (int32_t l = 0; l < c.num_layers; ++l) {
-      std::vector<float> got(q_elements);
-      layers[l]->out.Download(got.data(), got.size() * 4);
       INFO("layer " << l);
-      REQUIRE(std::memcmp(want[l].data(), got.data(), got.size() * 4) == 0);
+      if (QDType(l) == DType::kF32) {
+        std::vector<float> got(q_elements);
+        layers[l]->out.Download(got.data(), got.size() * 4);
+        REQUIRE(std::memcmp(want[l].data(), got.data(), got.size() * 4) == 0);
+      } else {  // out rounded from the f32 result with the round-to-nearest-even of dtype.h
+        std::vector<uint16_t> got(q_elements);
+        layers[l]->out.Download(got.data(), got.size() * 2);
+        REQUIRE(got == ToBits(want[l], QDType(l)));
+      }
     }
   }
   REQUIRE(cuda_emu::GraphExecDestroy(exec) == cudaSuccess);
