@@ -716,8 +716,8 @@ class CudaBackend final : public Backend {
                           void* stream) override {
     CudaStep& step = static_cast<CudaStep&>(buffers);
     if (layers.size() != step.layers.size()) {
-      return absl::InvalidArgumentError(absl::StrCat("UploadStep: ", layers.size(),
-                                                     " layers for buffers of ", step.layers.size()));
+      return absl::InvalidArgumentError(absl::StrCat(
+          "UploadStep: ", layers.size(), " layers for buffers of ", step.layers.size()));
     }
     // Check everything before the image changes: a refused upload leaves the device as it was.
     std::vector<StreamLayout> layouts(layers.size());
@@ -869,8 +869,8 @@ class CudaBackend final : public Backend {
     }
     const int32_t d = step.head_dim;
     const int64_t heads = int64_t{step.num_streams} * step.group_size;
-    if (absl::Status s = step.CheckOnce(*this, 2, io.q, heads * d * DTypeSize(io.q_dtype),
-                                        "DecodeAttention: q");
+    if (absl::Status s =
+            step.CheckOnce(*this, 2, io.q, heads * d * DTypeSize(io.q_dtype), "DecodeAttention: q");
         !s.ok()) {
       return s;
     }
@@ -902,26 +902,26 @@ class CudaBackend final : public Backend {
     args.scale = ResolveScale(params.scale, d);
     args.q = q_in_place ? static_cast<const float*>(io.q)
                         : reinterpret_cast<const float*>(dev + step.q32_at);
-    args.out = out_in_place ? static_cast<float*>(io.out)
-                            : reinterpret_cast<float*>(dev + step.out32_at);
+    args.out =
+        out_in_place ? static_cast<float*>(io.out) : reinterpret_cast<float*>(dev + step.out32_at);
     args.lse = io.lse != nullptr ? io.lse : reinterpret_cast<float*>(dev + step.lse_at);
     if (cudaError_t e = cudaSetDevice(device_); e != cudaSuccess) return CudaError(e, "set device");
     cudaStream_t s = io.stream != nullptr ? static_cast<cudaStream_t>(io.stream) : stream_;
     if (!q_in_place) {
-      if (cudaError_t e = LaunchConvert(io.q, io.q_dtype, dev + step.q32_at, DType::kF32,
-                                        heads * d, s);
+      if (cudaError_t e =
+              LaunchConvert(io.q, io.q_dtype, dev + step.q32_at, DType::kF32, heads * d, s);
           e != cudaSuccess) {
         return CudaError(e, "DecodeAttention (q conversion)");
       }
     }
-    if (cudaError_t e = LaunchDecodeAttention(
-            args, step.split, reinterpret_cast<float*>(dev + step.workspace_at), s);
+    if (cudaError_t e = LaunchDecodeAttention(args, step.split,
+                                              reinterpret_cast<float*>(dev + step.workspace_at), s);
         e != cudaSuccess) {
       return CudaError(e, "DecodeAttention");
     }
     if (!out_in_place) {
-      if (cudaError_t e = LaunchConvert(dev + step.out32_at, DType::kF32, io.out, io.out_dtype,
-                                        heads * d, s);
+      if (cudaError_t e =
+              LaunchConvert(dev + step.out32_at, DType::kF32, io.out, io.out_dtype, heads * d, s);
           e != cudaSuccess) {
         return CudaError(e, "DecodeAttention (out conversion)");
       }

@@ -217,7 +217,6 @@ void internal::RecordPlanViews(DecodePlan::State& st) {
   st.views.resize(st.view_begin[st.num_layers]);
 }
 
-
 absl::StatusOr<DecodePlan> Cache::PrepareDecode(std::span<const SequenceId> batch) {
   return PrepareLayers("PrepareDecode", batch, 0, config_.num_layers, /*one_shot=*/false);
 }
@@ -328,9 +327,10 @@ absl::Status Cache::DecodeAttention(DecodePlan& plan, int32_t layer, TensorRef q
                                               ", ", st.first_layer + st.num_layers, ")"));
   }
   if (st.reserved && st.appended[layer - st.first_layer] == 0) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "DecodeAttention: layer ", layer, " has a reserved step row AppendStep has not written "
-        "yet (call AppendStep for the layer first)"));
+    return absl::FailedPreconditionError(
+        absl::StrCat("DecodeAttention: layer ", layer,
+                     " has a reserved step row AppendStep has not written "
+                     "yet (call AppendStep for the layer first)"));
   }
   if (st.capturable) {
     if (q.space != MemorySpace::kDevice) {
@@ -424,8 +424,8 @@ absl::Status Cache::RunDecode(DecodePlan::State& st, int32_t layer, const Tensor
         const internal::Stream& stream = table.stream(layer, h);
         if (stream.version != st.versions[i] || stream.length() != st.lengths[i]) {
           status = absl::FailedPreconditionError(absl::StrCat(
-              "DecodeAttention: stream (sequence ", st.batch[b], ", layer ", layer, ", kv head ",
-              h, ") changed after PrepareDecode of a capturable plan (it decodes only what was "
+              "DecodeAttention: stream (sequence ", st.batch[b], ", layer ", layer, ", kv head ", h,
+              ") changed after PrepareDecode of a capturable plan (it decodes only what was "
               "prepared); prepare again"));
           break;
         }

@@ -47,8 +47,9 @@ absl::Status CheckStepOptions(absl::string_view fn, const CacheConfig& c, const 
   }
   if (o.append_tokens == 1 && c.page_summaries) {
     return absl::FailedPreconditionError(absl::StrCat(
-        fn, ": a step reservation cannot keep page summaries (CacheConfig::page_summaries): the "
-            "summaries need the step's keys on the host when the rows are reserved"));
+        fn,
+        ": a step reservation cannot keep page summaries (CacheConfig::page_summaries): the "
+        "summaries need the step's keys on the host when the rows are reserved"));
   }
   if (o.capturable) {
     if (!backend.Supports(BackendOp::kDeviceTensors)) {
@@ -57,8 +58,8 @@ absl::Status CheckStepOptions(absl::string_view fn, const CacheConfig& c, const 
                        std::string(backend.Name()), " backend has none"));
     }
     if (o.max_context <= 0) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          fn, ": max_context = ", o.max_context, " must be > 0 for a capturable plan"));
+      return absl::InvalidArgumentError(absl::StrCat(fn, ": max_context = ", o.max_context,
+                                                     " must be > 0 for a capturable plan"));
     }
   } else if (o.stream != nullptr) {
     return absl::InvalidArgumentError(
@@ -116,15 +117,16 @@ absl::Status Cache::PrepareDecode(DecodePlan& plan, std::span<const SequenceId> 
   }
   if (!std::equal(batch.begin(), batch.end(), st.batch.begin(), st.batch.end())) {
     return absl::InvalidArgumentError(
-        absl::StrCat(kFn, ": the batch differs from the plan's (a re-prepared plan keeps its "
-                          "batch, in order; make a new plan for another batch)"));
+        absl::StrCat(kFn,
+                     ": the batch differs from the plan's (a re-prepared plan keeps its "
+                     "batch, in order; make a new plan for another batch)"));
   }
   if (options.capturable != st.capturable ||
       (st.capturable && options.max_context != st.max_context)) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        kFn, ": capturable = ", options.capturable, ", max_context = ", options.max_context,
-        " but the plan was made with ", st.capturable, ", ", st.max_context,
-        " (recapture with a new plan)"));
+    return absl::InvalidArgumentError(
+        absl::StrCat(kFn, ": capturable = ", options.capturable,
+                     ", max_context = ", options.max_context, " but the plan was made with ",
+                     st.capturable, ", ", st.max_context, " (recapture with a new plan)"));
   }
   return PrepareStep(kFn, st, options, /*in_place=*/true);
 }
@@ -152,10 +154,10 @@ absl::Status Cache::PrepareStep(absl::string_view fn, DecodePlan::State& st,
     for (int32_t l = 0; l < num_layers; ++l) {
       const int32_t layer = st.first_layer + l;
       if (options.positions[b] <= seq.table.last_position(layer)) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            fn, ": positions[", b, "] = ", options.positions[b], " must exceed the last position ",
-            "appended to layer ", layer, " of sequence ", st.batch[b], " (",
-            seq.table.last_position(layer), ")"));
+        return absl::InvalidArgumentError(
+            absl::StrCat(fn, ": positions[", b, "] = ", options.positions[b],
+                         " must exceed the last position ", "appended to layer ", layer,
+                         " of sequence ", st.batch[b], " (", seq.table.last_position(layer), ")"));
       }
       for (int32_t h = 0; h < heads; ++h) {
         if (internal::HasKeyIndex(seq, seq.table.Index(layer, h))) {
@@ -204,14 +206,14 @@ absl::Status Cache::PrepareStep(absl::string_view fn, DecodePlan::State& st,
         const int32_t length = stream.length() + options.append_tokens;
         if (length > options.max_context) {
           const std::string message = absl::StrCat(
-              fn, ": stream (sequence ", st.batch[b], ", layer ", st.first_layer + l,
-              ", kv head ", h, ") would hold ", length, " tokens, more than max_context ",
-              options.max_context);
+              fn, ": stream (sequence ", st.batch[b], ", layer ", st.first_layer + l, ", kv head ",
+              h, ") would hold ", length, " tokens, more than max_context ", options.max_context);
           return in_place ? absl::FailedPreconditionError(
                                 absl::StrCat(message, " (recapture with a new plan)"))
                           : absl::InvalidArgumentError(message);
         }
-        segments_needed[l] += static_cast<int32_t>(stream.segments.size()) + (w.new_segment ? 1 : 0);
+        segments_needed[l] +=
+            static_cast<int32_t>(stream.segments.size()) + (w.new_segment ? 1 : 0);
         for (const Segment& s : stream.segments) {
           indices_needed[l] += static_cast<int32_t>(s.pages.size() + s.key_channels.size());
         }
@@ -224,8 +226,7 @@ absl::Status Cache::PrepareStep(absl::string_view fn, DecodePlan::State& st,
   }
   if (in_place && st.capturable) {
     for (int32_t l = 0; l < num_layers; ++l) {
-      if (segments_needed[l] > st.segment_capacity[l] ||
-          indices_needed[l] > st.index_capacity[l]) {
+      if (segments_needed[l] > st.segment_capacity[l] || indices_needed[l] > st.index_capacity[l]) {
         return absl::FailedPreconditionError(absl::StrCat(
             fn, ": layer ", st.first_layer + l, " needs ", segments_needed[l], " segments and ",
             indices_needed[l], " page ids / key channels; the plan's device buffers hold ",
@@ -270,8 +271,8 @@ absl::Status Cache::PrepareStep(absl::string_view fn, DecodePlan::State& st,
     if (absl::Status s = pool_->Allocate(total_pages, guard.pages.data()); !s.ok()) {
       guard.pages.clear();
       return absl::ResourceExhaustedError(absl::StrCat(
-          fn, ": reserving the step's rows (", total_pages, " pages for ", batch,
-          " sequences x ", num_layers, " layers x ", heads, " kv heads): ", s.message()));
+          fn, ": reserving the step's rows (", total_pages, " pages for ", batch, " sequences x ",
+          num_layers, " layers x ", heads, " kv heads): ", s.message()));
     }
     std::vector<std::vector<int32_t>> pages(work.size());
     std::vector<PageCopy> copies;
@@ -367,8 +368,8 @@ absl::Status Cache::PrepareStep(absl::string_view fn, DecodePlan::State& st,
     layer.kv.segments = views;
     layer.kv.stream_versions = st.versions.data() + static_cast<size_t>(l) * streams;
     if (reserve) {
-      layer.writes = std::span<const RowWrite>(writes).subspan(static_cast<size_t>(l) * streams,
-                                                              streams);
+      layer.writes =
+          std::span<const RowWrite>(writes).subspan(static_cast<size_t>(l) * streams, streams);
     }
   }
   // A failure here (a device error; the capacities were checked above) leaves the reservation
@@ -415,8 +416,8 @@ absl::Status Cache::AppendStep(DecodePlan& plan, int32_t layer, TensorRef keys, 
       return absl::InvalidArgumentError(absl::StrCat("AppendStep: ", name, " is null"));
     }
     if (t.space != MemorySpace::kHost && t.space != MemorySpace::kDevice) {
-      return absl::InvalidArgumentError(absl::StrCat("AppendStep: ", name, " has memory space ",
-                                                     static_cast<int>(t.space)));
+      return absl::InvalidArgumentError(
+          absl::StrCat("AppendStep: ", name, " has memory space ", static_cast<int>(t.space)));
     }
   }
   if (keys.dtype != values.dtype || keys.space != values.space) {
@@ -452,8 +453,8 @@ absl::Status Cache::AppendStep(DecodePlan& plan, int32_t layer, TensorRef keys, 
   int32_t at = 0;
   for (int32_t b = 0; b < static_cast<int32_t>(st.batch.size()); ++b) {
     if (st.seqs[b]->freed) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          "AppendStep: sequence ", st.batch[b], " was freed after PrepareDecode"));
+      return absl::FailedPreconditionError(
+          absl::StrCat("AppendStep: sequence ", st.batch[b], " was freed after PrepareDecode"));
     }
     StreamTable& table = st.seqs[b]->table;
     for (int32_t h = 0; h < heads; ++h) {
@@ -490,10 +491,9 @@ absl::Status Cache::AppendStep(DecodePlan& plan, int32_t layer, TensorRef keys, 
       w.src_space = keys.space;
     }
   }
-  absl::Status status =
-      st.capturable
-          ? backend_->StepWriteRows(*st.step, slot, keys.data, values.data, keys.dtype, stream)
-          : backend_->WriteRows(pool_->view(), st.step_writes);
+  absl::Status status = st.capturable ? backend_->StepWriteRows(*st.step, slot, keys.data,
+                                                                values.data, keys.dtype, stream)
+                                      : backend_->WriteRows(pool_->view(), st.step_writes);
   if (status.ok()) st.appended[slot] = 1;
   return status;
 }

@@ -366,7 +366,8 @@ TEST_CASE("cuda capturable plan: max_context far above the streams (trailing spl
     INFO(plan.status().ToString());
     REQUIRE(plan.ok());
     for (int32_t l = 0; l < c.num_layers; ++l) {
-      const std::vector<float> k = RandomVector(rng, kv_elements), v = RandomVector(rng, kv_elements);
+      const std::vector<float> k = RandomVector(rng, kv_elements),
+                               v = RandomVector(rng, kv_elements);
       const std::vector<float> q = RandomVector(rng, q_elements);
       for (size_t b = 0; b < batch.size(); ++b) {
         const size_t row = b * c.num_kv_heads * c.head_dim, n = size_t(c.num_kv_heads) * c.head_dim;
@@ -384,7 +385,8 @@ TEST_CASE("cuda capturable plan: max_context far above the streams (trailing spl
       REQUIRE(step->AppendStep(*plan, l, TensorRef::OnDevice(dk.get(), DType::kF32, kv_elements),
                                TensorRef::OnDevice(dv.get(), DType::kF32, kv_elements))
                   .ok());
-      REQUIRE(step->DecodeAttention(*plan, l, TensorRef::OnDevice(dq.get(), DType::kF32, q_elements),
+      REQUIRE(step->DecodeAttention(*plan, l,
+                                    TensorRef::OnDevice(dq.get(), DType::kF32, q_elements),
                                     MutableTensorRef::OnDevice(dout.get(), DType::kF32, q_elements))
                   .ok());
       REQUIRE(step->Synchronize().ok());
@@ -565,15 +567,15 @@ TEST_CASE("cuda capturable plan: the non-capturable decode fails under capture",
   // would fail the capture too): what fails below is the per-call staging upload.
   REQUIRE(cache
               ->DecodeAttention(*plan, 0, TensorRef::OnDevice(q.get(), DType::kF32, q_elements),
-                                MutableTensorRef::OnDevice(out.get(), DType::kF32, q_elements),
-                                {}, d)
+                                MutableTensorRef::OnDevice(out.get(), DType::kF32, q_elements), {},
+                                d)
               .ok());
   REQUIRE(cache->Synchronize(stream.get()).ok());
   REQUIRE(cuda_emu::StreamBeginCapture(s, cudaStreamCaptureModeGlobal) == cudaSuccess);
   // The old path stages its views with a pageable host -> device copy on the stream.
-  const absl::Status st = cache->DecodeAttention(
-      *plan, 0, TensorRef::OnDevice(q.get(), DType::kF32, q_elements),
-      MutableTensorRef::OnDevice(out.get(), DType::kF32, q_elements), {}, d);
+  const absl::Status st =
+      cache->DecodeAttention(*plan, 0, TensorRef::OnDevice(q.get(), DType::kF32, q_elements),
+                             MutableTensorRef::OnDevice(out.get(), DType::kF32, q_elements), {}, d);
   INFO(st.ToString());
   REQUIRE(!st.ok());
   REQUIRE(st.message().find("cudaErrorStreamCaptureUnsupported") != std::string::npos);
@@ -598,8 +600,7 @@ TEST_CASE("cuda emulator capture: records device work, refuses syncs, allocation
   REQUIRE(cuda_emu::StreamIsCapturing(s, &status) == cudaSuccess);
   REQUIRE(status == cudaStreamCaptureStatusActive);
   REQUIRE(cuda_emu::MemsetAsync(b.get(), 0, 64, s) == cudaSuccess);
-  REQUIRE(cuda_emu::MemcpyAsync(b.get(), a.get(), 32, cudaMemcpyDeviceToDevice, s) ==
-          cudaSuccess);
+  REQUIRE(cuda_emu::MemcpyAsync(b.get(), a.get(), 32, cudaMemcpyDeviceToDevice, s) == cudaSuccess);
   cudaGraph_t graph = nullptr;
   REQUIRE(cuda_emu::StreamEndCapture(s, &graph) == cudaSuccess);
   std::vector<uint8_t> before(64, 1);

@@ -232,13 +232,13 @@ class KernelLaunch {
                             name_, grid_, block_};
     auto run = [](void* c) {
       auto* context = static_cast<Context*>(c);
-      const LaunchStatus status =
-          RunGrid(ToIndex3(context->grid), ToIndex3(context->block), context->name,
-                  [](void* cc) {
-                    auto* inner = static_cast<Context*>(cc);
-                    std::apply(inner->kernel, inner->params);
-                  },
-                  c);
+      const LaunchStatus status = RunGrid(
+          ToIndex3(context->grid), ToIndex3(context->block), context->name,
+          [](void* cc) {
+            auto* inner = static_cast<Context*>(cc);
+            std::apply(inner->kernel, inner->params);
+          },
+          c);
       if (status != LaunchStatus::kOk) SetLastError(cudaErrorInvalidConfiguration);
     };
     auto destroy = [](void* c) { delete static_cast<Context*>(c); };

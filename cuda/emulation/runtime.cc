@@ -165,9 +165,8 @@ cudaError_t MemcpyAsync(void* dst, const void* src, size_t bytes, cudaMemcpyKind
     if (Capture* c = CaptureOf(r, stream); c != nullptr) {
       // Host memory cannot be part of a graph's copies here (no pinned memory is emulated).
       if (!dst_device || !src_device) return Unsupported(r, c);
-      c->work.push_back(std::make_shared<Work>(Work{[dst, src, bytes] {
-        std::memmove(dst, src, bytes);
-      }}));
+      c->work.push_back(
+          std::make_shared<Work>(Work{[dst, src, bytes] { std::memmove(dst, src, bytes); }}));
       return cudaSuccess;
     }
     if (dst_device && !src_device) r.host_to_device_bytes += static_cast<int64_t>(bytes);
@@ -184,9 +183,8 @@ cudaError_t MemsetAsync(void* dst, int value, size_t bytes, cudaStream_t stream)
     if (!ValidStream(r, stream)) return Record(cudaErrorInvalidResourceHandle);
     if (!IsDeviceRangeLocked(r, dst, bytes)) return Record(cudaErrorInvalidValue);
     if (Capture* c = CaptureOf(r, stream); c != nullptr) {
-      c->work.push_back(std::make_shared<Work>(Work{[dst, value, bytes] {
-        std::memset(dst, value, bytes);
-      }}));
+      c->work.push_back(
+          std::make_shared<Work>(Work{[dst, value, bytes] { std::memset(dst, value, bytes); }}));
       return cudaSuccess;
     }
   }
@@ -329,7 +327,7 @@ cudaError_t StreamIsCapturing(cudaStream_t stream, cudaStreamCaptureStatus* stat
   std::lock_guard<std::mutex> lock(r.mu);
   if (!ValidStream(r, stream)) return Record(cudaErrorInvalidResourceHandle);
   const Capture* c = CaptureOf(r, stream);
-  *status = c == nullptr       ? cudaStreamCaptureStatusNone
+  *status = c == nullptr     ? cudaStreamCaptureStatusNone
             : c->invalidated ? cudaStreamCaptureStatusInvalidated
                              : cudaStreamCaptureStatusActive;
   return cudaSuccess;
