@@ -448,6 +448,24 @@ TEST_CASE("cuda capturable plan: a graph captured at step 1 replays steps 2..N a
   for (int32_t t = 0; t < 7; ++t) {  // positions 6..12: page boundaries at 8 and 12
     INFO("step " << t);
     const std::vector<int32_t> positions(batch_size, 6 + t);
+    if (t == 3) {
+      // Between two replays the engine evicts sequence A's first token everywhere: the streams
+      // get new versions and pages, which the next in-place prepare uploads to the same
+      // addresses (the graph holds no page id).
+      EvictionPlan evict;
+      evict.sequence = batch[0];
+      for (int32_t l = 0; l < c.num_layers; ++l) {
+        for (int32_t h = 0; h < c.num_kv_heads; ++h) {
+          StreamPlan sp;
+          sp.layer = l;
+          sp.kv_head = h;
+          for (int32_t i = 1; i < 6 + t; ++i) sp.kept.push_back(i);
+          evict.streams.push_back(sp);
+        }
+      }
+      REQUIRE(ref->Apply(evict).ok());
+      REQUIRE(step->Apply(evict).ok());
+    }
     std::vector<std::vector<float>> want(c.num_layers);
     for (int32_t l = 0; l < c.num_layers; ++l) {
       const std::vector<float> k = RandomVector(rng, kv_elements);
