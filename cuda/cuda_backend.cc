@@ -702,7 +702,325 @@ class CudaBackend final : public Backend {
     return Finish("ScoreRows");
   }
 
+  // ---- Capturable decode steps (backend_impl.h StepBuffers) ------------------------------------
+
+  absl::StatusOr<std::unique_ptr<StepBuffers>> CreateStepBuffers(const StepShape& shape) override {
+    if (shape.num_layers <= 0 || shape.num_streams <= 0 || shape.group_size <= 0 ||
+        shape.head_dim <= 0 || shape.max_context <= 0 ||
+        shape.segment_capacity.size() != static_cast<size_t>(shape.num_layers) ||
+        shape.index_capacity.size() != static_cast<size_t>(shape.num_layers)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "CreateStepBuffers: ", shape.num_layers, " layers, ", shape.num_streams, " streams, G ",
+          shape.group_size, ", head_dim ", shape.head_dim, ", max_context ", shape.max_context));
+    }
+    if (shape.head_dim > kMaxHeadDim) {
+      return absl::UnimplementedError(absl::StrCat("CreateStepBuffers: head_dim ", shape.head_dim,
+                                                   " exceeds the cuda backend's maximum ",
+                                                   kMaxHeadDim));
+    }
+    auto step = std::make_unique<CudaStep>();
+    const int64_t streams = shape.num_streams;
+    const int64_t heads = streams * shape.group_size;
+    step->pool = shape.pool;
+    step->num_streams = shape.num_streams;
+    step->group_size = shape.group_size;
+    step->head_dim = shape.head_dim;
+    step->max_context = shape.max_context;
+    // The split is fixed by max_context: the kernel clips every split to its stream's length,
+    // so shorter streams (every stream before the last steps) leave trailing splits empty.
+    step->split = PlanDecodeSplit(shape.num_streams, shape.group_size, shape.max_context, num_sms_);
+    Carver carve;
+    for (int32_t l = 0; l < shape.num_layers; ++l) {
+      CudaStep::Layer layer;
+      layer.segment_capacity = shape.segment_capacity[l];
+      layer.index_capacity = shape.index_capacity[l];
+      layer.segments_at = carve.Take(int64_t{layer.segment_capacity} * sizeof(SegmentView));
+      layer.segment_offsets_at = carve.Take((streams + 1) * sizeof(int32_t));
+      layer.token_offsets_at = carve.Take((streams + 1) * sizeof(int64_t));
+      layer.indices_at = carve.Take(int64_t{layer.index_capacity} * sizeof(int32_t));
+      layer.jobs_at = carve.Take(streams * static_cast<int64_t>(sizeof(WriteJob)));
+      layer.rows_at = carve.Take(streams * static_cast<int64_t>(sizeof(int2)));
+      step->layers.push_back(layer);
+    }
+    step->tables_bytes = carve.size();
+    const int64_t elements = heads * shape.head_dim;
+    step->q32_at = carve.Take(elements * 4);
+    step->out32_at = carve.Take(elements * 4);
+    step->lse_at = carve.Take(heads * 4);
+    step->workspace_at = carve.Take(
+        DecodeWorkspaceFloats(step->split, shape.num_streams, shape.group_size, shape.head_dim) *
+        4);
+    absl::MutexLock lock(&mu_);
+    if (cudaError_t e = cudaSetDevice(device_); e != cudaSuccess) return CudaError(e, "set device");
+    if (cudaError_t e = cudaMalloc(&step->memory, static_cast<size_t>(carve.size()));
+        e != cudaSuccess) {
+      step->memory = nullptr;
+      return CudaError(e, absl::StrCat("CreateStepBuffers: ", carve.size(), " bytes"));
+    }
+    step->image.assign(static_cast<size_t>(step->tables_bytes), 0);
+    return std::unique_ptr<StepBuffers>(std::move(step));
+  }
+
+  absl::Status UploadStep(StepBuffers& buffers, std::span<const StepLayer> layers,
+                          void* stream) override {
+    CudaStep& step = static_cast<CudaStep&>(buffers);
+    if (layers.size() != step.layers.size()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "UploadStep: ", layers.size(), " layers for buffers of ", step.layers.size()));
+    }
+    // Check everything before the image changes: a refused upload leaves the device as it was.
+    std::vector<StreamLayout> layouts(layers.size());
+    for (size_t l = 0; l < layers.size(); ++l) {
+      const PagedKVView& kv = layers[l].kv;
+      const CudaStep::Layer& cap = step.layers[l];
+      if (kv.num_streams != step.num_streams || kv.head_dim != step.head_dim) {
+        return absl::InvalidArgumentError(absl::StrCat("UploadStep: layer ", l, " has ",
+                                                       kv.num_streams, " streams of head_dim ",
+                                                       kv.head_dim));
+      }
+      if (absl::Status s = CheckView(kv, step.group_size, "UploadStep", layouts[l]); !s.ok()) {
+        return s;
+      }
+      const int32_t num_segments = kv.stream_segment_offsets[kv.num_streams];
+      int64_t indices = 0;
+      for (int32_t s = 0; s < num_segments; ++s) indices += StepIndices(kv.segments[s]);
+      if (num_segments > cap.segment_capacity || indices > cap.index_capacity ||
+          layouts[l].max_length > step.max_context) {
+        return absl::FailedPreconditionError(absl::StrCat(
+            "UploadStep: layer ", l, " needs ", num_segments, " segments, ", indices,
+            " page ids / key channels and streams of up to ", layouts[l].max_length,
+            " tokens; the plan's buffers hold ", cap.segment_capacity, ", ", cap.index_capacity,
+            " and ", step.max_context, " (recapture with a new plan)"));
+      }
+      if (!layers[l].writes.empty() &&
+          layers[l].writes.size() != static_cast<size_t>(step.num_streams)) {
+        return absl::InvalidArgumentError(absl::StrCat("UploadStep: layer ", l, " has ",
+                                                       layers[l].writes.size(), " writes for ",
+                                                       step.num_streams, " streams"));
+      }
+    }
+    uint8_t* dev = static_cast<uint8_t*>(step.memory);
+    uint8_t* image = step.image.data();
+    for (size_t l = 0; l < layers.size(); ++l) {
+      const PagedKVView& kv = layers[l].kv;
+      CudaStep::Layer& cap = step.layers[l];
+      const int32_t num_segments = kv.stream_segment_offsets[kv.num_streams];
+      auto* indices = reinterpret_cast<int32_t*>(image + cap.indices_at);
+      int64_t at = 0;
+      // Device copies of every segment's page ids and key channel map, packed.
+      auto device_view = [&](const SegmentView& s) {
+        SegmentView v = s;
+        const int64_t pages = s.tokens_per_page > 0 ? CeilDiv(s.length, s.tokens_per_page) : 0;
+        v.pages = nullptr;
+        if (pages > 0) {
+          std::memcpy(indices + at, s.pages, static_cast<size_t>(pages) * 4);
+          v.pages = reinterpret_cast<const int32_t*>(dev + cap.indices_at) + at;
+          at += pages;
+        }
+        if (s.key_channels != nullptr) {
+          std::memcpy(indices + at, s.key_channels, static_cast<size_t>(s.key_width) * 4);
+          v.key_channels = reinterpret_cast<const int32_t*>(dev + cap.indices_at) + at;
+          at += s.key_width;
+        }
+        v.positions = nullptr;
+        v.modalities = nullptr;
+        v.scores = nullptr;
+        return v;
+      };
+      auto* segments = reinterpret_cast<SegmentView*>(image + cap.segments_at);
+      for (int32_t s = 0; s < num_segments; ++s) segments[s] = device_view(kv.segments[s]);
+      std::memcpy(image + cap.segment_offsets_at, kv.stream_segment_offsets,
+                  (static_cast<size_t>(kv.num_streams) + 1) * 4);
+      std::memcpy(image + cap.token_offsets_at, layouts[l].token_offsets.data(),
+                  layouts[l].token_offsets.size() * 8);
+      cap.num_writes = static_cast<int32_t>(layers[l].writes.size());
+      auto* jobs = reinterpret_cast<WriteJob*>(image + cap.jobs_at);
+      auto* rows = reinterpret_cast<int2*>(image + cap.rows_at);
+      for (int32_t i = 0; i < cap.num_writes; ++i) {
+        const RowWrite& w = layers[l].writes[static_cast<size_t>(i)];
+        // The reserved row's segment is the stream's last: its pages were just packed, so the
+        // job points at the same device copy the decode reads.
+        const SegmentView dst = segments[kv.stream_segment_offsets[i + 1] - 1];
+        jobs[i] = WriteJob{};
+        jobs[i].dst = dst;
+        jobs[i].first_row = w.first_row;
+        jobs[i].src_stride = step.head_dim;
+        jobs[i].src_offset = int64_t{i} * step.head_dim;
+        rows[i] = int2{i, w.first_row};
+      }
+    }
+    absl::MutexLock lock(&mu_);
+    if (cudaError_t e = cudaSetDevice(device_); e != cudaSuccess) return CudaError(e, "set device");
+    cudaStream_t s = stream != nullptr ? static_cast<cudaStream_t>(stream) : stream_;
+    // Without a stream the replays' stream is unknown: wait for everything on the device.
+    if (stream == nullptr) {
+      if (cudaError_t e = cudaDeviceSynchronize(); e != cudaSuccess) {
+        return CudaError(e, "UploadStep");
+      }
+    }
+    // Pageable source: the copy has left step.image when cudaMemcpyAsync returns (see Decode).
+    if (cudaError_t e = cudaMemcpyAsync(step.memory, image, static_cast<size_t>(step.tables_bytes),
+                                        cudaMemcpyHostToDevice, s);
+        e != cudaSuccess) {
+      return CudaError(e, "UploadStep");
+    }
+    if (stream == nullptr) {
+      if (cudaError_t e = cudaStreamSynchronize(s); e != cudaSuccess) {
+        return CudaError(e, "UploadStep");
+      }
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status StepWriteRows(StepBuffers& buffers, int32_t layer, const void* keys,
+                             const void* values, DType dtype, void* stream) override {
+    CudaStep& step = static_cast<CudaStep&>(buffers);
+    if (layer < 0 || layer >= static_cast<int32_t>(step.layers.size()) ||
+        step.layers[static_cast<size_t>(layer)].num_writes == 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("StepWriteRows: layer slot ", layer, " has no reserved rows"));
+    }
+    const int64_t bytes = int64_t{step.num_streams} * step.head_dim * DTypeSize(dtype);
+    if (absl::Status s = step.CheckOnce(*this, 0, keys, bytes, "AppendStep: keys"); !s.ok()) {
+      return s;
+    }
+    if (absl::Status s = step.CheckOnce(*this, 1, values, bytes, "AppendStep: values"); !s.ok()) {
+      return s;
+    }
+    const CudaStep::Layer& cap = step.layers[static_cast<size_t>(layer)];
+    uint8_t* dev = static_cast<uint8_t*>(step.memory);
+    WriteRowsArgs args;
+    args.pool = step.pool;
+    args.head_dim = step.head_dim;
+    args.src_dtype = dtype;
+    args.jobs = reinterpret_cast<const WriteJob*>(dev + cap.jobs_at);
+    args.rows = reinterpret_cast<const int2*>(dev + cap.rows_at);
+    args.num_rows = cap.num_writes;
+    args.keys = keys;
+    args.values = values;
+    if (cudaError_t e = cudaSetDevice(device_); e != cudaSuccess) return CudaError(e, "set device");
+    cudaStream_t s = stream != nullptr ? static_cast<cudaStream_t>(stream) : stream_;
+    if (cudaError_t e = LaunchWriteRows(args, s); e != cudaSuccess) {
+      return CudaError(e, "AppendStep");
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status StepDecode(StepBuffers& buffers, int32_t layer, const DecodeParams& params,
+                          const DecodeIO& io) override {
+    CudaStep& step = static_cast<CudaStep&>(buffers);
+    if (layer < 0 || layer >= static_cast<int32_t>(step.layers.size())) {
+      return absl::InvalidArgumentError(absl::StrCat("StepDecode: layer slot ", layer));
+    }
+    if (params.accumulate_scores || params.group_size != step.group_size) {
+      return absl::InvalidArgumentError(
+          "StepDecode: score accumulation (host accumulators) is not capturable");
+    }
+    const int32_t d = step.head_dim;
+    const int64_t heads = int64_t{step.num_streams} * step.group_size;
+    if (absl::Status s =
+            step.CheckOnce(*this, 2, io.q, heads * d * DTypeSize(io.q_dtype), "DecodeAttention: q");
+        !s.ok()) {
+      return s;
+    }
+    if (absl::Status s = step.CheckOnce(*this, 3, io.out, heads * d * DTypeSize(io.out_dtype),
+                                        "DecodeAttention: out");
+        !s.ok()) {
+      return s;
+    }
+    if (io.lse != nullptr) {
+      if (absl::Status s = step.CheckOnce(*this, 4, io.lse, heads * 4, "DecodeAttention: lse");
+          !s.ok()) {
+        return s;
+      }
+    }
+    const CudaStep::Layer& cap = step.layers[static_cast<size_t>(layer)];
+    uint8_t* dev = static_cast<uint8_t*>(step.memory);
+    const bool q_in_place = io.q_dtype == DType::kF32;
+    const bool out_in_place = io.out_dtype == DType::kF32;
+    AttentionArgs args;
+    args.pool = step.pool;
+    args.head_dim = d;
+    args.num_streams = step.num_streams;
+    args.stream_segment_offsets = reinterpret_cast<const int32_t*>(dev + cap.segment_offsets_at);
+    args.segments = reinterpret_cast<const SegmentView*>(dev + cap.segments_at);
+    args.stream_token_offsets = reinterpret_cast<const int64_t*>(dev + cap.token_offsets_at);
+    args.max_stream_length = step.max_context;
+    args.num_queries = step.num_streams;
+    args.group_size = step.group_size;
+    args.scale = ResolveScale(params.scale, d);
+    args.q = q_in_place ? static_cast<const float*>(io.q)
+                        : reinterpret_cast<const float*>(dev + step.q32_at);
+    args.out =
+        out_in_place ? static_cast<float*>(io.out) : reinterpret_cast<float*>(dev + step.out32_at);
+    args.lse = io.lse != nullptr ? io.lse : reinterpret_cast<float*>(dev + step.lse_at);
+    if (cudaError_t e = cudaSetDevice(device_); e != cudaSuccess) return CudaError(e, "set device");
+    cudaStream_t s = io.stream != nullptr ? static_cast<cudaStream_t>(io.stream) : stream_;
+    if (!q_in_place) {
+      if (cudaError_t e =
+              LaunchConvert(io.q, io.q_dtype, dev + step.q32_at, DType::kF32, heads * d, s);
+          e != cudaSuccess) {
+        return CudaError(e, "DecodeAttention (q conversion)");
+      }
+    }
+    if (cudaError_t e = LaunchDecodeAttention(args, step.split,
+                                              reinterpret_cast<float*>(dev + step.workspace_at), s);
+        e != cudaSuccess) {
+      return CudaError(e, "DecodeAttention");
+    }
+    if (!out_in_place) {
+      if (cudaError_t e =
+              LaunchConvert(dev + step.out32_at, DType::kF32, io.out, io.out_dtype, heads * d, s);
+          e != cudaSuccess) {
+        return CudaError(e, "DecodeAttention (out conversion)");
+      }
+    }
+    return absl::OkStatus();
+  }
+
  private:
+  // int32 slots a segment's device copy takes in a step's index area.
+  static int64_t StepIndices(const SegmentView& s) {
+    const int64_t pages = s.tokens_per_page > 0 ? CeilDiv(s.length, s.tokens_per_page) : 0;
+    return pages + (s.key_channels != nullptr ? s.key_width : 0);
+  }
+
+  // A capturable plan's device memory (backend_impl.h StepBuffers): one cudaMalloc, carved.
+  struct CudaStep final : StepBuffers {
+    struct Layer {
+      int32_t segment_capacity = 0;
+      int32_t index_capacity = 0;
+      int32_t num_writes = 0;
+      int64_t segments_at = 0, segment_offsets_at = 0, token_offsets_at = 0, indices_at = 0;
+      int64_t jobs_at = 0, rows_at = 0;
+    };
+    ~CudaStep() override {
+      if (memory != nullptr) cudaFree(memory);
+    }
+    // Checks once per new pointer (and size) that a tensor is device memory of the backend:
+    // cudaPointerGetAttributes runs when an engine first passes a buffer (outside a capture, or
+    // during the capture of the first step: the call is not a stream operation), never on the
+    // calls that reuse the buffer.
+    absl::Status CheckOnce(const CudaBackend& backend, int slot, const void* p, int64_t bytes,
+                           absl::string_view what) {
+      if (checked[slot] == p && checked_bytes[slot] == bytes) return absl::OkStatus();
+      if (absl::Status s = backend.CheckDeviceMemory(p, bytes, what); !s.ok()) return s;
+      checked[slot] = p;
+      checked_bytes[slot] = bytes;
+      return absl::OkStatus();
+    }
+    PoolView pool;
+    void* memory = nullptr;
+    std::vector<uint8_t> image;  // [tables_bytes] host image of the tables, uploaded whole
+    int64_t tables_bytes = 0;
+    std::vector<Layer> layers;
+    int32_t num_streams = 0, group_size = 1, head_dim = 0, max_context = 0;
+    DecodeSplit split;
+    int64_t q32_at = 0, out32_at = 0, lse_at = 0, workspace_at = 0;
+    const void* checked[5] = {};  // keys, values, q, out, lse
+    int64_t checked_bytes[5] = {};
+  };
+
   struct StreamLayout {
     std::vector<int64_t> token_offsets;  // [num_streams + 1]
     int64_t total_tokens = 0;

@@ -587,15 +587,18 @@ __global__ void __launch_bounds__(kThreads) WriteRowsKernel(const WriteRowsArgs 
   const int2 job_row = a.rows[blockIdx.x];
   const WriteJob& job = a.jobs[job_row.x];
   const SegmentView dst = job.dst;
-  const int64_t src = static_cast<int64_t>(job_row.y - job.first_row) * job.src_stride;
+  const int64_t src =
+      job.src_offset + static_cast<int64_t>(job_row.y - job.first_row) * job.src_stride;
+  const void* keys = a.keys != nullptr ? a.keys : job.keys;
+  const void* values = a.values != nullptr ? a.values : job.values;
   uint8_t* krow = SegmentKeyRow(a.pool, dst, job_row.y);
   uint8_t* vrow = SegmentValueRow(a.pool, dst, job_row.y);
   for (int i = threadIdx.x; i < dst.key_width; i += kThreads) {
     const int channel = dst.key_channels != nullptr ? dst.key_channels[i] : i;
-    CopyElement(job.keys, a.src_dtype, src + channel, krow, a.pool.dtype, i);
+    CopyElement(keys, a.src_dtype, src + channel, krow, a.pool.dtype, i);
   }
   for (int c = threadIdx.x; c < dst.value_width; c += kThreads) {
-    CopyElement(job.values, a.src_dtype, src + c, vrow, a.pool.dtype, c);
+    CopyElement(values, a.src_dtype, src + c, vrow, a.pool.dtype, c);
   }
 }
 

@@ -117,6 +117,7 @@ struct WriteJob {
   const void* values = nullptr;  // [num_tokens, src_stride] src_dtype, device
   int64_t src_stride = 0;        // elements between consecutive source rows
   int32_t first_row = 0;         // destination row of source row 0
+  int64_t src_offset = 0;        // elements from the source base to source row 0
 };
 struct WriteRowsArgs {
   PoolView pool;
@@ -125,6 +126,11 @@ struct WriteRowsArgs {
   const WriteJob* jobs = nullptr;  // [num jobs]
   const int2* rows = nullptr;      // [num_rows] (job, destination row)
   int32_t num_rows = 0;
+  // Non-null: every job reads keys / values from these bases (at its src_offset) instead of its
+  // own pointers, so that a job array uploaded once serves launches with new source buffers
+  // (Backend::StepWriteRows: a capturable decode step's K/V, passed as launch arguments).
+  const void* keys = nullptr;
+  const void* values = nullptr;
 };
 cudaError_t LaunchWriteRows(const WriteRowsArgs& args, cudaStream_t stream);
 

@@ -194,7 +194,31 @@ std::span<const SequenceId> DecodePlan::batch() const {
 int32_t DecodePlan::first_layer() const { return state_ == nullptr ? 0 : state_->first_layer; }
 int32_t DecodePlan::num_layers() const { return state_ == nullptr ? 0 : state_->num_layers; }
 
+bool DecodePlan::reserved() const { return state_ != nullptr && state_->reserved; }
+bool DecodePlan::capturable() const { return state_ != nullptr && state_->capturable; }
+
 // ---- Plan -------------------------------------------------------------------------------------
+
+void internal::RecordPlanViews(DecodePlan::State& st) {
+  // Every layer's view slots: the segments each stream has now, plus one spare per stream for
+  // a segment an Append may open before the layer is decoded.
+  const int32_t heads = st.num_kv_heads;
+  const int32_t streams = st.num_streams();
+  st.versions.resize(static_cast<size_t>(st.num_layers) * streams);
+  st.view_begin.assign(st.num_layers + 1, 0);
+  for (int32_t l = 0; l < st.num_layers; ++l) {
+    int32_t slots = 0;
+    for (int32_t b = 0; b < static_cast<int32_t>(st.batch.size()); ++b) {
+      for (int32_t h = 0; h < heads; ++h) {
+        const internal::Stream& stream = st.seqs[b]->table.stream(st.first_layer + l, h);
+        st.versions[static_cast<size_t>(l) * streams + b * heads + h] = stream.version;
+        slots += static_cast<int32_t>(stream.segments.size()) + 1;
+      }
+    }
+    st.view_begin[l + 1] = st.view_begin[l] + slots;
+  }
+  st.views.resize(st.view_begin[st.num_layers]);
+}
 
 absl::StatusOr<DecodePlan> Cache::PrepareDecode(std::span<const SequenceId> batch) {
   return PrepareLayers("PrepareDecode", batch, 0, config_.num_layers, /*one_shot=*/false);
@@ -229,7 +253,6 @@ absl::StatusOr<DecodePlan> Cache::PrepareLayers(absl::string_view fn,
           absl::StrCat(fn, ": sequence ", st->lock_order[i]->id, " appears twice in the batch"));
     }
   }
-  const int32_t heads = config_.num_kv_heads;
   const int32_t streams = st->num_streams();
   st->offsets.resize(static_cast<size_t>(streams) + 1);
   st->key_indexes.resize(streams);
@@ -245,26 +268,9 @@ absl::StatusOr<DecodePlan> Cache::PrepareLayers(absl::string_view fn,
       status = absl::NotFoundError(absl::StrCat(fn, ": unknown sequence ", s->id));
     }
   }
-  if (status.ok()) {
-    // Every layer's view slots: the segments each stream has now, plus one spare per stream for
-    // a segment an Append may open before the layer is decoded.
-    st->versions.resize(static_cast<size_t>(num_layers) * streams);
-    st->view_begin.assign(num_layers + 1, 0);
-    for (int32_t l = 0; l < num_layers; ++l) {
-      int32_t slots = 0;
-      for (int32_t b = 0; b < static_cast<int32_t>(batch.size()); ++b) {
-        for (int32_t h = 0; h < heads; ++h) {
-          const internal::Stream& stream = st->seqs[b]->table.stream(first_layer + l, h);
-          st->versions[static_cast<size_t>(l) * streams + b * heads + h] = stream.version;
-          slots += static_cast<int32_t>(stream.segments.size()) + 1;
-        }
-      }
-      st->view_begin[l + 1] = st->view_begin[l] + slots;
-    }
-  }
+  if (status.ok()) internal::RecordPlanViews(*st);
   for (auto it = st->lock_order.rbegin(); it != st->lock_order.rend(); ++it) (*it)->mu.Unlock();
   if (!status.ok()) return status;
-  st->views.resize(st->view_begin[num_layers]);
   if (!one_shot) {
     // f16 / bf16 host q and out convert through this scratch, sized here so that a per-layer call
     // allocates nothing. A one-shot call allocates it in RunDecode, and only for those dtypes.
@@ -322,6 +328,24 @@ absl::Status Cache::DecodeAttention(DecodePlan& plan, int32_t layer, TensorRef q
     return absl::OutOfRangeError(absl::StrCat("DecodeAttention: layer ", layer,
                                               " is outside the plan's layers [", st.first_layer,
                                               ", ", st.first_layer + st.num_layers, ")"));
+  }
+  if (st.reserved && st.appended[layer - st.first_layer] == 0) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("DecodeAttention: layer ", layer,
+                     " has a reserved step row AppendStep has not written "
+                     "yet (call AppendStep for the layer first)"));
+  }
+  if (st.capturable) {
+    if (q.space != MemorySpace::kDevice) {
+      return absl::InvalidArgumentError(
+          "DecodeAttention: a capturable plan takes device q / out / lse (host tensors need "
+          "staging copies, which a graph cannot replay)");
+    }
+    if (options.read_policy.kind != ReadPolicy::Kind::kDense || options.accumulate_scores) {
+      return absl::InvalidArgumentError(
+          "DecodeAttention: a capturable plan runs dense reads without score accumulation "
+          "(sparse reads and score accumulators are host work)");
+    }
   }
   return RunDecode(st, layer, q, out, lse, options, /*one_shot=*/false);
 }
@@ -395,6 +419,38 @@ absl::Status Cache::RunDecode(DecodePlan::State& st, int32_t layer, const Tensor
                          absl::StrCat("DecodeAttention: sequence ", s->id,
                                       " was freed after PrepareDecode; prepare again"));
     }
+  }
+  if (st.capturable && status.ok()) {
+    // The device views were uploaded at PrepareDecode: the streams must be exactly as then.
+    for (int32_t b = 0; b < static_cast<int32_t>(st.batch.size()) && status.ok(); ++b) {
+      const internal::StreamTable& table = st.seqs[b]->table;
+      for (int32_t h = 0; h < heads; ++h) {
+        const size_t i = static_cast<size_t>(slot) * streams + b * heads + h;
+        const internal::Stream& stream = table.stream(layer, h);
+        if (stream.version != st.versions[i] || stream.length() != st.lengths[i]) {
+          status = absl::FailedPreconditionError(absl::StrCat(
+              "DecodeAttention: stream (sequence ", st.batch[b], ", layer ", layer, ", kv head ", h,
+              ") changed after PrepareDecode of a capturable plan (it decodes only what was "
+              "prepared); prepare again"));
+          break;
+        }
+      }
+    }
+    if (status.ok()) {
+      DecodeParams params;
+      params.group_size = config_.group_size();
+      params.scale = options.scale;
+      DecodeIO io;
+      io.q = q.data;
+      io.q_dtype = q.dtype;
+      io.out = out.data;
+      io.out_dtype = out.dtype;
+      io.lse = lse_out;
+      io.stream = options.stream;
+      status = backend_->StepDecode(*st.step, slot, params, io);
+    }
+    for (auto it = st.lock_order.rbegin(); it != st.lock_order.rend(); ++it) (*it)->mu.Unlock();
+    return status;
   }
   if (one_shot && status.ok()) {  // a plan made for this call only: views sized to the streams
     int32_t slots = 0;

@@ -1,7 +1,8 @@
 // src/cache_internal.h — what the files of the Cache implementation share (internal).
 //
 // The Cache is split by concept: cache.cc (lifecycle, locking, Append / Apply / ScoreRows and
-// their backend calls), cache_decode.cc (PrepareDecode and the per-layer decode), cache_read.cc
+// their backend calls), cache_decode.cc (PrepareDecode and the per-layer decode), cache_step.cc
+// (step reservation, AppendStep, capturable plans and their in-place re-prepare), cache_read.cc
 // (read-side queries, plan stamps, page-table export), cache_validate.cc (Validate),
 // key_index_upkeep.cc (retrieval indexes), plan_compile.cc (plan validation and compilation,
 // pure), page_summaries.cc (Quest summaries) and stream_table.cc (the stream / segment model).
@@ -18,6 +19,7 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/status/status.h"
 #include "absl/synchronization/mutex.h"
+#include "kvcache/backend_impl.h"
 #include "kvcache/cache.h"
 #include "src/stream_table.h"
 
@@ -71,6 +73,20 @@ struct DecodePlan::State {
   std::unique_ptr<float[]> q_f32;
   std::unique_ptr<float[]> out_f32;
 
+  // Step reservation (StepOptions::append_tokens = 1, src/cache_step.cc).
+  bool reserved = false;
+  std::vector<int32_t> step_positions;  // [batch] the reserved token's position
+  std::vector<uint8_t> appended;        // [num_layers] AppendStep done for the layer this step
+  std::vector<RowWrite> step_writes;    // [batch * kv_heads] AppendStep's writes (host path)
+  // Capturable plans (StepOptions::capturable): device buffers at fixed addresses, their
+  // capacities, and the stream lengths they were uploaded with.
+  bool capturable = false;
+  int32_t max_context = 0;
+  std::vector<int32_t> segment_capacity;  // [num_layers]
+  std::vector<int32_t> index_capacity;    // [num_layers]
+  std::vector<int32_t> lengths;           // [num_layers, batch * kv_heads]
+  std::unique_ptr<StepBuffers> step;
+
   int32_t num_streams() const { return static_cast<int32_t>(batch.size()) * num_kv_heads; }
 };
 
@@ -89,6 +105,10 @@ struct PageGuard {
 inline void ReleaseSegments(PagePool& pool, const std::vector<Segment>& segments) {
   for (const Segment& s : segments) pool.Release(s.pages);
 }
+
+// Records a non-one-shot plan's stream versions and sizes its view slots (the segments each
+// stream has now plus one spare per stream). Every sequence of the plan is locked.
+void RecordPlanViews(DecodePlan::State& st);
 
 // OutOfRange naming the layer or kv head outside the config.
 absl::Status CheckStreamIndex(const CacheConfig& c, int32_t layer, int32_t kv_head);

@@ -17,7 +17,8 @@
 //     after another;
 //   - intrinsics: __fadd_rn / __fmul_rn / __fsub_rn (IEEE round-to-nearest; the target is built
 //     with -ffp-contract=off so nothing is fused), __uint_as_float, __float_as_uint, ...;
-//   - the runtime calls of runtime.h under their CUDA names (cudaMalloc -> cuda_emu::Malloc);
+//   - the runtime calls of runtime.h under their CUDA names (cudaMalloc -> cuda_emu::Malloc),
+//     stream capture and graphs included;
 //   - KVCACHE_LAUNCH (cuda/launch.cuh) as a synchronous emulated launch.
 #ifndef KVCACHE_CUDA_EMULATION_CUDA_EMULATION_H_
 #define KVCACHE_CUDA_EMULATION_CUDA_EMULATION_H_
@@ -196,6 +197,13 @@ inline float __fmul_rn(float a, float b) { return a * b; }
 #define cudaPeekAtLastError ::kvcache::cuda_emu::PeekAtLastError
 #define cudaGetErrorName ::kvcache::cuda_emu::GetErrorName
 #define cudaGetErrorString ::kvcache::cuda_emu::GetErrorString
+#define cudaStreamBeginCapture ::kvcache::cuda_emu::StreamBeginCapture
+#define cudaStreamEndCapture ::kvcache::cuda_emu::StreamEndCapture
+#define cudaStreamIsCapturing ::kvcache::cuda_emu::StreamIsCapturing
+#define cudaGraphInstantiate ::kvcache::cuda_emu::GraphInstantiate
+#define cudaGraphLaunch ::kvcache::cuda_emu::GraphLaunch
+#define cudaGraphExecDestroy ::kvcache::cuda_emu::GraphExecDestroy
+#define cudaGraphDestroy ::kvcache::cuda_emu::GraphDestroy
 
 // ---- Launch -------------------------------------------------------------------------------------
 namespace kvcache::cuda_emu {
@@ -217,23 +225,37 @@ class KernelLaunch {
     struct Context {
       void (*kernel)(P...);
       std::tuple<std::decay_t<P>...> params;
-    } ctx{kernel_, std::tuple<std::decay_t<P>...>(std::forward<A>(args)...)};
+      const char* name;
+      dim3 grid, block;
+    };
+    auto* ctx = new Context{kernel_, std::tuple<std::decay_t<P>...>(std::forward<A>(args)...),
+                            name_, grid_, block_};
+    auto run = [](void* c) {
+      auto* context = static_cast<Context*>(c);
+      const LaunchStatus status = RunGrid(
+          ToIndex3(context->grid), ToIndex3(context->block), context->name,
+          [](void* cc) {
+            auto* inner = static_cast<Context*>(cc);
+            std::apply(inner->kernel, inner->params);
+          },
+          c);
+      if (status != LaunchStatus::kOk) SetLastError(cudaErrorInvalidConfiguration);
+    };
+    auto destroy = [](void* c) { delete static_cast<Context*>(c); };
     if (shmem_ > 48 * 1024) {  // dynamic shared memory is not emulated; none of ours uses it
+      destroy(ctx);
       SetLastError(cudaErrorInvalidValue);
       return;
     }
     if (!IsValidStream(stream_)) {  // a destroyed or made-up stream fails the launch on a GPU
+      destroy(ctx);
       SetLastError(cudaErrorInvalidResourceHandle);
       return;
     }
-    const LaunchStatus status =
-        RunGrid(ToIndex3(grid_), ToIndex3(block_), name_,
-                [](void* c) {
-                  auto* context = static_cast<Context*>(c);
-                  std::apply(context->kernel, context->params);
-                },
-                &ctx);
-    if (status != LaunchStatus::kOk) SetLastError(cudaErrorInvalidConfiguration);
+    // A capturing stream records the launch with its converted parameters (GraphLaunch runs it).
+    if (RecordIfCapturing(stream_, run, ctx, destroy)) return;
+    run(ctx);
+    destroy(ctx);
   }
 
  private:

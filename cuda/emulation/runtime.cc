@@ -5,15 +5,34 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <set>
+#include <vector>
 
 namespace kvcache::cuda_emu {
 namespace {
 
+// Recorded work of a capture, replayed in order by GraphLaunch.
+struct Work {
+  std::function<void()> run;
+};
+struct Capture {
+  std::vector<std::shared_ptr<Work>> work;
+  bool invalidated = false;
+};
+// A cudaGraph_t / cudaGraphExec_t: the recorded work (an instantiation shares it).
+struct Graph {
+  std::vector<std::shared_ptr<Work>> work;
+};
+
 struct Registry {
   std::mutex mu;
+  std::map<cudaStream_t, Capture> captures;  // streams capturing now
+  std::set<Graph*> graphs;
+  std::set<Graph*> execs;
   std::map<uintptr_t, size_t> allocations;  // start -> bytes
   std::set<cudaStream_t> streams;
   std::set<cudaEvent_t> events;
@@ -46,6 +65,22 @@ bool ValidStream(Registry& r, cudaStream_t s) {
   return s == nullptr || r.streams.count(s) != 0;
 }
 
+// The capture of `s`, or nullptr.
+Capture* CaptureOf(Registry& r, cudaStream_t s) {
+  auto it = r.captures.find(s);
+  return it == r.captures.end() ? nullptr : &it->second;
+}
+
+// A call a capture does not allow: invalidates `c` (every capture when null) and fails.
+cudaError_t Unsupported(Registry& r, Capture* c) {
+  if (c != nullptr) {
+    c->invalidated = true;
+  } else {
+    for (auto& [stream, capture] : r.captures) capture.invalidated = true;
+  }
+  return Record(cudaErrorStreamCaptureUnsupported);
+}
+
 }  // namespace
 
 bool IsValidStream(cudaStream_t stream) {
@@ -63,6 +98,11 @@ bool IsDeviceRange(const void* ptr, size_t bytes) {
 cudaError_t Malloc(void** ptr, size_t bytes) {
   if (ptr == nullptr) return Record(cudaErrorInvalidValue);
   *ptr = nullptr;
+  {
+    Registry& r = GetRegistry();
+    std::lock_guard<std::mutex> lock(r.mu);
+    if (!r.captures.empty()) return Unsupported(r, nullptr);
+  }
   if (bytes == 0) return cudaSuccess;
   // posix_memalign, not aligned_alloc: the exact size, so that AddressSanitizer reports a
   // kernel reading even one byte past the allocation.
@@ -80,6 +120,7 @@ cudaError_t Free(void* ptr) {
   Registry& r = GetRegistry();
   {
     std::lock_guard<std::mutex> lock(r.mu);
+    if (!r.captures.empty()) return Unsupported(r, nullptr);
     if (r.allocations.erase(reinterpret_cast<uintptr_t>(ptr)) == 0) {
       return Record(cudaErrorInvalidValue);
     }
@@ -121,6 +162,13 @@ cudaError_t MemcpyAsync(void* dst, const void* src, size_t bytes, cudaMemcpyKind
         break;
     }
     if (!ok) return Record(cudaErrorInvalidValue);
+    if (Capture* c = CaptureOf(r, stream); c != nullptr) {
+      // Host memory cannot be part of a graph's copies here (no pinned memory is emulated).
+      if (!dst_device || !src_device) return Unsupported(r, c);
+      c->work.push_back(
+          std::make_shared<Work>(Work{[dst, src, bytes] { std::memmove(dst, src, bytes); }}));
+      return cudaSuccess;
+    }
     if (dst_device && !src_device) r.host_to_device_bytes += static_cast<int64_t>(bytes);
   }
   std::memmove(dst, src, bytes);
@@ -134,6 +182,11 @@ cudaError_t MemsetAsync(void* dst, int value, size_t bytes, cudaStream_t stream)
     std::lock_guard<std::mutex> lock(r.mu);
     if (!ValidStream(r, stream)) return Record(cudaErrorInvalidResourceHandle);
     if (!IsDeviceRangeLocked(r, dst, bytes)) return Record(cudaErrorInvalidValue);
+    if (Capture* c = CaptureOf(r, stream); c != nullptr) {
+      c->work.push_back(
+          std::make_shared<Work>(Work{[dst, value, bytes] { std::memset(dst, value, bytes); }}));
+      return cudaSuccess;
+    }
   }
   std::memset(dst, value, bytes);
   return cudaSuccess;
@@ -159,6 +212,7 @@ cudaError_t StreamDestroy(cudaStream_t stream) {
     if (stream == nullptr || r.streams.erase(stream) == 0) {
       return Record(cudaErrorInvalidResourceHandle);
     }
+    r.captures.erase(stream);
   }
   delete reinterpret_cast<uint64_t*>(stream);
   return cudaSuccess;
@@ -167,10 +221,19 @@ cudaError_t StreamDestroy(cudaStream_t stream) {
 cudaError_t StreamSynchronize(cudaStream_t stream) {
   Registry& r = GetRegistry();
   std::lock_guard<std::mutex> lock(r.mu);
-  return ValidStream(r, stream) ? cudaSuccess : Record(cudaErrorInvalidResourceHandle);
+  if (!ValidStream(r, stream)) return Record(cudaErrorInvalidResourceHandle);
+  if (Capture* c = CaptureOf(r, stream); c != nullptr) return Unsupported(r, c);
+  // The legacy default stream synchronises with every blocking stream, capturing ones included.
+  if (stream == nullptr && !r.captures.empty()) return Unsupported(r, nullptr);
+  return cudaSuccess;
 }
 
-cudaError_t DeviceSynchronize() { return cudaSuccess; }
+cudaError_t DeviceSynchronize() {
+  Registry& r = GetRegistry();
+  std::lock_guard<std::mutex> lock(r.mu);
+  if (!r.captures.empty()) return Unsupported(r, nullptr);
+  return cudaSuccess;
+}
 
 cudaError_t EventCreate(cudaEvent_t* event) { return EventCreateWithFlags(event, 0); }
 
@@ -203,14 +266,17 @@ cudaError_t EventRecord(cudaEvent_t event, cudaStream_t stream) {
   if (r.events.count(event) == 0 || !ValidStream(r, stream)) {
     return Record(cudaErrorInvalidResourceHandle);
   }
-  ++*reinterpret_cast<uint64_t*>(event);  // how often recorded (never read back)
+  // Recorded into a capture, the record is a graph node (a no-op here: replays are synchronous).
+  if (CaptureOf(r, stream) == nullptr) ++*reinterpret_cast<uint64_t*>(event);
   return cudaSuccess;
 }
 
 cudaError_t EventSynchronize(cudaEvent_t event) {
   Registry& r = GetRegistry();
   std::lock_guard<std::mutex> lock(r.mu);
-  return r.events.count(event) != 0 ? cudaSuccess : Record(cudaErrorInvalidResourceHandle);
+  if (r.events.count(event) == 0) return Record(cudaErrorInvalidResourceHandle);
+  if (!r.captures.empty()) return Unsupported(r, nullptr);  // a host wait during a capture
+  return cudaSuccess;
 }
 
 cudaError_t StreamWaitEvent(cudaStream_t stream, cudaEvent_t event, unsigned flags) {
@@ -222,6 +288,105 @@ cudaError_t StreamWaitEvent(cudaStream_t stream, cudaEvent_t event, unsigned fla
   }
   ++r.waits[stream];
   return cudaSuccess;
+}
+
+cudaError_t StreamBeginCapture(cudaStream_t stream, cudaStreamCaptureMode mode) {
+  (void)mode;  // every mode is held to the global mode's rules (the header comment)
+  Registry& r = GetRegistry();
+  std::lock_guard<std::mutex> lock(r.mu);
+  if (stream == nullptr) return Record(cudaErrorStreamCaptureUnsupported);  // legacy stream
+  if (!ValidStream(r, stream)) return Record(cudaErrorInvalidResourceHandle);
+  if (CaptureOf(r, stream) != nullptr) return Record(cudaErrorIllegalState);
+  r.captures[stream] = Capture{};
+  return cudaSuccess;
+}
+
+cudaError_t StreamEndCapture(cudaStream_t stream, cudaGraph_t* graph) {
+  if (graph == nullptr) return Record(cudaErrorInvalidValue);
+  *graph = nullptr;
+  Registry& r = GetRegistry();
+  std::lock_guard<std::mutex> lock(r.mu);
+  if (!ValidStream(r, stream)) return Record(cudaErrorInvalidResourceHandle);
+  Capture* c = CaptureOf(r, stream);
+  if (c == nullptr) return Record(cudaErrorIllegalState);
+  const bool invalidated = c->invalidated;
+  auto* g = new Graph{std::move(c->work)};
+  r.captures.erase(stream);
+  if (invalidated) {
+    delete g;
+    return Record(cudaErrorStreamCaptureInvalidated);
+  }
+  r.graphs.insert(g);
+  *graph = reinterpret_cast<cudaGraph_t>(g);
+  return cudaSuccess;
+}
+
+cudaError_t StreamIsCapturing(cudaStream_t stream, cudaStreamCaptureStatus* status) {
+  if (status == nullptr) return Record(cudaErrorInvalidValue);
+  Registry& r = GetRegistry();
+  std::lock_guard<std::mutex> lock(r.mu);
+  if (!ValidStream(r, stream)) return Record(cudaErrorInvalidResourceHandle);
+  const Capture* c = CaptureOf(r, stream);
+  *status = c == nullptr     ? cudaStreamCaptureStatusNone
+            : c->invalidated ? cudaStreamCaptureStatusInvalidated
+                             : cudaStreamCaptureStatusActive;
+  return cudaSuccess;
+}
+
+cudaError_t GraphInstantiate(cudaGraphExec_t* exec, cudaGraph_t graph, unsigned long long flags) {
+  if (exec == nullptr || flags != 0) return Record(cudaErrorInvalidValue);
+  Registry& r = GetRegistry();
+  std::lock_guard<std::mutex> lock(r.mu);
+  auto* g = reinterpret_cast<Graph*>(graph);
+  if (r.graphs.count(g) == 0) return Record(cudaErrorInvalidValue);
+  auto* e = new Graph{g->work};
+  r.execs.insert(e);
+  *exec = reinterpret_cast<cudaGraphExec_t>(e);
+  return cudaSuccess;
+}
+
+cudaError_t GraphLaunch(cudaGraphExec_t exec, cudaStream_t stream) {
+  std::vector<std::shared_ptr<Work>> work;
+  {
+    Registry& r = GetRegistry();
+    std::lock_guard<std::mutex> lock(r.mu);
+    auto* e = reinterpret_cast<Graph*>(exec);
+    if (r.execs.count(e) == 0) return Record(cudaErrorInvalidValue);
+    if (!ValidStream(r, stream)) return Record(cudaErrorInvalidResourceHandle);
+    if (CaptureOf(r, stream) != nullptr) return Unsupported(r, CaptureOf(r, stream));
+    work = e->work;
+  }
+  for (const auto& w : work) w->run();  // outside the lock: the work calls the runtime
+  return cudaSuccess;
+}
+
+cudaError_t GraphExecDestroy(cudaGraphExec_t exec) {
+  Registry& r = GetRegistry();
+  std::lock_guard<std::mutex> lock(r.mu);
+  auto* e = reinterpret_cast<Graph*>(exec);
+  if (r.execs.erase(e) == 0) return Record(cudaErrorInvalidValue);
+  delete e;
+  return cudaSuccess;
+}
+
+cudaError_t GraphDestroy(cudaGraph_t graph) {
+  Registry& r = GetRegistry();
+  std::lock_guard<std::mutex> lock(r.mu);
+  auto* g = reinterpret_cast<Graph*>(graph);
+  if (r.graphs.erase(g) == 0) return Record(cudaErrorInvalidValue);
+  delete g;
+  return cudaSuccess;
+}
+
+bool RecordIfCapturing(cudaStream_t stream, void (*run)(void*), void* context,
+                       void (*destroy)(void*)) {
+  Registry& r = GetRegistry();
+  std::lock_guard<std::mutex> lock(r.mu);
+  Capture* c = CaptureOf(r, stream);
+  if (c == nullptr) return false;
+  std::shared_ptr<void> owned(context, destroy);
+  c->work.push_back(std::make_shared<Work>(Work{[run, owned] { run(owned.get()); }}));
+  return true;
 }
 
 int64_t StreamWaitEventCount(cudaStream_t stream) {
@@ -334,6 +499,12 @@ const char* GetErrorName(cudaError_t e) {
       return "cudaErrorInsufficientDriver";
     case cudaErrorDevicesUnavailable:
       return "cudaErrorDevicesUnavailable";
+    case cudaErrorStreamCaptureUnsupported:
+      return "cudaErrorStreamCaptureUnsupported";
+    case cudaErrorStreamCaptureInvalidated:
+      return "cudaErrorStreamCaptureInvalidated";
+    case cudaErrorIllegalState:
+      return "cudaErrorIllegalState";
     default:
       return "cudaErrorUnknown";
   }
@@ -363,6 +534,12 @@ const char* GetErrorString(cudaError_t e) {
       return "CUDA driver version is insufficient for CUDA runtime version";
     case cudaErrorDevicesUnavailable:
       return "CUDA-capable device(s) is/are busy or unavailable";
+    case cudaErrorStreamCaptureUnsupported:
+      return "operation not permitted when stream is capturing";
+    case cudaErrorStreamCaptureInvalidated:
+      return "operation failed due to a previous error during capture";
+    case cudaErrorIllegalState:
+      return "the operation is not permitted in the stream's capture state";
     default:
       return "unknown error (emulated runtime)";
   }

@@ -14,6 +14,18 @@
 // has kEmulatedSms multiprocessors (few, so that the backend's split planner splits long streams
 // the way it does on a small GPU).
 //
+// Stream capture (CUDA graphs): while a stream captures (StreamBeginCapture .. StreamEndCapture),
+// the work enqueued on it is recorded instead of run: kernel launches (with their parameters
+// already converted, as a launch copies them), device -> device copies, memsets, event records
+// and waits (no-ops here). What a GPU refuses during a capture fails here the same way, with
+// cudaErrorStreamCaptureUnsupported, and invalidates the capture (StreamEndCapture then answers
+// cudaErrorStreamCaptureInvalidated): a copy from or to host memory on the capturing stream
+// (pinned host memory is not emulated, so every host copy counts as pageable), a
+// synchronisation of the capturing stream, of an event, or of the device, and Malloc / Free while
+// any stream captures (the global capture mode's "unsafe calls"). GraphLaunch replays the
+// recorded work in order, synchronously, like every other emulated call. One capture per stream;
+// captures on several streams at once are independent (no cross-stream capture joins).
+//
 // Example:
 //   void* p = nullptr;
 //   if (kvcache::cuda_emu::Malloc(&p, 1024) != cudaSuccess) ...
@@ -55,6 +67,20 @@ cudaError_t GetLastError();
 cudaError_t PeekAtLastError();
 const char* GetErrorName(cudaError_t e);
 const char* GetErrorString(cudaError_t e);
+
+// Stream capture and graphs (the header comment): the runtime calls of that name.
+cudaError_t StreamBeginCapture(cudaStream_t stream, cudaStreamCaptureMode mode);
+cudaError_t StreamEndCapture(cudaStream_t stream, cudaGraph_t* graph);
+cudaError_t StreamIsCapturing(cudaStream_t stream, cudaStreamCaptureStatus* status);
+cudaError_t GraphInstantiate(cudaGraphExec_t* exec, cudaGraph_t graph,
+                             unsigned long long flags = 0);
+cudaError_t GraphLaunch(cudaGraphExec_t exec, cudaStream_t stream);
+cudaError_t GraphExecDestroy(cudaGraphExec_t exec);
+cudaError_t GraphDestroy(cudaGraph_t graph);
+// A kernel launch on `stream`: when the stream captures, `work` is recorded (and runs at each
+// GraphLaunch) and true is returned; otherwise false and the caller runs it now.
+bool RecordIfCapturing(cudaStream_t stream, void (*run)(void*), void* context,
+                       void (*destroy)(void*));
 
 // Records e as the calling thread's last error (what a failed launch does).
 void SetLastError(cudaError_t e);

@@ -104,6 +104,41 @@ struct DecodeIO {
   void* stream = nullptr;
 };
 
+// ---- Capturable decode steps (decode_plan.h, StepOptions::capturable) --------------------------
+// A capturable DecodePlan owns device memory at addresses fixed for its life, holding everything
+// its per-layer calls read: per layer the kernel views (SegmentView array, CSR and token
+// offsets, page ids and key channel maps) and AppendStep's write jobs; and the f32 q / out
+// conversion scratch, the lse scratch and the split-K workspace sized for max_context. The Cache
+// makes it with CreateStepBuffers (host, before anything is reserved), fills it with UploadStep
+// at every (re-)prepare, and the per-layer calls only enqueue kernels that read it
+// (StepWriteRows, StepDecode): no upload, no allocation, no synchronisation, so they can be
+// captured in a CUDA graph and replayed after the next UploadStep rewrote the same addresses.
+class StepBuffers {
+ public:
+  virtual ~StepBuffers() = default;
+};
+
+// The fixed capacities of a step's buffers.
+struct StepShape {
+  PoolView pool;  // the cache's pool (fixed for its life)
+  int32_t num_layers = 0;
+  int32_t num_streams = 0;  // batch * num_kv_heads
+  int32_t group_size = 1;   // G
+  int32_t head_dim = 0;
+  int32_t max_context = 0;  // the longest stream a decode of the plan may read (fixes the split)
+  std::span<const int32_t> segment_capacity;  // [num_layers] SegmentView slots
+  std::span<const int32_t> index_capacity;    // [num_layers] int32 slots: page ids + key channels
+};
+
+// One layer of a step upload.
+struct StepLayer {
+  PagedKVView kv;  // the layer's views, reserved rows included (host arrays, as for a decode)
+  // AppendStep's targets, [num_streams] or empty (no reservation): writes[i].dst / first_row is
+  // where stream i's new row goes (num_tokens 1; keys / values unused: StepWriteRows passes the
+  // source, whose row i starts i * head_dim elements into a [batch, kv_heads, head_dim] tensor).
+  std::span<const RowWrite> writes;
+};
+
 // Parameters of a per-stream key index for retrieval decode (see KeyIndex).
 struct KeyIndexParams {
   int32_t head_dim = 0;
@@ -234,6 +269,35 @@ class Backend {
     (void)kv, (void)params, (void)q, (void)out, (void)lse;
     return absl::UnimplementedError(std::string(Name()) +
                                     " backend has no sparse decode (Quest / retrieval read policies)");
+  }
+  // Capturable decode steps (StepBuffers above). Device-tensor backends only: the defaults
+  // answer Unimplemented. UploadStep answers FailedPrecondition (nothing written) when a layer
+  // does not fit the buffers' capacities or a stream is longer than max_context. `stream`
+  // (nullptr: the backend's own stream, and UploadStep waits for the device first and for the
+  // copy after) orders the upload after earlier replays reading the buffers.
+  [[nodiscard]] virtual absl::StatusOr<std::unique_ptr<StepBuffers>> CreateStepBuffers(
+      const StepShape& shape) {
+    (void)shape;
+    return absl::UnimplementedError(std::string(Name()) + " backend has no capturable steps");
+  }
+  [[nodiscard]] virtual absl::Status UploadStep(StepBuffers& buffers,
+                                                std::span<const StepLayer> layers, void* stream) {
+    (void)buffers, (void)layers, (void)stream;
+    return absl::UnimplementedError(std::string(Name()) + " backend has no capturable steps");
+  }
+  // Writes layer slot `layer`'s reserved rows from keys / values ([batch, kv_heads, head_dim]
+  // device memory, dtype), enqueued on `stream` (nullptr: the backend's own stream).
+  [[nodiscard]] virtual absl::Status StepWriteRows(StepBuffers& buffers, int32_t layer,
+                                                   const void* keys, const void* values,
+                                                   DType dtype, void* stream) {
+    (void)buffers, (void)layer, (void)keys, (void)values, (void)dtype, (void)stream;
+    return absl::UnimplementedError(std::string(Name()) + " backend has no capturable steps");
+  }
+  // Dense decode of layer slot `layer` with the uploaded views (no score accumulation).
+  [[nodiscard]] virtual absl::Status StepDecode(StepBuffers& buffers, int32_t layer,
+                                                const DecodeParams& params, const DecodeIO& io) {
+    (void)buffers, (void)layer, (void)params, (void)io;
+    return absl::UnimplementedError(std::string(Name()) + " backend has no capturable steps");
   }
   // A key index for retrieval decode (host memory).
   [[nodiscard]] virtual absl::StatusOr<std::unique_ptr<KeyIndex>> CreateKeyIndex(

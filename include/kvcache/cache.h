@@ -230,6 +230,31 @@ class Cache {
   // Plan once per step, run per layer (decode_plan.h): the host work of a decode step for every
   // layer of `batch` (same checks as DecodeAttention: non-empty, known sequences, no duplicate).
   [[nodiscard]] absl::StatusOr<DecodePlan> PrepareDecode(std::span<const SequenceId> batch);
+  // The same with a step reservation and / or a capturable plan (decode_plan.h, StepOptions).
+  // Checks everything first; with append_tokens = 1, reserves the step's row in every stream of
+  // every layer of the batch at once (all or nothing: ResourceExhausted reserves nothing).
+  // FailedPrecondition for a reservation with CacheConfig::page_summaries or a stream with a
+  // retrieval key index (both need the keys on the host); InvalidArgument for a capturable plan
+  // on a backend without capturable steps, or a stream longer than max_context.
+  [[nodiscard]] absl::StatusOr<DecodePlan> PrepareDecode(std::span<const SequenceId> batch,
+                                                         const StepOptions& options);
+  // Re-prepares `plan` in place for the next step of the same batch: reserves the new step's
+  // rows and, for a capturable plan, rewrites its device buffers at the same addresses, so a
+  // graph captured from the previous step's per-layer calls replays this step. `batch` must be
+  // the plan's batch and `options` its capturable / max_context (InvalidArgument otherwise);
+  // FailedPrecondition ("recapture") when the step no longer fits the plan's buffers. On any
+  // error the cache is unchanged (the plan is left as it was).
+  [[nodiscard]] absl::Status PrepareDecode(DecodePlan& plan, std::span<const SequenceId> batch,
+                                           const StepOptions& options);
+  // Writes the K/V of the step's token for `layer` into the rows the plan reserved:
+  // keys / values [batch, num_kv_heads, head_dim] f32 / f16 / bf16, host or device memory (device
+  // on a backend with BackendOp::kDeviceTensors; a capturable plan takes device memory only and
+  // enqueues one write kernel on `stream`, nullptr: the backend's own stream). Non-capturable
+  // plans write synchronously, as Append does (device K/V must be complete). Once per layer per
+  // step: FailedPrecondition for a second call, a plan without a reservation, or a stream
+  // changed since PrepareDecode.
+  [[nodiscard]] absl::Status AppendStep(DecodePlan& plan, int32_t layer, TensorRef keys,
+                                        TensorRef values, void* stream = nullptr);
   // Decode attention of `layer` over the plan's batch; shapes and options as above. No heap
   // allocation on the CPU backend for dense reads. FailedPrecondition when a stream of the batch
   // was changed by Apply or its sequence freed since PrepareDecode (decode_plan.h); appends are
@@ -317,6 +342,9 @@ class Cache {
   // the batch overload; versions and views are not recorded (RunDecode sizes the views).
   absl::StatusOr<DecodePlan> PrepareLayers(absl::string_view fn, std::span<const SequenceId> batch,
                                            int32_t first_layer, int32_t num_layers, bool one_shot);
+  // The reservation and device upload of a step (src/cache_step.cc); `in_place`: re-prepare.
+  absl::Status PrepareStep(absl::string_view fn, DecodePlan::State& st, const StepOptions& options,
+                           bool in_place);
   // The run half of both DecodeAttention overloads. `one_shot`: the plan was made inside this
   // call (a sequence freed meanwhile is NotFound, as before plans existed).
   absl::Status RunDecode(DecodePlan::State& plan, int32_t layer, const TensorRef& q,

@@ -66,6 +66,21 @@ class ForwardingBackend : public Backend {
     return inner_->EnqueueAppend(pool, copies, writes, stream);
   }
   absl::Status Synchronize(void* stream) override { return inner_->Synchronize(stream); }
+  absl::StatusOr<std::unique_ptr<StepBuffers>> CreateStepBuffers(const StepShape& shape) override {
+    return inner_->CreateStepBuffers(shape);
+  }
+  absl::Status UploadStep(StepBuffers& buffers, std::span<const StepLayer> layers,
+                          void* stream) override {
+    return inner_->UploadStep(buffers, layers, stream);
+  }
+  absl::Status StepWriteRows(StepBuffers& buffers, int32_t layer, const void* keys,
+                             const void* values, DType dtype, void* stream) override {
+    return inner_->StepWriteRows(buffers, layer, keys, values, dtype, stream);
+  }
+  absl::Status StepDecode(StepBuffers& buffers, int32_t layer, const DecodeParams& params,
+                          const DecodeIO& io) override {
+    return inner_->StepDecode(buffers, layer, params, io);
+  }
   absl::Status SparseDecodeAttention(const PagedKVView& kv, const DecodeParams& params,
                                      const float* q, float* out, float* lse) override {
     return inner_->SparseDecodeAttention(kv, params, q, out, lse);
