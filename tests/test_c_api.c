@@ -10,39 +10,7 @@
 
 #include "kvcache/c_api.h"
 
-static int g_failures = 0;
-
-#define CHECK(cond)                                                               \
-  do {                                                                            \
-    if (!(cond)) {                                                                \
-      fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond);    \
-      ++g_failures;                                                               \
-    }                                                                             \
-  } while (0)
-
-/* Expects a status; on mismatch prints the last error. */
-#define EXPECT_STATUS(expr, want)                                                        \
-  do {                                                                                   \
-    kvc_status got_ = (expr);                                                            \
-    if (got_ != (want)) {                                                                \
-      fprintf(stderr, "%s:%d: %s returned %s, expected %s (last error: %s)\n", __FILE__, \
-              __LINE__, #expr, kvc_status_name(got_), kvc_status_name(want),              \
-              kvc_last_error());                                                         \
-      ++g_failures;                                                                      \
-    }                                                                                    \
-  } while (0)
-
-#define EXPECT_OK(expr) EXPECT_STATUS(expr, KVC_OK)
-
-/* The last error mentions `needle` (the bad value must be named). */
-#define EXPECT_ERROR_MENTIONS(needle)                                                 \
-  do {                                                                                \
-    if (strstr(kvc_last_error(), (needle)) == NULL) {                                 \
-      fprintf(stderr, "%s:%d: last error \"%s\" does not mention \"%s\"\n", __FILE__, \
-              __LINE__, kvc_last_error(), (needle));                                  \
-      ++g_failures;                                                                   \
-    }                                                                                 \
-  } while (0)
+#include "c_test_check.h"
 
 enum { kLayers = 3, kHeads = 2, kQHeads = 4, kDim = 8, kPageTokens = 4, kPrompt = 10 };
 
