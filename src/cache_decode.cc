@@ -179,6 +179,18 @@ absl::Status CheckDecodeArgs(const CacheConfig& c, const Backend& backend, int64
   return absl::OkStatus();
 }
 
+// The backend's view of a device-tensor decode's tensors.
+DecodeIO DeviceIO(const TensorRef& q, const MutableTensorRef& out, float* lse, void* stream) {
+  DecodeIO io;
+  io.q = q.data;
+  io.q_dtype = q.dtype;
+  io.out = out.data;
+  io.out_dtype = out.dtype;
+  io.lse = lse;
+  io.stream = stream;
+  return io;
+}
+
 }  // namespace
 
 // ---- DecodePlan -------------------------------------------------------------------------------
@@ -440,14 +452,8 @@ absl::Status Cache::RunDecode(DecodePlan::State& st, int32_t layer, const Tensor
       DecodeParams params;
       params.group_size = config_.group_size();
       params.scale = options.scale;
-      DecodeIO io;
-      io.q = q.data;
-      io.q_dtype = q.dtype;
-      io.out = out.data;
-      io.out_dtype = out.dtype;
-      io.lse = lse_out;
-      io.stream = options.stream;
-      status = backend_->StepDecode(*st.step, slot, params, io);
+      status = backend_->StepDecode(*st.step, slot, params,
+                                    DeviceIO(q, out, lse_out, options.stream));
     }
     for (auto it = st.lock_order.rbegin(); it != st.lock_order.rend(); ++it) (*it)->mu.Unlock();
     return status;
@@ -514,14 +520,8 @@ absl::Status Cache::RunDecode(DecodePlan::State& st, int32_t layer, const Tensor
     params.accumulate_scores = options.accumulate_scores;
     params.aggregation = options.aggregation;
     if (device) {  // dense (CheckDecodeArgs): asynchronous on options.stream
-      DecodeIO io;
-      io.q = q.data;
-      io.q_dtype = q.dtype;
-      io.out = out.data;
-      io.out_dtype = out.dtype;
-      io.lse = lse_out;
-      io.stream = options.stream;
-      status = backend_->DeviceDecodeAttention(kv, params, io);
+      status = backend_->DeviceDecodeAttention(kv, params,
+                                               DeviceIO(q, out, lse_out, options.stream));
     } else if (!sparse) {
       status = backend_->DecodeAttention(kv, params, q_f32, out_f32, lse_out);
     } else {

@@ -109,26 +109,26 @@ void GatherDense(const Array& a, size_t elem, uint8_t* dst) {
   }
 }
 
+// The kvcache dtype of a float array argument (f32; f16 / bf16 too with kFloatDTypes), or a
+// ValueError naming `name`.
+DType FloatDType(const nb::dlpack::dtype& t, const char* name, DTypeSet dtypes) {
+  const auto code = static_cast<nb::dlpack::dtype_code>(t.code);
+  if (t.lanes == 1 && code == nb::dlpack::dtype_code::Float && t.bits == 32) return DType::kF32;
+  if (dtypes == kFloatDTypes && t.lanes == 1 && t.bits == 16) {
+    if (code == nb::dlpack::dtype_code::Float) return DType::kF16;
+    if (code == nb::dlpack::dtype_code::Bfloat) return DType::kBF16;
+  }
+  Fail(absl::StrCat(name, " has dtype ", DTypeString(t), ", expected ",
+                    dtypes == kF32Only ? "float32" : "float32, float16 or bfloat16"));
+}
+
 }  // namespace
 
 HostTensor ToHostTensor(const InArray& a, const char* name,
                         std::initializer_list<int64_t> shape, DTypeSet dtypes) {
   CheckDeviceAndShape(a, name, shape);
-  const nb::dlpack::dtype t = a.dtype();
   HostTensor out;
-  const auto code = static_cast<nb::dlpack::dtype_code>(t.code);
-  if (t.lanes == 1 && code == nb::dlpack::dtype_code::Float && t.bits == 32) {
-    out.dtype = DType::kF32;
-  } else if (dtypes == kFloatDTypes && t.lanes == 1 && code == nb::dlpack::dtype_code::Float &&
-             t.bits == 16) {
-    out.dtype = DType::kF16;
-  } else if (dtypes == kFloatDTypes && t.lanes == 1 && code == nb::dlpack::dtype_code::Bfloat &&
-             t.bits == 16) {
-    out.dtype = DType::kBF16;
-  } else {
-    Fail(absl::StrCat(name, " has dtype ", DTypeString(t), ", expected ",
-                      dtypes == kF32Only ? "float32" : "float32, float16 or bfloat16"));
-  }
+  out.dtype = FloatDType(a.dtype(), name, dtypes);
   for (size_t i = 0; i < a.ndim(); ++i) out.shape.push_back(static_cast<int64_t>(a.shape(i)));
   out.numel = NumElements(a);
   if (IsCContiguous(a)) {
@@ -146,21 +146,8 @@ HostTensor ToHostTensor(const InArray& a, const char* name,
 MutableTensorRef ToOutputTensor(const nb::ndarray<>& a, const char* name,
                                 std::initializer_list<int64_t> shape, DTypeSet dtypes) {
   CheckDeviceAndShape(a, name, shape);
-  const nb::dlpack::dtype t = a.dtype();
-  const auto code = static_cast<nb::dlpack::dtype_code>(t.code);
   MutableTensorRef out;
-  if (t.lanes == 1 && code == nb::dlpack::dtype_code::Float && t.bits == 32) {
-    out.dtype = DType::kF32;
-  } else if (dtypes == kFloatDTypes && t.lanes == 1 && code == nb::dlpack::dtype_code::Float &&
-             t.bits == 16) {
-    out.dtype = DType::kF16;
-  } else if (dtypes == kFloatDTypes && t.lanes == 1 && code == nb::dlpack::dtype_code::Bfloat &&
-             t.bits == 16) {
-    out.dtype = DType::kBF16;
-  } else {
-    Fail(absl::StrCat(name, " has dtype ", DTypeString(t), ", expected ",
-                      dtypes == kF32Only ? "float32" : "float32, float16 or bfloat16"));
-  }
+  out.dtype = FloatDType(a.dtype(), name, dtypes);
   if (!IsCContiguous(a)) Fail(absl::StrCat(name, " must be C-contiguous (it is written in place)"));
   out.data = a.data();
   out.num_elements = NumElements(a);
