@@ -57,7 +57,10 @@
 // between a prepare and the replay of its step there must be no Apply, Free, Append or Fork of
 // the batch's sequences, and the graph must run on StepOptions::stream (or the prepare is given
 // no stream and waits for the whole device before it uploads). The per-layer calls themselves
-// (at capture) still lock and check as usual. docs/ARCHITECTURE.md, "Capturable decode steps".
+// (at capture) still lock and check as usual. The capturable calls record no event, so the
+// backend's other operations (Append without a stream, Apply, Free, a host read, which run on
+// its own stream) are not ordered after a launched graph or a per-layer call: call
+// Cache::Synchronize(stream) before them. docs/ARCHITECTURE.md, "Capturable decode steps".
 //
 // Example (an engine step with a graph; d_k / d_v / d_q / d_out fixed device buffers per layer):
 //   kvcache::StepOptions opt{.append_tokens = 1, .positions = positions, .capturable = true,
