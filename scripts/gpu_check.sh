@@ -5,11 +5,12 @@
 #      the machine cannot fetch, unpacks the .deb files of $KVCACHE_GPU_DEBS (default .gpu-debs/,
 #      made on a networked machine with `scripts/gpu_check.sh --fetch-debs .gpu-debs`);
 #   2. builds the native CUDA backend (-DCMAKE_CUDA_ARCHITECTURES=90, emulation off) and only the
-#      targets it runs: test_cuda_backend, test_cuda_device_tensors, test_cuda_view_mirror and
-#      bench_cuda_attention;
-#   3. runs every [cuda] test case on the device (the three test binaries: the backend against
-#      cpu-reference, device-tensor decode / device K/V Append / caller streams, and the view
-#      mirror against full staging);
+#      targets it runs: test_cuda_backend, test_cuda_device_tensors, test_cuda_view_mirror,
+#      test_cuda_step and bench_cuda_attention;
+#   3. runs every [cuda] test case on the device (the four test binaries: the backend against
+#      cpu-reference, device-tensor decode / device K/V Append / caller streams, the view
+#      mirror against full staging, step reservations and capturable plans; the graph-replay
+#      cases run on the emulator only);
 #   4. runs compute-sanitizer memcheck, racecheck and synccheck over the CUDA test binary (with
 #      KVCACHE_CUDA_TEST_SHORT=1: the emulator's shorter streams, so each tool fits its slot);
 #   5. runs bench_cuda_attention (decode vs a device-to-device copy of the same bytes, pages of 16
@@ -110,10 +111,8 @@ step configure 90 cmake -S . -B "$build" "${generator[@]}" "${launcher[@]}" \
   -DKVCACHE_BUILD_TOOLS=OFF -DKVCACHE_BUILD_EXAMPLES=OFF -DKVCACHE_BUILD_C_API=OFF \
   -DKVCACHE_INSTALL_TEST=OFF
 step build 300 cmake --build "$build" -j"$jobs" --target test_cuda_backend \
-  test_cuda_device_tensors test_cuda_view_mirror bench_cuda_attention
+  test_cuda_device_tensors test_cuda_view_mirror test_cuda_step bench_cuda_attention
 test_bin=$build/tests/test_cuda_backend
-device_test_bin=$build/tests/test_cuda_device_tensors
-mirror_test_bin=$build/tests/test_cuda_view_mirror
 bench_bin=$build/bench/bench_cuda_attention
 
 # ---- 3. tests -----------------------------------------------------------------------------------
@@ -121,18 +120,16 @@ if [ -x "$test_bin" ]; then
   command -v nvidia-smi >/dev/null && nvidia-smi -L >"$out/device.log" 2>&1 || true
   # One process for all cases: the reporter's totals are the pass/fail counts.
   step tests 150 "$test_bin" "[cuda]" --reporter compact
-  if [ -x "$device_test_bin" ]; then
-    step tests-device-tensors 60 "$device_test_bin" "[cuda]" --reporter compact
-  else
-    steps+=("tests-device-tensors|not run: no test binary (build failed)|0")
-    failed=1
-  fi
-  if [ -x "$mirror_test_bin" ]; then
-    step tests-view-mirror 60 "$mirror_test_bin" "[cuda]" --reporter compact
-  else
-    steps+=("tests-view-mirror|not run: no test binary (build failed)|0")
-    failed=1
-  fi
+  for pair in device-tensors:test_cuda_device_tensors view-mirror:test_cuda_view_mirror \
+    step:test_cuda_step; do
+    bin=$build/tests/${pair#*:}
+    if [ -x "$bin" ]; then
+      step "tests-${pair%%:*}" 60 "$bin" "[cuda]" --reporter compact
+    else
+      steps+=("tests-${pair%%:*}|not run: no test binary (build failed)|0")
+      failed=1
+    fi
+  done
 else
   steps+=("tests|not run: no test binary (build failed)|0")
   failed=1
