@@ -171,6 +171,68 @@ class TestStream {
   cudaStream_t stream_ = nullptr;
 };
 
+// ---- Stream capture and graphs of the backend under test (global capture mode) ---------------
+// The emulator's (cuda/emulation/runtime.h: records, refuses what a GPU refuses) or the real
+// runtime's, so a capture test runs on both.
+inline cudaError_t TestBeginCapture(cudaStream_t s) {
+#if KVCACHE_HAVE_CUDA_EMULATED
+  if (Emulated()) return cuda_emu::StreamBeginCapture(s, cudaStreamCaptureModeGlobal);
+#endif
+#if KVCACHE_HAVE_CUDA_RUNTIME
+  return cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal);
+#else
+  return cudaErrorNoDevice;
+#endif
+}
+
+inline cudaError_t TestEndCapture(cudaStream_t s, cudaGraph_t* graph) {
+#if KVCACHE_HAVE_CUDA_EMULATED
+  if (Emulated()) return cuda_emu::StreamEndCapture(s, graph);
+#endif
+#if KVCACHE_HAVE_CUDA_RUNTIME
+  return cudaStreamEndCapture(s, graph);
+#else
+  return cudaErrorNoDevice;
+#endif
+}
+
+inline cudaError_t TestGraphInstantiate(cudaGraphExec_t* exec, cudaGraph_t graph) {
+#if KVCACHE_HAVE_CUDA_EMULATED
+  if (Emulated()) return cuda_emu::GraphInstantiate(exec, graph);
+#endif
+#if KVCACHE_HAVE_CUDA_RUNTIME
+  return cudaGraphInstantiate(exec, graph, 0);
+#else
+  return cudaErrorNoDevice;
+#endif
+}
+
+inline cudaError_t TestGraphLaunch(cudaGraphExec_t exec, cudaStream_t s) {
+#if KVCACHE_HAVE_CUDA_EMULATED
+  if (Emulated()) return cuda_emu::GraphLaunch(exec, s);
+#endif
+#if KVCACHE_HAVE_CUDA_RUNTIME
+  return cudaGraphLaunch(exec, s);
+#else
+  return cudaErrorNoDevice;
+#endif
+}
+
+inline cudaError_t TestGraphDestroy(cudaGraphExec_t exec, cudaGraph_t graph) {
+#if KVCACHE_HAVE_CUDA_EMULATED
+  if (Emulated()) {
+    if (cudaError_t e = cuda_emu::GraphExecDestroy(exec); e != cudaSuccess) return e;
+    return cuda_emu::GraphDestroy(graph);
+  }
+#endif
+#if KVCACHE_HAVE_CUDA_RUNTIME
+  if (cudaError_t e = cudaGraphExecDestroy(exec); e != cudaSuccess) return e;
+  return cudaGraphDestroy(graph);
+#else
+  return cudaErrorNoDevice;
+#endif
+}
+
 #endif  // KVCACHE_TEST_DEVICE_MEMORY
 
 }  // namespace kvcache

@@ -425,8 +425,9 @@ DType QDType(int32_t layer) { return layer == 1 ? DType::kF16 : DType::kF32; }
 
 TEST_CASE("cuda capturable plan: a graph captured at step 1 replays steps 2..N after re-prepares",
           "[cuda][step][graph]") {
+  // The capture runs on the emulator (its capture rules: cuda/emulation/runtime.h) and, on a GPU,
+  // on the real runtime (scripts/gpu_check.sh).
   KVCACHE_CUDA_CASE();
-  if (!Emulated()) return;  // the capture calls below are the emulator's (runtime.h)
   const CacheConfig c = Config();
   auto ref = NewCache(c, CudaBackend());
   auto step = NewCache(c, CudaBackend());
@@ -505,7 +506,7 @@ TEST_CASE("cuda capturable plan: a graph captured at step 1 replays steps 2..N a
       REQUIRE(made.ok());
       REQUIRE(made->capturable());
       plan = *std::move(made);
-      REQUIRE(cuda_emu::StreamBeginCapture(s, cudaStreamCaptureModeGlobal) == cudaSuccess);
+      REQUIRE(TestBeginCapture(s) == cudaSuccess);
       for (int32_t l = 0; l < c.num_layers; ++l) {
         absl::Status st = step->AppendStep(
             plan, l, TensorRef::OnDevice(layers[l]->k.get(), DType::kF32, kv_elements),
@@ -520,15 +521,15 @@ TEST_CASE("cuda capturable plan: a graph captured at step 1 replays steps 2..N a
         INFO(st.ToString());
         REQUIRE(st.ok());
       }
-      REQUIRE(cuda_emu::StreamEndCapture(s, &graph) == cudaSuccess);
-      REQUIRE(cuda_emu::GraphInstantiate(&exec, graph) == cudaSuccess);
+      REQUIRE(TestEndCapture(s, &graph) == cudaSuccess);
+      REQUIRE(TestGraphInstantiate(&exec, graph) == cudaSuccess);
     } else {
       absl::Status st = step->PrepareDecode(plan, batch, options);
       INFO(st.ToString());
       REQUIRE(st.ok());
     }
     // The captured work ran only now (a capture records, it does not run).
-    REQUIRE(cuda_emu::GraphLaunch(exec, s) == cudaSuccess);
+    REQUIRE(TestGraphLaunch(exec, s) == cudaSuccess);
     REQUIRE(step->Synchronize(stream.get()).ok());
     for (int32_t l = 0; l < c.num_layers; ++l) {
       INFO("layer " << l);
@@ -543,8 +544,7 @@ TEST_CASE("cuda capturable plan: a graph captured at step 1 replays steps 2..N a
       }
     }
   }
-  REQUIRE(cuda_emu::GraphExecDestroy(exec) == cudaSuccess);
-  REQUIRE(cuda_emu::GraphDestroy(graph) == cudaSuccess);
+  REQUIRE(TestGraphDestroy(exec, graph) == cudaSuccess);
   REQUIRE(step->Validate().ok());
   REQUIRE(testing::SameImage(testing::Snapshot(*ref), testing::Snapshot(*step)));
 
