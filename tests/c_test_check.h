@@ -1,7 +1,7 @@
 /* tests/c_test_check.h — the check macros of the C API tests (C99, one executable per test file).
  *
- * Each macro counts a failure in g_failures and prints where it happened; main returns
- * g_failures != 0. EXPECT_STATUS prints the library's last error on a mismatch, and
+ * Each macro counts a failure in g_failures and prints where it happened; main ends with
+ * `return CheckReport("test_name");`. EXPECT_STATUS prints the library's last error on a mismatch, and
  * EXPECT_ERROR_MENTIONS checks that the last error names the bad value.
  *
  * Example:
@@ -49,5 +49,15 @@ static int g_failures = 0;
       ++g_failures;                                                                   \
     }                                                                                 \
   } while (0)
+
+/* The end of main: reports the count of failed checks and returns the exit code. */
+static int CheckReport(const char* test) {
+  if (g_failures != 0) {
+    fprintf(stderr, "%s: %d check(s) failed\n", test, g_failures);
+    return 1;
+  }
+  printf("%s: all checks passed\n", test);
+  return 0;
+}
 
 #endif /* KVCACHE_TESTS_C_TEST_CHECK_H_ */

@@ -706,10 +706,5 @@ int main(void) {
   TestArgumentErrors();
   TestPoolExhaustion();
   TestSparseDecode();
-  if (g_failures != 0) {
-    fprintf(stderr, "test_c_api: %d check(s) failed\n", g_failures);
-    return 1;
-  }
-  printf("test_c_api: all checks passed\n");
-  return 0;
+  return CheckReport("test_c_api");
 }

@@ -502,10 +502,5 @@ int main(void) {
   TestPlannedEqualsOneShot();
   TestAppendTensors();
   TestRefusals();
-  if (g_failures != 0) {
-    fprintf(stderr, "test_c_api_decode: %d check(s) failed\n", g_failures);
-    return 1;
-  }
-  printf("test_c_api_decode: all checks passed\n");
-  return 0;
+  return CheckReport("test_c_api_decode");
 }
