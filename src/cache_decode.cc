@@ -274,14 +274,14 @@ absl::StatusOr<DecodePlan> Cache::PrepareLayers(absl::string_view fn,
     return plan;
   }
   absl::Status status = absl::OkStatus();
-  for (Sequence* s : st->lock_order) s->mu.Lock();
+  internal::PlanLock lock(*st);
   for (Sequence* s : st->lock_order) {
     if (s->freed && status.ok()) {
       status = absl::NotFoundError(absl::StrCat(fn, ": unknown sequence ", s->id));
     }
   }
   if (status.ok()) internal::RecordPlanViews(*st);
-  for (auto it = st->lock_order.rbegin(); it != st->lock_order.rend(); ++it) (*it)->mu.Unlock();
+  lock.Unlock();
   if (!status.ok()) return status;
   if (!one_shot) {
     // f16 / bf16 host q and out convert through this scratch, sized here so that a per-layer call
@@ -421,7 +421,7 @@ absl::Status Cache::RunDecode(DecodePlan::State& st, int32_t layer, const Tensor
   const ReadPolicy& rp = options.read_policy;
   const bool sparse = rp.kind != ReadPolicy::Kind::kDense && layer >= rp.dense_first_layers;
 
-  for (Sequence* s : st.lock_order) s->mu.Lock();
+  internal::PlanLock lock(st);
   absl::Status status = absl::OkStatus();
   for (Sequence* s : st.lock_order) {
     if (s->freed && status.ok()) {
@@ -455,7 +455,6 @@ absl::Status Cache::RunDecode(DecodePlan::State& st, int32_t layer, const Tensor
       status = backend_->StepDecode(*st.step, slot, params,
                                     DeviceIO(q, out, lse_out, options.stream));
     }
-    for (auto it = st.lock_order.rbegin(); it != st.lock_order.rend(); ++it) (*it)->mu.Unlock();
     return status;
   }
   if (one_shot && status.ok()) {  // a plan made for this call only: views sized to the streams
@@ -545,7 +544,7 @@ absl::Status Cache::RunDecode(DecodePlan::State& st, int32_t layer, const Tensor
       }
     }
   }
-  for (auto it = st.lock_order.rbegin(); it != st.lock_order.rend(); ++it) (*it)->mu.Unlock();
+  lock.Unlock();
   if (status.ok() && !device && out.dtype != DType::kF32) {
     cpu::DispatchDType(out.dtype, [&](auto t) {
       cpu::StoreRow<decltype(t)::value>(out_f32, elements, out.data);

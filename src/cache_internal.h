@@ -92,6 +92,28 @@ struct DecodePlan::State {
 
 namespace internal {
 
+// Holds the lock of every sequence of a decode plan, taken in the plan's lock order (ascending
+// id) and released in reverse, at Unlock() or destruction, whichever comes first.
+class PlanLock {
+ public:
+  explicit PlanLock(DecodePlan::State& st) : st_(&st) {
+    for (Cache::Sequence* s : st_->lock_order) s->mu.Lock();
+  }
+  ~PlanLock() { Unlock(); }
+  PlanLock(const PlanLock&) = delete;
+  PlanLock& operator=(const PlanLock&) = delete;
+  void Unlock() {
+    if (st_ == nullptr) return;
+    for (auto it = st_->lock_order.rbegin(); it != st_->lock_order.rend(); ++it) {
+      (*it)->mu.Unlock();
+    }
+    st_ = nullptr;
+  }
+
+ private:
+  DecodePlan::State* st_;
+};
+
 // Releases pages allocated for an operation that failed before commit.
 struct PageGuard {
   PagePool* pool;

@@ -20,6 +20,7 @@
 namespace kvcache {
 
 using internal::PageGuard;
+using internal::PlanLock;
 using internal::Segment;
 using internal::SegmentFormat;
 using internal::Stream;
@@ -68,21 +69,6 @@ absl::Status CheckStepOptions(absl::string_view fn, const CacheConfig& c, const 
   return absl::OkStatus();
 }
 
-// Unlocks the plan's sequences (locked in lock order) when it goes out of scope.
-class PlanLock {
- public:
-  explicit PlanLock(DecodePlan::State& st) : st_(st) {
-    for (Cache::Sequence* s : st_.lock_order) s->mu.Lock();
-  }
-  ~PlanLock() {
-    for (auto it = st_.lock_order.rbegin(); it != st_.lock_order.rend(); ++it) (*it)->mu.Unlock();
-  }
-  PlanLock(const PlanLock&) = delete;
-  PlanLock& operator=(const PlanLock&) = delete;
-
- private:
-  DecodePlan::State& st_;
-};
 
 }  // namespace
 
